@@ -1,0 +1,64 @@
+"""The FastAPI application factory (`uvicorn api.app:create_app --factory`)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+import structlog
+from fastapi import FastAPI, Request, Response
+
+from api import problems
+from api.deps import Resources
+from api.routes import hooks, router, v1
+from config import Settings
+from config.logging import configure_logging
+from workers.celery_app import create_celery
+from workers.runtime import build_pipeline, close_pipeline
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings.log_format, settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pipeline = build_pipeline(settings, create_celery(settings))
+        http = httpx.Client(follow_redirects=False)
+        app.state.resources = Resources(
+            settings=settings,
+            sessions=pipeline.sessions,
+            storage=pipeline.storage,
+            http=http,
+            dispatch=pipeline.dispatch,
+            pipeline=pipeline,
+        )
+        yield
+        http.close()
+        close_pipeline(pipeline)
+
+    app = FastAPI(
+        title="Kling image-to-video",
+        version="0.1.0",
+        description="Turn images into cinematic videos with WaveSpeed's Kling v2.1 I2V Pro.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    app.include_router(router)
+    app.include_router(v1)
+    app.include_router(hooks)
+    app.middleware("http")(_request_context)
+    return app
+
+
+async def _request_context(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    response = await call_next(request)
+    response.headers["x-request-id"] = request_id
+    return response

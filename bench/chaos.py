@@ -1,0 +1,369 @@
+"""The chaos run: N jobs through the embedded stack under a hostile WaveSpeed, while worker
+processes are SIGKILLed, Redis is flushed and restarted and PostgreSQL is restarted. Then the
+invariants of DESIGN.md are checked, one line each; the exit status is non-zero if any broke.
+
+    python -m bench.chaos [--jobs 300] [--workers 2] [--kills 6] [--flushes 2] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import psycopg
+import redis
+
+from sandbox.processes import Process
+from sandbox.stack import Stack
+from workers.errors import ErrorCode
+
+FAULTS: dict[str, Any] = {
+    "submit_500": 0.05,
+    "submit_429": 0.05,
+    "submit_drop_after_create": 0.05,
+    "result_500": 0.05,
+    "result_429": 0.05,
+    "task_fail": {"5000": 0.03, "1403": 0.02},
+    "webhook_drop": 0.3,
+    "webhook_duplicate": 0.3,
+    "output_truncate": 0.05,
+    "inference_seconds": [2, 8],
+}
+MOVES = ["slow push-in", "pull-out", "pan left", "pan right", "tilt up", "tilt down", "orbit"]
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class Options:
+    jobs: int = 300
+    workers: int = 2
+    concurrency: int = 2
+    kills: int = 6
+    flushes: int = 2
+    redis_restarts: int = 1
+    postgres_restarts: int = 1
+    chaos_seconds: float = 60.0
+    timeout: float = 900.0
+    seed: int = 7
+    root: Path | None = None
+
+
+@dataclass
+class Result:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL'}  {self.name}: {self.detail}"
+
+
+@dataclass
+class Run:
+    options: Options
+    stack: Stack
+    workers: list[Process] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def log(self, message: str) -> None:
+        line = f"[{time.monotonic() - self.started:7.1f}s] {message}"
+        self.events.append(line)
+        print(line, flush=True)
+
+
+def run(options: Options) -> list[Result]:
+    """Start a stack, run the jobs through chaos, check the invariants, stop the stack."""
+    root = options.root or Path(tempfile.mkdtemp(prefix="kling-chaos-"))
+    simulator_args = [
+        "--render-mode",
+        "real",
+        "--resolution",
+        "160x96",
+        "--refund-delay-seconds",
+        "1",
+    ]
+    stack = Stack(root, environ=dict(os.environ), worker_concurrency=options.concurrency,
+                  simulator_args=simulator_args)  # fmt: skip
+    stack.up()
+    chaos = Run(options, stack)
+    try:
+        chaos.workers = [p for p in stack.apps if p.name == "worker"]
+        for n in range(1, options.workers):
+            chaos.workers.append(stack.start_worker(f"worker{n}", concurrency=options.concurrency))
+        httpx.put(f"{stack.env['WAVESPEED_BASE_URL']}/_sim/faults", json=FAULTS).raise_for_status()
+        job_ids = submit_jobs(chaos)
+        unleash(chaos, random.Random(options.seed))
+        wait_terminal(chaos, job_ids)
+        httpx.delete(f"{stack.env['WAVESPEED_BASE_URL']}/_sim/faults").raise_for_status()
+        settle_ledger(chaos)
+        return check(chaos, job_ids)
+    finally:
+        stack.down()
+
+
+def submit_jobs(chaos: Run) -> list[str]:
+    info = chaos.stack.info
+    headers = {"Authorization": f"Bearer {info['api_key']}"}
+    image = (Path(__file__).resolve().parent.parent / "examples" / "portrait.png").read_bytes()
+    with httpx.Client(base_url=info["api_url"], headers=headers, timeout=60) as api:
+        upload = api.post("/v1/uploads", files={"file": ("p.png", image, "image/png")})
+        upload_id = upload.raise_for_status().json()["upload_id"]
+
+        def create(i: int) -> str:
+            body = {
+                "upload_id": upload_id,
+                "prompt": f"{MOVES[i % len(MOVES)]}, take {i}",
+                "guidance_scale": round((i % 97) / 96, 3),
+                "duration": 5,
+            }
+            return str(api.post("/v1/generations", json=body).raise_for_status().json()["id"])
+
+        with ThreadPoolExecutor(8) as pool:
+            ids = list(pool.map(create, range(chaos.options.jobs)))
+    chaos.log(f"submitted {len(ids)} jobs")
+    return ids
+
+
+def unleash(chaos: Run, rng: random.Random) -> None:
+    """Run the chaos events at random moments over `chaos_seconds`."""
+    options = chaos.options
+    events = (
+        ["kill"] * options.kills
+        + ["flush"] * options.flushes
+        + ["restart-redis"] * options.redis_restarts
+        + ["restart-postgres"] * options.postgres_restarts
+    )
+    moments = sorted(rng.uniform(0, options.chaos_seconds) for _ in events)
+    rng.shuffle(events)
+    begin = time.monotonic()
+    for moment, event in zip(moments, events, strict=True):
+        time.sleep(max(0.0, begin + moment - time.monotonic()))
+        {"kill": kill_worker, "flush": flush_redis, "restart-redis": restart_redis,
+         "restart-postgres": restart_postgres}[event](chaos, rng)  # fmt: skip
+
+
+def kill_worker(chaos: Run, rng: random.Random) -> None:
+    victim = rng.choice(chaos.workers)
+    victim.send(signal.SIGKILL)  # the whole group: the parent and its pool processes
+    if victim.popen is not None:
+        victim.popen.wait(10)
+    chaos.log(f"SIGKILLed {victim.name} (pid {victim.pid})")
+    chaos.stack.apps.remove(victim)
+    chaos.workers.remove(victim)
+    replacement = chaos.stack.start_worker(victim.name, concurrency=chaos.options.concurrency)
+    chaos.workers.append(replacement)
+    chaos.log(f"restarted {victim.name} (pid {replacement.pid})")
+
+
+def flush_redis(chaos: Run, _: random.Random) -> None:
+    redis.Redis.from_url(chaos.stack.env["REDIS_URL"]).flushall()
+    chaos.log("FLUSHALL on Redis")
+
+
+def restart_redis(chaos: Run, _: random.Random) -> None:
+    server = chaos.stack.redis
+    if server is None:
+        chaos.log("Redis is external: restart skipped")
+        return
+    server.stop()
+    server.start()  # same port, empty (no persistence): every queued message is gone
+    chaos.log("restarted Redis")
+
+
+def restart_postgres(chaos: Run, _: random.Random) -> None:
+    server = chaos.stack.postgres
+    if server is None:
+        chaos.log("PostgreSQL is external: restart skipped")
+        return
+    server.stop()
+    server.start()
+    chaos.log("restarted PostgreSQL")
+
+
+def job_rows(chaos: Run, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+    dsn = chaos.stack.env["DATABASE_URL"].replace("+psycopg", "")
+    with psycopg.connect(dsn) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        cur.execute(
+            "SELECT id::text, status, prediction_id, s3_key, sha256, error_code FROM jobs"
+            " WHERE id = ANY(%s::uuid[])",
+            (job_ids,),
+        )
+        return {row["id"]: row for row in cur.fetchall()}
+
+
+def wait_terminal(chaos: Run, job_ids: list[str]) -> None:
+    deadline = time.monotonic() + chaos.options.timeout
+    last = None
+    while time.monotonic() < deadline:
+        counts = Counter(row["status"] for row in job_rows(chaos, job_ids).values())
+        if counts != last:
+            chaos.log(f"jobs: {_tally(counts)}")
+            last = counts
+        if sum(counts[s] for s in TERMINAL) == len(job_ids):
+            return
+        time.sleep(2)
+    chaos.log("timed out waiting for every job to end")
+
+
+def ledger(chaos: Run) -> dict[str, Any]:
+    url = f"{chaos.stack.env['WAVESPEED_BASE_URL']}/_sim/ledger"
+    return dict(httpx.get(url, timeout=60).raise_for_status().json())
+
+
+def settle_ledger(chaos: Run) -> None:
+    """Let WaveSpeed's side finish: predictions still running, refunds still due."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        entries = ledger(chaos)["predictions"]
+        running = [p for p in entries if p["status"] not in ("completed", "failed")]
+        unrefunded = [p for p in entries if p["status"] == "failed" and not p["refunded_usd"]]
+        if not running and not unrefunded:
+            return
+        time.sleep(1)
+
+
+def check(chaos: Run, job_ids: list[str]) -> list[Result]:
+    rows = job_rows(chaos, job_ids)
+    book = ledger(chaos)
+    entries = book["predictions"]
+    chaos.log(f"faults fired: {json.dumps(book.get('faults_fired', {}), sort_keys=True)}")
+    return [
+        check_nothing_lost(rows, job_ids),
+        check_charges(rows, entries),
+        check_objects(chaos, rows, entries),
+        check_error_codes(rows),
+    ]
+
+
+def check_nothing_lost(rows: dict[str, dict[str, Any]], job_ids: list[str]) -> Result:
+    statuses = Counter(rows[i]["status"] if i in rows else "missing" for i in job_ids)
+    lost = sum(n for status, n in statuses.items() if status not in TERMINAL)
+    detail = f"lost={lost} of {len(job_ids)} ({_tally(statuses)})"
+    return Result("every job reached a terminal state", lost == 0, detail)
+
+
+def _owner(entry: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str | None:
+    image = str((entry.get("input") or {}).get("image", ""))
+    marker = image.split("inputs/", 1)[1].split("/", 1)[0] if "inputs/" in image else None
+    return marker if marker in rows else None
+
+
+def check_charges(rows: dict[str, dict[str, Any]], entries: list[dict[str, Any]]) -> Result:
+    """Net charges (charged minus refunded) per job: at most one, and exactly the jobs whose
+    prediction succeeded upstream needed one."""
+    net: Counter[str] = Counter()
+    needed = set()
+    for entry in entries:
+        owner = _owner(entry, rows)
+        if owner is None:
+            continue
+        if entry["charge_usd"] - entry["refunded_usd"] > 0:
+            net[owner] += 1
+        if entry["status"] == "completed":
+            needed.add(owner)
+    doubles = [job for job, n in net.items() if n > 1]
+    charged = sum(net.values())
+    ok = not doubles and charged == len(needed)
+    detail = (
+        f"charged net of refunds={charged}, jobs that needed one={len(needed)}, "
+        f"double-charged jobs={len(doubles)}"
+    )
+    return Result("no double charge", ok, detail)
+
+
+def check_objects(
+    chaos: Run, rows: dict[str, dict[str, Any]], entries: list[dict[str, Any]]
+) -> Result:
+    env = chaos.stack.env
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["S3_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
+    bucket = env.get("S3_BUCKET", "kling")
+    keys = [
+        obj["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="videos/")
+        for obj in page.get("Contents", [])
+    ]
+    outputs = {entry["id"]: entry["output_sha256"] for entry in entries}
+    completed = [row for row in rows.values() if row["status"] == "completed"]
+    bad = []
+    for row in completed:
+        body = s3.get_object(Bucket=bucket, Key=row["s3_key"])["Body"].read()
+        digest = hashlib.sha256(body).hexdigest()
+        if not (digest == row["sha256"] == outputs.get(row["prediction_id"])):
+            bad.append(row["id"])
+    s3.close()
+    expected = {f"videos/{row['id']}.mp4" for row in completed}
+    extra = set(keys) - expected
+    ok = not bad and len(keys) == len(set(keys)) and not extra and expected <= set(keys)
+    detail = (
+        f"completed={len(completed)}, objects={len(keys)}, sha256 mismatches={len(bad)}, "
+        f"objects without a completed job={len(extra)}"
+    )
+    return Result("every completed job's object matches the simulator's output", ok, detail)
+
+
+def check_error_codes(rows: dict[str, dict[str, Any]]) -> Result:
+    documented = {code.value for code in ErrorCode}
+    failed = [row for row in rows.values() if row["status"] == "failed"]
+    codes = Counter(row["error_code"] for row in failed)
+    undocumented = [code for code in codes if code not in documented]
+    detail = (
+        f"failed={len(failed)} ({', '.join(f'{k}={v}' for k, v in sorted(codes.items(), key=str))})"
+    )
+    return Result("every failed job carries a documented error code", not undocumented, detail)
+
+
+def _tally(counts: Counter[Any]) -> str:
+    return ", ".join(f"{key}={n}" for key, n in sorted(counts.items(), key=str))
+
+
+def parse(argv: list[str] | None) -> Options:
+    parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__)
+    defaults = Options()
+    for name, value in vars(defaults).items():
+        if name == "root":
+            parser.add_argument("--root", type=Path, default=None)
+        else:
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    return Options(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse(argv)
+    started = time.monotonic()
+    results = run(options)
+    print()
+    for result in results:
+        print(result.line())
+    elapsed = time.monotonic() - started
+    summary = {
+        "jobs": options.jobs,
+        "seconds": round(elapsed, 1),
+        "passed": all(r.ok for r in results),
+    }
+    print(json.dumps(summary))
+    return 0 if summary["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

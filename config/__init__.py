@@ -1,0 +1,3 @@
+from config.settings import MODEL_ID, Settings
+
+__all__ = ["MODEL_ID", "Settings"]

@@ -1,0 +1,86 @@
+"""The product's one settings class, read from the environment and validated at start."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MODEL_ID = "kwaivgi/kling-v2.1-i2v-pro"
+
+
+class Settings(BaseSettings):
+    """Every knob of the API, the workers and the CLI. Built once per entrypoint, passed down."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/kling"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "kling-videos"
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_region: str = "us-east-1"
+
+    wavespeed_api_key: SecretStr = SecretStr("")
+    wavespeed_base_url: str = "https://api.wavespeed.ai"
+    wavespeed_model: str = MODEL_ID
+    wavespeed_webhook_secret: SecretStr | None = None
+    wavespeed_connect_timeout: float = 5.0
+    wavespeed_read_timeout: float = 30.0
+
+    public_base_url: str = "http://127.0.0.1:8000"
+    log_format: Literal["console", "json"] = "json"
+    log_level: str = "INFO"
+
+    # The development key the embedded stack hands to `kling`; tenants and real keys come later.
+    api_key: SecretStr = SecretStr("")
+
+    # USD per clip, by duration in seconds (WaveSpeed's price table).
+    price_usd: dict[int, Decimal] = Field(
+        default_factory=lambda: {5: Decimal("0.45"), 10: Decimal("0.90")}
+    )
+
+    # Adaptive polling: the first check near the expected finish, then a tightening-then-relaxing
+    # interval between min and max, so a late clip does not cost a request a second.
+    poll_first_delay_seconds: dict[int, float] = Field(default_factory=lambda: {5: 90.0, 10: 180.0})
+    poll_min_interval_seconds: float = 3.0
+    poll_max_interval_seconds: float = 30.0
+    poll_backoff_factor: float = 1.5
+    # A job still processing after this long is failed (WaveSpeed drops outputs after 7 days).
+    processing_timeout_seconds: float = 3 * 3600.0
+
+    # Admission gate, set to the WaveSpeed account tier: predictions in flight at once,
+    # submissions per minute, and the share one tenant may hold.
+    max_in_flight: int = Field(default=3, ge=1)
+    submits_per_minute: int = Field(default=10, ge=1)
+    tenant_max_in_flight: int | None = Field(default=None, ge=1)
+
+    submit_max_attempts: int = 8
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 120.0
+
+    image_max_bytes: int = 10 * 1024 * 1024
+    image_min_side: int = 300
+    image_fetch_timeout_seconds: float = 15.0
+    # Presigned input URLs must outlive WaveSpeed's queue and retries.
+    input_url_ttl_seconds: int = 24 * 3600
+
+    s3_part_size: int = 8 * 1024 * 1024
+    s3_connect_timeout: float = 5.0
+    s3_read_timeout: float = 60.0
+    download_timeout_seconds: float = 60.0
+
+    # Beat interval for the reconciler, and how long an outbox row may wait before it is resent.
+    reconcile_interval_seconds: float = 5.0
+    outbox_grace_seconds: float = 10.0
+    poll_overdue_grace_seconds: float = 30.0
+    store_stall_seconds: float = 600.0
+
+    @property
+    def webhook_url(self) -> str:
+        """Where WaveSpeed pushes completions for this deployment."""
+        return f"{self.public_base_url.rstrip('/')}/v1/wavespeed/webhook"

@@ -1,0 +1,165 @@
+"""A prediction's life after it is accepted: fetch the image, queue for a slot, "infer",
+render, finish, then notify and (for failures) refund.
+
+    created ──fetch/check image──> (wait for a concurrency slot) ──> processing ──> completed
+       └──────────── 1402 / 1401 ─────────────┘                          └──────> failed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Executor
+from typing import Any
+
+import httpx
+import structlog
+
+from sandbox.wavespeed.config import SimulatorConfig
+from sandbox.wavespeed.faults import TASK_FAILURE_MESSAGES, FaultInjector
+from sandbox.wavespeed.fetch import FetchFailed, fetch_image
+from sandbox.wavespeed.limits import SlotGate
+from sandbox.wavespeed.payloads import webhook_body
+from sandbox.wavespeed.render import placeholder_video, render_video
+from sandbox.wavespeed.store import Prediction, Store
+from sandbox.wavespeed.validation import ImageRejected, inspect_image
+from sandbox.wavespeed.webhooks import WebhookSender
+
+log = structlog.get_logger("sandbox.wavespeed.tasks")
+
+MEDIA_UNREACHABLE = 1402
+INVALID_PARAMETER = 1401
+INTERNAL_ERROR = 5000
+
+Spawn = Callable[[Coroutine[Any, Any, None]], None]
+
+
+class TaskFailure(Exception):
+    """Ends a task as `failed` with a WaveSpeed error code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class TaskRunner:
+    """Drives accepted predictions to a terminal status, one coroutine each."""
+
+    def __init__(
+        self,
+        *,
+        config: SimulatorConfig,
+        store: Store,
+        faults: FaultInjector,
+        gate: SlotGate,
+        http: httpx.AsyncClient,
+        render_pool: Executor,
+        webhooks: WebhookSender,
+        spawn: Spawn,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._faults = faults
+        self._gate = gate
+        self._http = http
+        self._pool = render_pool
+        self._webhooks = webhooks
+        self._spawn = spawn
+
+    def start(self, prediction: Prediction) -> None:
+        """Run the task in the background; the caller answers the submit meanwhile."""
+        self._spawn(self._run(prediction))
+
+    async def _run(self, prediction: Prediction) -> None:
+        try:
+            await self._work(prediction)
+        except TaskFailure as failure:
+            if prediction.status != "deleted":
+                prediction.fail(failure.code, failure.message)
+        except Exception:
+            log.exception("sim.task.crashed", prediction_id=prediction.id)
+            if prediction.status != "deleted":
+                prediction.fail(INTERNAL_ERROR, TASK_FAILURE_MESSAGES[INTERNAL_ERROR])
+        if prediction.status in ("completed", "failed"):
+            await self._finish(prediction)
+
+    async def _work(self, prediction: Prediction) -> None:
+        image = await self._fetch(prediction)
+        async with self._gate.slot():
+            if prediction.status == "deleted":
+                return
+            prediction.start()
+            await asyncio.sleep(self._inference_seconds())
+            code = self._faults.task_failure()
+            if code is not None:
+                raise TaskFailure(code, TASK_FAILURE_MESSAGES[code])
+            video = await self._render(image, prediction.input)
+            if prediction.status != "deleted":
+                prediction.complete(video)
+
+    async def _fetch(self, prediction: Prediction) -> bytes:
+        config = self._config
+        url = prediction.input["image"]
+        try:
+            data = self._own_upload(prediction.base_url, url) or await fetch_image(
+                self._http,
+                url,
+                max_bytes=config.max_image_bytes,
+                timeout_seconds=config.image_fetch_timeout_seconds,
+            )
+            await asyncio.to_thread(inspect_image, data, config.max_image_bytes)
+        except FetchFailed as exc:
+            raise TaskFailure(MEDIA_UNREACHABLE, str(exc)) from exc
+        except ImageRejected as exc:
+            raise TaskFailure(INVALID_PARAMETER, f"Invalid image: {exc}") from exc
+        return data
+
+    def _own_upload(self, base_url: str, url: str) -> bytes | None:
+        """Media uploaded to this simulator, read from its store as WaveSpeed reads its own
+        storage; anything else (or a missing upload) goes through a real HTTP fetch."""
+        prefix = f"{base_url}/_sim/media/"
+        if not url.startswith(prefix):
+            return None
+        media = self._store.media.get(url[len(prefix) :].partition("/")[0])
+        return media.data if media is not None else None
+
+    def _inference_seconds(self) -> float:
+        bounds = self._faults.profile.inference_seconds
+        return self._faults.uniform(bounds) if bounds else self._config.inference_seconds
+
+    async def _render(self, image: bytes, model_input: dict[str, Any]) -> bytes:
+        config = self._config
+        duration = int(model_input["duration"])
+        if config.render_mode == "placeholder":
+            job = functools.partial(placeholder_video, duration, fps=config.fps)
+        else:
+            width, height = config.resolution
+            job = functools.partial(
+                render_video,
+                image,
+                model_input["prompt"],
+                float(model_input["guidance_scale"]),
+                duration,
+                width=width,
+                height=height,
+                fps=config.fps,
+            )
+        # Encoding is CPU work; a bounded pool keeps the event loop answering meanwhile.
+        return await asyncio.get_running_loop().run_in_executor(self._pool, job)
+
+    async def _finish(self, prediction: Prediction) -> None:
+        log.info(
+            "sim.prediction.finished",
+            prediction_id=prediction.id,
+            status=prediction.status,
+            code=prediction.code,
+        )
+        if prediction.status == "failed":
+            self._spawn(self._refund_later(prediction))
+        await self._webhooks.deliver(prediction, webhook_body(prediction))
+
+    async def _refund_later(self, prediction: Prediction) -> None:
+        await asyncio.sleep(self._config.refund_delay_seconds)
+        self._store.refund(prediction)

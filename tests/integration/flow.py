@@ -1,0 +1,49 @@
+"""Steps of the pipeline driven by a test, one at a time, through a recording dispatcher."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from tests.support import RecordingDispatcher, wait_for
+from workers import dispatch, jobs
+from workers.db import unit_of_work
+from workers.intake import GenerationInput, accept
+from workers.models import Job
+from workers.pipeline import Pipeline
+from workers.states import JobState
+
+
+def new_job(pipeline: Pipeline, image: bytes, **overrides: Any) -> uuid.UUID:
+    request = GenerationInput(
+        prompt=overrides.pop("prompt", "slow push-in, hair moving in the wind"),
+        guidance_scale=0.5,
+        duration=overrides.pop("duration", 5),
+        image_url="https://example.com/portrait.png",
+        **overrides,
+    )
+    with unit_of_work(pipeline.sessions) as session:
+        return accept(session, pipeline.storage, pipeline.settings, request, image).id
+
+
+def submit(pipeline: Pipeline, job_id: uuid.UUID) -> None:
+    """Let the gate admit the job, then run the submit task it asked for."""
+    dispatcher = pipeline.dispatch
+    assert isinstance(dispatcher, RecordingDispatcher)
+    assert pipeline.admit() >= 1
+    assert (dispatch.SUBMIT, job_id) in [(t, j) for t, j, *_ in dispatcher.take()]
+    pipeline.submit(job_id)
+
+
+def status(pipeline: Pipeline, job_id: uuid.UUID) -> Job:
+    with pipeline.sessions() as session:
+        return jobs.get(session, job_id)
+
+
+def poll_until_left_processing(pipeline: Pipeline, job_id: uuid.UUID) -> Job:
+    def step() -> Job | None:
+        pipeline.poll(job_id)
+        job = status(pipeline, job_id)
+        return job if job.status != JobState.PROCESSING else None
+
+    return wait_for(step, timeout=60, interval=0.3)

@@ -1,0 +1,98 @@
+"""The admission gate on a real Postgres: global cap, rate, tenant caps and fairness."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers.admission import Gate, admit
+from workers.db import unit_of_work
+from workers.models import Job
+from workers.states import JobState
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+MINUTE_AGO = NOW - timedelta(minutes=1)
+
+
+def add_jobs(
+    sessions: sessionmaker[Session], tenant: str, count: int, **values: object
+) -> list[uuid.UUID]:
+    ids = []
+    with unit_of_work(sessions) as session:
+        for i in range(count):
+            job = Job(
+                tenant_id=tenant, status=values.get("status", JobState.QUEUED),
+                input_key="k", input_content_type="image/png", prompt="p", guidance_scale=0.5,
+                duration=5, created_at=NOW - timedelta(seconds=1000 - i),
+                **{k: v for k, v in values.items() if k != "status"},
+            )  # fmt: skip
+            session.add(job)
+            session.flush()
+            ids.append(job.id)
+    return ids
+
+
+def run(sessions: sessionmaker[Session], gate: Gate) -> list[uuid.UUID]:
+    with unit_of_work(sessions) as session:
+        return list(admit(session, gate, NOW, MINUTE_AGO))
+
+
+def tenants_of(sessions: sessionmaker[Session], ids: list[uuid.UUID]) -> list[str]:
+    with sessions() as session:
+        by_id = dict(session.execute(select(Job.id, Job.tenant_id).where(Job.id.in_(ids))).all())
+    return [by_id[i] for i in ids]
+
+
+def test_admits_up_to_the_global_cap_counting_what_is_in_flight(
+    sessions: sessionmaker[Session],
+) -> None:
+    add_jobs(sessions, "a", 2, status=JobState.PROCESSING)
+    add_jobs(sessions, "a", 10)
+    assert len(run(sessions, Gate(5, 100, 100))) == 3
+    assert run(sessions, Gate(5, 100, 100)) == []  # the admitted ones count as in flight now
+
+
+def test_admits_no_more_than_the_rate_per_minute(sessions: sessionmaker[Session]) -> None:
+    add_jobs(
+        sessions, "a", 4, status=JobState.PROCESSING, last_submit_at=NOW - timedelta(seconds=30)
+    )
+    add_jobs(sessions, "a", 3, status=JobState.COMPLETED, last_submit_at=NOW - timedelta(minutes=5))
+    add_jobs(sessions, "a", 10)
+    assert len(run(sessions, Gate(100, 6, 100))) == 2
+
+
+def test_one_tenants_batch_does_not_starve_another(sessions: sessionmaker[Session]) -> None:
+    add_jobs(sessions, "batch", 1000)
+    later = add_jobs(sessions, "single", 1)
+    with unit_of_work(sessions) as session:  # the single job arrived after the whole batch
+        session.execute(update(Job).where(Job.id == later[0]).values(created_at=NOW))
+    admitted = run(sessions, Gate(4, 100, 100))
+    assert len(admitted) == 4
+    assert tenants_of(sessions, admitted).count("single") == 1
+
+
+def test_round_robin_across_tenants(sessions: sessionmaker[Session]) -> None:
+    for tenant in ("a", "b", "c"):
+        add_jobs(sessions, tenant, 5)
+    admitted = run(sessions, Gate(6, 100, 100))
+    assert sorted(tenants_of(sessions, admitted)) == ["a", "a", "b", "b", "c", "c"]
+
+
+def test_tenant_cap_holds(sessions: sessionmaker[Session]) -> None:
+    add_jobs(sessions, "a", 2, status=JobState.PROCESSING)
+    add_jobs(sessions, "a", 10)
+    add_jobs(sessions, "b", 10)
+    admitted = run(sessions, Gate(10, 100, 3))
+    assert sorted(tenants_of(sessions, admitted)) == ["a", "b", "b", "b"]
+
+
+def test_jobs_waiting_out_a_backoff_are_not_admitted(sessions: sessionmaker[Session]) -> None:
+    add_jobs(sessions, "a", 1, not_before=NOW + timedelta(seconds=5))
+    ready = add_jobs(sessions, "a", 1, not_before=NOW - timedelta(seconds=1))
+    assert run(sessions, Gate(10, 100, 10)) == ready

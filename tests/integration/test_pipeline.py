@@ -1,0 +1,212 @@
+"""The pipeline's services against real Postgres, S3 and the simulator, one step at a time
+(the dispatcher records what would be enqueued, so each step is run by the test)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from sqlalchemy import func, select
+
+from config import Settings
+from tests.integration.flow import new_job, poll_until_left_processing, status, submit
+from tests.support import RecordingDispatcher, SimulatorAdmin, wait_for
+from workers import dispatch, jobs
+from workers.db import unit_of_work
+from workers.models import Job, OutboxMessage
+from workers.outbox import relay
+from workers.pipeline import OutputIncomplete, Pipeline, video_key
+from workers.states import JobState
+
+pytestmark = pytest.mark.integration
+
+
+def test_accept_stores_job_event_and_outbox_together(pipeline: Pipeline, portrait: bytes) -> None:
+    job_id = new_job(pipeline, portrait)
+    with pipeline.sessions() as session:
+        job = jobs.get(session, job_id)
+        assert job.status == JobState.QUEUED
+        assert job.input_key == f"inputs/{job_id}/image.png"
+        assert [e.to_state for e in jobs.events(session, job_id)] == ["queued"]
+        rows = session.scalars(select(OutboxMessage).where(OutboxMessage.job_id == job_id)).all()
+        assert [(r.task, r.published_at) for r in rows] == [(dispatch.SUBMIT, None)]
+    assert pipeline.storage.get_bytes(job.input_key) == portrait
+
+
+def test_relay_publishes_once_and_marks(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    assert relay(pipeline.sessions, dispatcher) == 1
+    assert relay(pipeline.sessions, dispatcher) == 0
+    assert [(t, j) for t, j, _, _ in dispatcher.take()] == [(dispatch.SUBMIT, job_id)]
+
+
+def test_one_image_becomes_a_stored_video(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.PROCESSING and job.prediction_id
+    assert job.cost_usd is not None and float(job.cost_usd) == 0.45
+    ((task, _, countdown, _),) = dispatcher.take()
+    assert task == dispatch.POLL and countdown == pipeline.settings.poll_first_delay_seconds[5]
+
+    job = poll_until_left_processing(pipeline, job_id)
+    assert job.status == JobState.STORING
+    assert dispatch.STORE in [t for t, *_ in dispatcher.take()]
+
+    pipeline.store(job_id)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.COMPLETED, job.error_message
+    stored = pipeline.storage.get_bytes(job.s3_key)
+    entry = simulator.prediction(job.prediction_id)
+    assert hashlib.sha256(stored).hexdigest() == job.sha256 == entry["output_sha256"]
+    assert job.bytes == len(stored)
+    assert job.video_codec == "h264" and job.video_duration == pytest.approx(5.0, abs=0.1)
+    assert job.video_width and job.video_height and job.inference_ms is not None
+    with pipeline.sessions() as session:
+        path = [(e.from_state, e.to_state) for e in jobs.events(session, job_id)]
+    assert path == [
+        (None, "queued"),
+        ("queued", "submitting"),
+        ("submitting", "processing"),
+        ("processing", "storing"),
+        ("storing", "completed"),
+    ]
+
+
+def test_duplicate_and_late_messages_change_nothing(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    pipeline.submit(job_id)  # a redelivered submit must not POST again
+    job = status(pipeline, job_id)
+    charged = [
+        p for p in simulator.ledger()["predictions"] if f"inputs/{job_id}/" in p["input"]["image"]
+    ]
+    assert len(charged) == 1 and job.submit_attempts == 1
+
+    poll_until_left_processing(pipeline, job_id)
+    pipeline.store(job_id)
+    pipeline.store(job_id)  # late duplicate: the job is already completed
+    pipeline.poll(job_id)
+    with pipeline.sessions() as session:
+        assert jobs.get(session, job_id).status == JobState.COMPLETED
+        completions = [e for e in jobs.events(session, job_id) if e.to_state == "completed"]
+    assert len(completions) == 1
+
+
+def test_a_stale_poll_chain_stops(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[30, 30])
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    ((_, _, _, first),) = dispatcher.take()
+    pipeline.poll(job_id)  # a webhook-style poll takes the chain over
+    ((_, _, _, taken),) = dispatcher.take()
+    pipeline.poll(job_id, first["seq"])  # the old chain's message arrives late
+    assert dispatcher.take() == []  # ...and does not reschedule
+    pipeline.poll(job_id, taken["seq"])
+    assert [t for t, *_ in dispatcher.take()] == [dispatch.POLL]
+
+
+def test_permanent_task_failure_fails_the_job_with_our_code(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(task_fail={"1200": 1.0})
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    job = poll_until_left_processing(pipeline, job_id)
+    assert job.status == JobState.FAILED
+    assert job.error_code == "content_moderated" and "1200" in (job.error_message or "")
+
+
+def test_rate_limited_submit_goes_back_to_the_queue(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(submit_429=1.0)
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.QUEUED and job.submit_attempts == 1
+    ((task, _, countdown, _),) = dispatcher.take()
+    assert task == dispatch.SUBMIT and countdown is not None and countdown > 0
+    simulator.reset_faults()
+    wait_for(pipeline.admit, timeout=10)  # admitted again once its backoff is over
+    pipeline.submit(job_id)
+    assert status(pipeline, job_id).status == JobState.PROCESSING
+
+
+def test_rejected_submit_fails_at_once(
+    pipeline: Pipeline, portrait: bytes, settings: Settings
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    with unit_of_work(pipeline.sessions) as session:  # WaveSpeed refuses what we let through
+        session.get(Job, job_id).prompt = "x" * 3000  # type: ignore[union-attr]
+    submit(pipeline, job_id)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.FAILED and job.error_code == "invalid_input"
+
+
+def test_an_unanswered_submit_is_adopted_from_history_not_paid_twice(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(submit_drop_after_create=1.0)
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    assert status(pipeline, job_id).status == JobState.SUBMITTING
+    assert [t for t, *_ in dispatcher.take()] == [dispatch.RECOVER]
+    simulator.reset_faults()
+    pipeline.recover(job_id)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.PROCESSING and job.submit_attempts == 1
+    mine = [
+        p for p in simulator.ledger()["predictions"] if f"inputs/{job_id}/" in p["input"]["image"]
+    ]
+    assert [p["id"] for p in mine] == [job.prediction_id]
+
+
+def test_a_submit_that_never_arrived_is_resubmitted(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    with unit_of_work(pipeline.sessions) as session:  # a worker died between claim and POST
+        jobs.transition(
+            session, job_id, JobState.QUEUED, JobState.SUBMITTING, reason="test",
+            submit_attempts=1, last_submit_at=func.now(),
+        )  # fmt: skip
+    pipeline.recover(job_id)
+    assert status(pipeline, job_id).status == JobState.QUEUED
+    assert [t for t, *_ in dispatcher.take()] == [dispatch.SUBMIT]
+
+
+def test_an_expired_output_fails_with_output_expired(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(output_gone_after_seconds=0)
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    poll_until_left_processing(pipeline, job_id)
+    pipeline.store(job_id)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.FAILED and job.error_code == "output_expired"
+
+
+def test_a_truncated_download_is_retried_and_leaves_no_object(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    poll_until_left_processing(pipeline, job_id)
+    simulator.set_faults(output_truncate=1.0)
+    with pytest.raises(OutputIncomplete):
+        pipeline.store(job_id)
+    assert status(pipeline, job_id).status == JobState.STORING
+    assert pipeline.storage.head(video_key(job_id)) is None
+    simulator.reset_faults()
+    pipeline.store(job_id)
+    assert status(pipeline, job_id).status == JobState.COMPLETED

@@ -1,0 +1,132 @@
+"""Work whose message was lost is found again; cancel stops a job wherever it is."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from tests.integration.flow import new_job, poll_until_left_processing, status, submit
+from tests.support import RecordingDispatcher, SimulatorAdmin
+from workers import dispatch
+from workers.db import unit_of_work
+from workers.models import Job, OutboxMessage
+from workers.pipeline import Pipeline
+from workers.reconciler import reconcile
+from workers.states import JobState
+
+pytestmark = pytest.mark.integration
+
+
+def age(pipeline: Pipeline, job_id: object, seconds: float, *columns: str) -> None:
+    """Pretend the job's clocks (updated_at, and the named columns) are `seconds` old."""
+    then = pipeline.clock() - timedelta(seconds=seconds)
+    values = {name: then for name in ("updated_at", *columns)}
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def sent(dispatcher: RecordingDispatcher) -> list[tuple[str, object]]:
+    return [(task, job_id) for task, job_id, *_ in dispatcher.take()]
+
+
+def test_an_unpublished_outbox_row_is_published_by_the_reconciler(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    job_id = new_job(pipeline, portrait)  # committed, never published (API died after commit)
+    assert reconcile(pipeline)["outbox"] == 0  # too fresh: the API's relay may still do it
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(
+            update(OutboxMessage).values(created_at=OutboxMessage.created_at - timedelta(hours=1))
+        )
+    dispatcher.take()
+    counts = reconcile(pipeline)
+    assert counts["outbox"] == 1
+    assert (dispatch.SUBMIT, job_id) in sent(dispatcher)
+
+
+def test_an_overdue_poll_is_sent_again(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[30, 30])
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    dispatcher.take()  # the poll message is "lost" (Redis flushed)
+    assert reconcile(pipeline)["processing"] == 0
+    age(pipeline, job_id, 3600, "next_poll_at")
+    assert reconcile(pipeline)["processing"] == 1
+    assert (dispatch.POLL, job_id) in sent(dispatcher)
+    assert reconcile(pipeline)["processing"] == 0  # touched: not resent every sweep
+
+
+def test_a_stalled_store_is_sent_again(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    poll_until_left_processing(pipeline, job_id)
+    dispatcher.take()
+    age(pipeline, job_id, 3600)
+    assert reconcile(pipeline)["storing"] == 1
+    assert (dispatch.STORE, job_id) in sent(dispatcher)
+
+
+def test_an_unanswered_submit_is_sent_to_recovery(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(submit_drop_after_create=1.0)
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    dispatcher.take()  # the recover message is lost with the worker
+    age(pipeline, job_id, 3600, "last_submit_at")
+    assert reconcile(pipeline)["submitting"] == 1
+    assert (dispatch.RECOVER, job_id) in sent(dispatcher)
+
+
+def test_an_admitted_job_whose_submit_was_lost_is_sent_again(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    assert pipeline.admit() == 1
+    dispatcher.take()
+    age(pipeline, job_id, 3600, "admitted_at")
+    assert reconcile(pipeline)["queued"] == 1
+    assert (dispatch.SUBMIT, job_id) in sent(dispatcher)
+
+
+def test_cancelling_a_queued_job_means_it_is_never_submitted(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    job = pipeline.cancel(job_id)
+    assert job.status == JobState.CANCELLED and "may still be charged" not in (
+        job.error_message or ""
+    )
+    assert pipeline.admit() == 0
+    pipeline.submit(job_id)  # the outbox's submit message still arrives
+    assert status(pipeline, job_id).submit_attempts == 0
+    charged = [p for p in simulator.ledger()["predictions"] if str(job_id) in p["input"]["image"]]
+    assert charged == []
+
+
+def test_cancelling_a_job_at_wavespeed_records_the_possible_charge(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[2, 2])
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    prediction_id = status(pipeline, job_id).prediction_id
+    job = pipeline.cancel(job_id)
+    assert job.status == JobState.CANCELLED
+    assert f"prediction {prediction_id} may still be charged" in (job.error_message or "")
+    pipeline.poll(job_id)  # its poll chain ends quietly
+    assert status(pipeline, job_id).status == JobState.CANCELLED
+
+
+def test_cancel_leaves_finished_jobs_alone(pipeline: Pipeline, portrait: bytes) -> None:
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    poll_until_left_processing(pipeline, job_id)
+    pipeline.store(job_id)
+    assert pipeline.cancel(job_id).status == JobState.COMPLETED

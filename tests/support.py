@@ -1,0 +1,88 @@
+"""Small helpers for tests: the simulator's admin API, a recording dispatcher, settings."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from config import Settings
+
+
+def settings_for(env: Mapping[str, str], **overrides: Any) -> Settings:
+    """Settings as a stack process would read them from `env`, with overrides."""
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        raw = env.get(name.upper())
+        if raw is not None:
+            # Complex fields arrive as JSON in the environment, as pydantic-settings expects.
+            values[name] = json.loads(raw) if raw.startswith(("{", "[")) else raw
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+@dataclass
+class RecordingDispatcher:
+    """Collects the tasks the pipeline asks for, so a test can run them one by one."""
+
+    sent: list[tuple[str, uuid.UUID, float | None, dict[str, Any]]] = field(default_factory=list)
+
+    def __call__(
+        self, task: str, job_id: uuid.UUID, *, countdown: float | None = None, **kwargs: Any
+    ) -> None:
+        self.sent.append((task, job_id, countdown, kwargs))
+
+    def take(self) -> list[tuple[str, uuid.UUID, float | None, dict[str, Any]]]:
+        sent, self.sent = self.sent, []
+        return sent
+
+
+class SimulatorAdmin:
+    """The simulator's `/_sim/` admin API."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self._http = httpx.Client(base_url=base_url, timeout=30)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def set_faults(self, **faults: Any) -> None:
+        self._http.put("/_sim/faults", json=faults).raise_for_status()
+
+    def reset_faults(self) -> None:
+        self._http.delete("/_sim/faults").raise_for_status()
+
+    def ledger(self) -> dict[str, Any]:
+        return dict(self._http.get("/_sim/ledger").raise_for_status().json())
+
+    def prediction(self, prediction_id: str) -> dict[str, Any]:
+        for entry in self.ledger()["predictions"]:
+            if entry["id"] == prediction_id:
+                return dict(entry)
+        raise LookupError(prediction_id)
+
+
+def wait_for(check: Callable[[], Any], *, timeout: float = 60, interval: float = 0.2) -> Any:
+    """Wait for a condition the system under test reaches on its own; fail with a clear error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout}s")
+        time.sleep(interval)
+
+
+def image_bytes(width: int, height: int, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 120, 60)).save(buffer, format=fmt)
+    return buffer.getvalue()

@@ -1,0 +1,67 @@
+"""The Celery application: broker, queues, routes, beat schedule and logging hooks, in one place.
+
+`celery -A workers.celery_app worker|beat` imports this module as its entrypoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from celery import Celery, signals
+from kombu import Exchange, Queue
+
+from config import Settings
+from config.logging import configure_logging
+from workers.dispatch import QUEUES, RECONCILE, ROUTES
+
+
+def create_celery(settings: Settings) -> Celery:
+    celery = Celery("kling", broker=settings.redis_url, include=["workers.tasks"])
+    celery.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # Every task is idempotent, so a message is acknowledged only once it is done and
+        # redelivered if the worker dies mid-task.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Explicit exchange and key per queue: a bare Queue(name) would inherit the default
+        # queue's binding, and a message routed to one queue would land in all of them.
+        task_queues=[Queue(name, Exchange(name), routing_key=name) for name in QUEUES],
+        task_default_queue="maintenance",
+        task_routes={
+            name: {"queue": queue, "routing_key": queue} for name, queue in ROUTES.items()
+        },
+        # Countdowns stay far below this, so ETA messages are not redelivered while waiting.
+        broker_transport_options={"visibility_timeout": 1800},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        beat_schedule={
+            "reconcile": {"task": RECONCILE, "schedule": settings.reconcile_interval_seconds},
+        },
+    )
+    return celery
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+
+
+@signals.task_prerun.connect
+def _bind_task_context(task: Any = None, args: Any = None, **_: Any) -> None:
+    structlog.contextvars.clear_contextvars()
+    job_id = args[0] if args else None
+    structlog.contextvars.bind_contextvars(task=task.name if task else None, job_id=job_id)
+
+
+@signals.task_postrun.connect
+def _clear_task_context(**_: Any) -> None:
+    structlog.contextvars.clear_contextvars()
+
+
+app = create_celery(Settings())

@@ -1,0 +1,139 @@
+"""SQLAlchemy models: jobs, their event history, and the outbox of messages to publish."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSONB, datetime: DateTime(timezone=True)}
+
+
+class Job(Base):
+    """One generation request and everything learned while carrying it out."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+    tenant_id: Mapped[str] = mapped_column(String(64), default="default", index=True)
+
+    # Inputs, as the producer sent them, plus the copy of the image WaveSpeed is given.
+    image_url: Mapped[str | None] = mapped_column(Text)
+    input_key: Mapped[str] = mapped_column(Text)
+    input_content_type: Mapped[str] = mapped_column(String(32))
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str | None] = mapped_column(Text)
+    guidance_scale: Mapped[float]
+    duration: Mapped[int] = mapped_column(Integer)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+
+    # Admission: a queued job waits for the gate to admit it, and not before `not_before`
+    # when it is waiting out a retry backoff.
+    admitted_at: Mapped[datetime | None]
+    not_before: Mapped[datetime | None]
+
+    # WaveSpeed side.
+    prediction_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    submit_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_submit_at: Mapped[datetime | None]
+    submitted_at: Mapped[datetime | None]
+    next_poll_at: Mapped[datetime | None]
+    # Bumped by every poll; a poll message carrying an older value belongs to a dead chain.
+    poll_seq: Mapped[int] = mapped_column(Integer, default=0)
+    inference_ms: Mapped[int | None] = mapped_column(Integer)
+    output_url: Mapped[str | None] = mapped_column(Text)
+
+    # The stored video.
+    s3_bucket: Mapped[str | None] = mapped_column(Text)
+    s3_key: Mapped[str | None] = mapped_column(Text)
+    bytes: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    video_duration: Mapped[float | None]
+    video_width: Mapped[int | None] = mapped_column(Integer)
+    video_height: Mapped[int | None] = mapped_column(Integer)
+    video_codec: Mapped[str | None] = mapped_column(String(32))
+
+    cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(10, 4))
+    completed_at: Mapped[datetime | None]
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_jobs_status_next_poll_at", "status", "next_poll_at"),
+        Index("ix_jobs_last_submit_at", "last_submit_at"),
+    )
+
+
+class JobEvent(Base):
+    """One state transition of a job: the history a job can be read back and timed from."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class OutboxMessage(Base):
+    """A task message committed with the change that calls for it, published after commit."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    task: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    published_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index(
+            "ix_outbox_unpublished",
+            "created_at",
+            postgresql_where=text("published_at IS NULL"),
+        ),
+    )
+
+
+class WaveSpeedWebhook(Base):
+    """Webhook ids WaveSpeed already delivered: it retries and duplicates them."""
+
+    __tablename__ = "wavespeed_webhooks"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -1,0 +1,452 @@
+"""The generation pipeline: submit -> poll -> store, one method per task.
+
+Every step reloads the job, acts only if the row is in the state it expects (a conditional
+UPDATE in `workers.jobs`), and asks for follow-up tasks only after its change committed.
+Duplicate, late or replayed messages therefore change nothing.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import structlog
+from sqlalchemy.orm import Session, sessionmaker
+
+from config import Settings
+from workers import admission, dispatch, jobs
+from workers.db import unit_of_work
+from workers.errors import ErrorCode, task_failure
+from workers.media import InvalidMedia, probe_video
+from workers.models import Job
+from workers.states import JobState
+from workers.storage import Storage, StorageError
+from workers.wavespeed import Prediction, WaveSpeedClient, WaveSpeedError
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def backoff(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
+    """Exponential backoff with jitter; never sooner than the server's `Retry-After`."""
+    delay = min(cap, base * 2 ** max(0, attempt - 1)) * random.uniform(0.5, 1.0)
+    return max(delay, retry_after or 0.0)
+
+
+def video_key(job_id: uuid.UUID) -> str:
+    # One deterministic key per job: a repeated store overwrites, never duplicates.
+    return f"videos/{job_id}.mp4"
+
+
+class OutputGone(Exception):
+    """WaveSpeed no longer serves the output (it keeps them 7 days)."""
+
+
+class OutputIncomplete(Exception):
+    """The download ended short of its declared length, or broke: worth another try."""
+
+
+@dataclass
+class Pipeline:
+    """The services behind the generation tasks; collaborators are passed in, never built."""
+
+    sessions: sessionmaker[Session]
+    wavespeed: WaveSpeedClient
+    storage: Storage
+    http: httpx.Client
+    settings: Settings
+    dispatch: dispatch.Dispatcher
+    clock: Clock = utcnow
+
+    # -- submit ---------------------------------------------------------------------------
+
+    def submit(self, job_id: uuid.UUID) -> None:
+        """Claim a queued job, POST it to WaveSpeed once, record the prediction.
+
+        The claim (with the attempt count) commits *before* the POST: a crash after sending
+        leaves the job `submitting`, which the reconciler resolves through WaveSpeed's
+        history instead of paying for a second prediction.
+        """
+        now = self.clock()
+        with unit_of_work(self.sessions) as session:
+            job = jobs.get(session, job_id)
+            claimed = jobs.transition(
+                session,
+                job_id,
+                JobState.QUEUED,
+                JobState.SUBMITTING,
+                reason=f"attempt {job.submit_attempts + 1}",
+                when=Job.admitted_at.is_not(None),
+                submit_attempts=Job.submit_attempts + 1,
+                last_submit_at=now,
+            )
+            if claimed:
+                inputs = self._inputs(job)
+        if not claimed:
+            if job.status == JobState.QUEUED:
+                self.admit()  # not admitted yet: let the gate pick the fairest jobs instead
+            return
+        try:
+            prediction = self.wavespeed.submit(
+                self.settings.wavespeed_model, inputs, webhook=self.settings.webhook_url
+            )
+        except WaveSpeedError as exc:
+            self._submit_failed(job_id, job.submit_attempts + 1, exc)
+            return
+        self._adopt(job_id, job.duration, prediction, reason="submitted")
+
+    def admit(self) -> int:
+        """Admit as many queued jobs as the gate allows and send their submit tasks."""
+        now = self.clock()
+        with unit_of_work(self.sessions) as session:
+            admitted = admission.admit(session, self.gate, now, now - timedelta(minutes=1))
+        for job_id in admitted:
+            self.dispatch(dispatch.SUBMIT, job_id)
+        return len(admitted)
+
+    @property
+    def gate(self) -> admission.Gate:
+        settings = self.settings
+        return admission.Gate(
+            max_in_flight=settings.max_in_flight,
+            per_minute=settings.submits_per_minute,
+            tenant_max_in_flight=settings.tenant_max_in_flight or settings.max_in_flight,
+        )
+
+    def recover(self, job_id: uuid.UUID) -> None:
+        """Resolve a `submitting` job whose POST got no answer: adopt the prediction if
+        WaveSpeed's history has it, resubmit only once the history proves it never arrived."""
+        with unit_of_work(self.sessions) as session:
+            job = jobs.get(session, job_id)
+        if job.status != JobState.SUBMITTING or job.last_submit_at is None:
+            return
+        try:
+            found = self._find_in_history(job)
+        except WaveSpeedError as exc:
+            log.warning("recover.history_failed", job_id=str(job_id), error=str(exc))
+            self.dispatch(dispatch.RECOVER, job_id, countdown=self.settings.retry_base_seconds)
+            return
+        if found is not None:
+            self._adopt(job_id, job.duration, found, reason="adopted from history")
+            return
+        with unit_of_work(self.sessions) as session:
+            requeued = jobs.transition(
+                session, job_id, JobState.SUBMITTING, JobState.QUEUED, reason="not in history",
+                admitted_at=None,
+            )  # fmt: skip
+        if requeued:
+            self.admit()
+
+    def _inputs(self, job: Job) -> dict[str, Any]:
+        # The presigned URL names `inputs/<job id>/...`, so the job can be found in history.
+        inputs: dict[str, Any] = {
+            "image": self.storage.presign_get(job.input_key, self.settings.input_url_ttl_seconds),
+            "prompt": job.prompt,
+            "guidance_scale": job.guidance_scale,
+            "duration": job.duration,
+        }
+        if job.negative_prompt:
+            inputs["negative_prompt"] = job.negative_prompt
+        return inputs
+
+    def _find_in_history(self, job: Job) -> Prediction | None:
+        assert job.last_submit_at is not None
+        since = job.last_submit_at - timedelta(minutes=5)
+        marker = f"inputs/{job.id}/"
+        for page in range(1, 51):
+            batch = self.wavespeed.history(
+                model=self.settings.wavespeed_model, created_after=since, page=page
+            )
+            for prediction in batch:
+                if marker in str(prediction.input.get("image", "")):
+                    return prediction
+            if len(batch) < 100:
+                return None
+        return None
+
+    def _adopt(
+        self, job_id: uuid.UUID, duration: int, prediction: Prediction, *, reason: str
+    ) -> None:
+        now = self.clock()
+        first = self.settings.poll_first_delay_seconds.get(duration, 60.0)
+        with unit_of_work(self.sessions) as session:
+            moved = jobs.transition(
+                session,
+                job_id,
+                JobState.SUBMITTING,
+                JobState.PROCESSING,
+                reason=f"{reason}: prediction {prediction.id}",
+                prediction_id=prediction.id,
+                submitted_at=now,
+                next_poll_at=now + timedelta(seconds=first),
+                cost_usd=self.settings.price_usd.get(duration),
+            )
+            if not moved:
+                # Cancelled while the POST was in flight: keep the id of what may be charged.
+                jobs.update_fields(session, job_id, JobState.CANCELLED, prediction_id=prediction.id)
+            seq = jobs.get(session, job_id).poll_seq
+        if moved:
+            log.info("submit.done", job_id=str(job_id), prediction_id=prediction.id)
+            self.dispatch(dispatch.POLL, job_id, countdown=first, seq=seq)
+
+    def _submit_failed(self, job_id: uuid.UUID, attempt: int, exc: WaveSpeedError) -> None:
+        log.warning(
+            "submit.failed",
+            job_id=str(job_id),
+            attempt=attempt,
+            error=str(exc),
+            retryable=exc.retryable,
+            ambiguous=exc.ambiguous,
+        )
+        if exc.ambiguous:
+            # Stay `submitting`: only WaveSpeed's history can say whether we already paid.
+            self.dispatch(dispatch.RECOVER, job_id, countdown=self.settings.retry_base_seconds)
+            return
+        if exc.retryable and attempt < self.settings.submit_max_attempts:
+            self._requeue(job_id, JobState.SUBMITTING, attempt, exc.retry_after, str(exc))
+            return
+        code = ErrorCode.UPSTREAM_UNAVAILABLE if exc.retryable else _rejection_code(exc)
+        self.fail(job_id, JobState.SUBMITTING, code, exc.message)
+
+    def _requeue(
+        self, job_id: uuid.UUID, src: JobState, attempt: int, retry_after: float | None, why: str
+    ) -> None:
+        delay = backoff(
+            attempt, self.settings.retry_base_seconds, self.settings.retry_max_seconds, retry_after
+        )
+        with unit_of_work(self.sessions) as session:
+            moved = jobs.transition(
+                session,
+                job_id,
+                src,
+                JobState.QUEUED,
+                reason=f"retry in {delay:.1f}s: {why}",
+                prediction_id=None,
+                admitted_at=None,
+                not_before=self.clock() + timedelta(seconds=delay),
+            )
+        if moved:
+            self.admit()  # its slot is free for another job meanwhile
+            # The gate is asked again when the wait is over (beat asks too, if this is lost).
+            self.dispatch(dispatch.SUBMIT, job_id, countdown=delay)
+
+    # -- poll -----------------------------------------------------------------------------
+
+    def poll(self, job_id: uuid.UUID, seq: int | None = None) -> None:
+        """Check the prediction once; reschedule itself with a countdown if it is not done.
+
+        Never sleeps. `seq` ties a message to one poll chain: a webhook or the reconciler
+        (seq None) takes the chain over and the older message finds itself stale.
+        """
+        with unit_of_work(self.sessions) as session:
+            job = jobs.claim_poll(session, job_id, seq)
+        if job is None or job.prediction_id is None:
+            return
+        try:
+            prediction = self.wavespeed.result(job.prediction_id)
+        except WaveSpeedError as exc:
+            if not exc.retryable and exc.status_code in (401, 403):
+                self.fail(job_id, JobState.PROCESSING, ErrorCode.UPSTREAM_AUTH, exc.message)
+                return
+            log.warning("poll.failed", job_id=str(job_id), error=str(exc))
+            self._reschedule(job, exc.retry_after)
+            return
+        self._on_prediction(job, prediction)
+
+    def _on_prediction(self, job: Job, prediction: Prediction) -> None:
+        if prediction.status == "completed":
+            self._completed_upstream(job, prediction)
+        elif prediction.status == "failed":
+            self._failed_upstream(job, prediction)
+        elif prediction.terminal:
+            self.fail(
+                job.id,
+                JobState.PROCESSING,
+                ErrorCode.UPSTREAM_CANCELLED,
+                f"WaveSpeed reports the prediction {prediction.status}",
+            )
+        elif self._timed_out(job):
+            self.fail(
+                job.id,
+                JobState.PROCESSING,
+                ErrorCode.PROCESSING_TIMEOUT,
+                f"still {prediction.status} after {self.settings.processing_timeout_seconds:.0f}s",
+            )
+        else:
+            self._reschedule(job, None)
+
+    def _completed_upstream(self, job: Job, prediction: Prediction) -> None:
+        if not prediction.outputs:
+            self.fail(job.id, JobState.PROCESSING, ErrorCode.OUTPUT_INVALID, "completed, no output")
+            return
+        with unit_of_work(self.sessions) as session:
+            moved = jobs.transition(
+                session,
+                job.id,
+                JobState.PROCESSING,
+                JobState.STORING,
+                reason="completed upstream",
+                output_url=prediction.outputs[0],
+                inference_ms=prediction.inference_ms,
+                next_poll_at=None,
+            )
+        if moved:
+            self.dispatch(dispatch.STORE, job.id)
+            self.admit()
+
+    def _failed_upstream(self, job: Job, prediction: Prediction) -> None:
+        code, retryable = task_failure(prediction.code)
+        message = f"WaveSpeed task failed ({prediction.code}): {prediction.error}"
+        if retryable and job.submit_attempts < self.settings.submit_max_attempts:
+            self._requeue(job.id, JobState.PROCESSING, job.submit_attempts, None, message)
+        else:
+            self.fail(job.id, JobState.PROCESSING, code, message)
+
+    def _timed_out(self, job: Job) -> bool:
+        started = job.submitted_at or job.created_at
+        elapsed = (self.clock() - started).total_seconds()
+        return elapsed > self.settings.processing_timeout_seconds
+
+    def poll_delay(self, polls: int) -> float:
+        """Seconds to the next check after `polls` checks: tight just after the expected
+        finish, relaxing geometrically so a late clip does not cost a request a second."""
+        settings = self.settings
+        grown = settings.poll_min_interval_seconds * settings.poll_backoff_factor ** max(
+            0, polls - 1
+        )
+        return min(settings.poll_max_interval_seconds, grown)
+
+    def _reschedule(self, job: Job, retry_after: float | None) -> None:
+        delay = max(self.poll_delay(job.poll_seq), retry_after or 0.0)
+        with unit_of_work(self.sessions) as session:
+            still_ours = jobs.set_next_poll(
+                session, job.id, job.poll_seq, self.clock() + timedelta(seconds=delay)
+            )
+        if still_ours:
+            self.dispatch(dispatch.POLL, job.id, countdown=delay, seq=job.poll_seq)
+
+    # -- store ----------------------------------------------------------------------------
+
+    def store(self, job_id: uuid.UUID) -> None:
+        """Stream the output into S3 in constant memory, verify it, probe it, complete."""
+        with unit_of_work(self.sessions) as session:
+            job = jobs.get(session, job_id)
+        if job.status != JobState.STORING or not job.output_url:
+            return
+        key = video_key(job_id)
+        with tempfile.TemporaryDirectory(prefix="kling-store-") as workdir:
+            copy = Path(workdir) / "output.mp4"
+            try:
+                stored = self._copy_output(job.output_url, key, copy)
+                video = probe_video(copy)
+            except OutputGone as exc:
+                self.fail(job_id, JobState.STORING, ErrorCode.OUTPUT_EXPIRED, str(exc))
+                return
+            except InvalidMedia as exc:
+                self.fail(job_id, JobState.STORING, ErrorCode.OUTPUT_INVALID, exc.message)
+                return
+        with unit_of_work(self.sessions) as session:
+            moved = jobs.transition(
+                session,
+                job_id,
+                JobState.STORING,
+                JobState.COMPLETED,
+                reason="stored",
+                s3_bucket=stored.bucket,
+                s3_key=stored.key,
+                bytes=stored.bytes,
+                sha256=stored.sha256,
+                video_duration=video.duration,
+                video_width=video.width,
+                video_height=video.height,
+                video_codec=video.codec,
+                completed_at=self.clock(),
+            )
+        if moved:
+            log.info("store.done", job_id=str(job_id), key=key, bytes=stored.bytes)
+
+    def _copy_output(self, url: str, key: str, copy: Path) -> Any:
+        timeout = httpx.Timeout(self.settings.download_timeout_seconds, connect=5.0)
+        try:
+            with self.http.stream("GET", url, timeout=timeout) as response:
+                if response.status_code in (403, 404, 410):
+                    raise OutputGone(f"output answered HTTP {response.status_code}: {url}")
+                response.raise_for_status()
+                declared = response.headers.get("content-length")
+                with copy.open("wb") as tee:
+                    stored = self.storage.put_stream(key, response.iter_raw(), "video/mp4", tee=tee)
+        except (httpx.TransportError, httpx.HTTPStatusError, StorageError) as exc:
+            raise OutputIncomplete(f"download of the output broke: {exc!r}") from exc
+        if declared is not None and int(declared) != stored.bytes:
+            raise OutputIncomplete(f"output is {stored.bytes} bytes; {declared} declared")
+        return stored
+
+    # -- shared ---------------------------------------------------------------------------
+
+    def fail(self, job_id: uuid.UUID, src: JobState, code: ErrorCode, message: str) -> bool:
+        """Fail a job still in `src` with a stable code and a human message."""
+        with unit_of_work(self.sessions) as session:
+            moved = jobs.transition(
+                session,
+                job_id,
+                src,
+                JobState.FAILED,
+                reason=f"{code}: {message}",
+                error_code=code,
+                error_message=message[:2000],
+                next_poll_at=None,
+                completed_at=self.clock(),
+            )
+        if moved:
+            log.warning("job.failed", job_id=str(job_id), code=code, message=message)
+            self.admit()
+        return moved
+
+    def cancel(self, job_id: uuid.UUID) -> Job:
+        """Stop a job. A queued job is never submitted; one already at WaveSpeed stops being
+        tracked (WaveSpeed has no cancel), and the record says it may still be charged."""
+        with unit_of_work(self.sessions) as session:
+            job = jobs.get(session, job_id)
+            note = "cancelled by the caller"
+            if job.prediction_id or job.status == JobState.SUBMITTING:
+                prediction = job.prediction_id or "(unconfirmed)"
+                note += f"; WaveSpeed prediction {prediction} may still be charged"
+            moved = jobs.transition(
+                session, job_id, [s for s in JobState if not s.terminal], JobState.CANCELLED,
+                reason=note, error_message=note, next_poll_at=None, completed_at=self.clock(),
+            )  # fmt: skip
+        if moved:
+            self.admit()
+        with self.sessions() as session:
+            return jobs.get(session, job_id)
+
+
+def _rejection_code(exc: WaveSpeedError) -> ErrorCode:
+    if exc.status_code in (401, 403):
+        return ErrorCode.UPSTREAM_AUTH
+    return ErrorCode.INVALID_INPUT
+
+
+def poll_now(
+    sessions: sessionmaker[Session], send: dispatch.Dispatcher, prediction_id: str
+) -> bool:
+    """WaveSpeed says a prediction finished: poll its job now instead of at the next tick.
+    The poll takes the job's chain over, so duplicates of the webhook are harmless."""
+    with unit_of_work(sessions) as session:
+        job = jobs.by_prediction(session, prediction_id)
+    if job is None or job.status != JobState.PROCESSING:
+        return False
+    send(dispatch.POLL, job.id)
+    return True

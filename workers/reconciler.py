@@ -1,0 +1,71 @@
+"""Finds work whose message is gone (broker flushed, worker killed) and asks for it again.
+
+Run by beat every few seconds, possibly on several hosts at once: rows are claimed with
+SKIP LOCKED and every task it sends is idempotent, so overlap costs a duplicate message at most.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import structlog
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers import dispatch, jobs
+from workers.db import unit_of_work
+from workers.models import Job
+from workers.outbox import relay
+from workers.pipeline import Pipeline
+from workers.states import JobState
+
+log = structlog.get_logger(__name__)
+
+
+def reconcile(pipeline: Pipeline) -> dict[str, int]:
+    """One sweep; answers how many items of each kind it re-sent, and how many jobs the
+    admission gate let through (retries whose backoff ended, capacity freed elsewhere)."""
+    sessions, send, settings = pipeline.sessions, pipeline.dispatch, pipeline.settings
+    now = pipeline.clock()
+    counts = {
+        "outbox": relay(
+            sessions, send, older_than=now - timedelta(seconds=settings.outbox_grace_seconds)
+        )
+    }
+    # (state, column that shows progress, how stale it may get, task, when to look again)
+    sweeps = [
+        (JobState.PROCESSING, Job.next_poll_at, settings.poll_overdue_grace_seconds, dispatch.POLL),
+        (
+            JobState.SUBMITTING,
+            Job.last_submit_at,
+            settings.wavespeed_read_timeout + settings.poll_overdue_grace_seconds,
+            dispatch.RECOVER,
+        ),
+        (JobState.STORING, Job.updated_at, settings.store_stall_seconds, dispatch.STORE),
+        # Admitted, but the submit message never arrived.
+        (JobState.QUEUED, Job.admitted_at, settings.outbox_grace_seconds, dispatch.SUBMIT),
+    ]
+    for state, column, grace, task in sweeps:
+        counts[str(state)] = _sweep(
+            sessions, send, state, column, now - timedelta(seconds=grace), task
+        )
+    counts["admitted"] = pipeline.admit()
+    if any(counts.values()):
+        log.info("reconcile.resent", **counts)
+    return counts
+
+
+def _sweep(
+    sessions: sessionmaker[Session],
+    send: dispatch.Dispatcher,
+    state: JobState,
+    column: object,
+    before: object,
+    task: str,
+) -> int:
+    with unit_of_work(sessions) as session:
+        ids = jobs.overdue(session, state, column, before)  # type: ignore[arg-type]
+        # Touch the rows so the next sweep does not resend before this message had its chance.
+        jobs.touch(session, ids)
+    for job_id in ids:
+        send(task, job_id)
+    return len(ids)

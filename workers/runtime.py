@@ -1,0 +1,52 @@
+"""Builds the process-wide collaborators from the settings: engines, clients, the pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from config import Settings
+from workers.db import make_engine, make_session_factory
+from workers.dispatch import CeleryDispatcher
+from workers.pipeline import Pipeline
+from workers.storage import Storage, make_s3_client
+from workers.wavespeed import WaveSpeedClient, make_http_client
+
+
+def build_storage(settings: Settings) -> Storage:
+    secret = settings.aws_secret_access_key
+    s3 = make_s3_client(
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.aws_region,
+        access_key_id=settings.aws_access_key_id,
+        secret_access_key=secret.get_secret_value() if secret else None,
+        connect_timeout=settings.s3_connect_timeout,
+        read_timeout=settings.s3_read_timeout,
+    )
+    return Storage(s3, settings.s3_bucket, part_size=settings.s3_part_size)
+
+
+def build_wavespeed(settings: Settings, http: httpx.Client) -> WaveSpeedClient:
+    return WaveSpeedClient(
+        http, settings.wavespeed_base_url, settings.wavespeed_api_key.get_secret_value()
+    )
+
+
+def build_pipeline(settings: Settings, celery: Any) -> Pipeline:
+    http = make_http_client(settings.wavespeed_connect_timeout, settings.wavespeed_read_timeout)
+    return Pipeline(
+        sessions=make_session_factory(make_engine(settings.database_url)),
+        wavespeed=build_wavespeed(settings, http),
+        storage=build_storage(settings),
+        http=http,
+        settings=settings,
+        dispatch=CeleryDispatcher(celery),
+    )
+
+
+def close_pipeline(pipeline: Pipeline) -> None:
+    """Release what `build_pipeline` opened: sockets and the connection pool."""
+    pipeline.http.close()
+    pipeline.storage.close()
+    pipeline.sessions.kw["bind"].dispose()

@@ -1,0 +1,40 @@
+"""Job states and the transitions allowed between them (DESIGN.md, "Job states")."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    SUBMITTING = "submitting"
+    PROCESSING = "processing"
+    STORING = "storing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+
+# Forward moves of the happy path, plus the steps back to `queued` that a retry takes.
+_FORWARD: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.SUBMITTING}),
+    JobState.SUBMITTING: frozenset({JobState.PROCESSING, JobState.QUEUED}),
+    # Back to the queue when WaveSpeed fails a task with a retryable (5xxx) code.
+    JobState.PROCESSING: frozenset({JobState.STORING, JobState.QUEUED}),
+    JobState.STORING: frozenset({JobState.COMPLETED}),
+}
+
+
+def can_transition(src: JobState, dst: JobState) -> bool:
+    """Whether `src -> dst` is a legal move: the path above, or failing/cancelling a live job."""
+    if src.terminal:
+        return False
+    if dst in (JobState.FAILED, JobState.CANCELLED):
+        return True
+    return dst in _FORWARD.get(src, frozenset())

@@ -1,0 +1,219 @@
+"""WaveSpeed's REST API: submit, result, history and media upload, and nothing else.
+
+Every failure becomes one of our exception types, classified the way the pipeline acts on it:
+`retryable` (nothing was created upstream, try again later), `ambiguous` (the submit may have
+been accepted; look it up before paying again) or neither (permanent).
+"""
+
+from __future__ import annotations
+
+import email.utils
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timeout", "deleted"})
+
+
+class WaveSpeedError(Exception):
+    """A call to WaveSpeed that did not give us what we asked for."""
+
+    retryable = False
+    ambiguous = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        error_code: int | str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.error_code = error_code
+        self.retry_after = retry_after
+
+
+class WaveSpeedRejected(WaveSpeedError):
+    """400/401/403 and friends: the same request will fail again."""
+
+
+class WaveSpeedUnavailable(WaveSpeedError):
+    """429, 5xx, or the request never left: nothing was created, retrying is safe."""
+
+    retryable = True
+
+
+class WaveSpeedAmbiguous(WaveSpeedError):
+    """The request was sent but no answer came back: WaveSpeed may have accepted it."""
+
+    ambiguous = True
+
+
+@dataclass(frozen=True)
+class Prediction:
+    id: str
+    status: str
+    outputs: list[str] = field(default_factory=list)
+    error: str = ""
+    code: int | None = None
+    created_at: datetime | None = None
+    inference_ms: int | None = None
+    input: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Prediction:
+        timings = data.get("timings") or {}
+        code = data.get("code")
+        return cls(
+            id=str(data["id"]),
+            status=str(data.get("status") or "created"),
+            outputs=[str(o) for o in data.get("outputs") or []],
+            error=str(data.get("error") or ""),
+            code=int(code) if isinstance(code, int | str) and str(code).isdigit() else None,
+            created_at=_parse_time(data.get("created_at")),
+            inference_ms=timings.get("inference"),
+            input=dict(data.get("input") or {}),
+        )
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """`Retry-After` as seconds, in either of its two forms."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    when = email.utils.parsedate_to_datetime(value)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds()) if when else None
+
+
+def _error_for(response: httpx.Response) -> WaveSpeedError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    message = str(body.get("message") or response.reason_phrase or "error")
+    kwargs: dict[str, Any] = {
+        "status_code": response.status_code,
+        "error_code": body.get("error_code") or body.get("code"),
+        "retry_after": _retry_after(response),
+    }
+    text = f"WaveSpeed answered HTTP {response.status_code}: {message}"
+    if response.status_code == 429 or response.status_code >= 500:
+        return WaveSpeedUnavailable(text, **kwargs)
+    return WaveSpeedRejected(text, **kwargs)
+
+
+class WaveSpeedClient:
+    """A thin typed client over an `httpx.Client` the caller builds and owns."""
+
+    def __init__(self, http: httpx.Client, base_url: str, api_key: str) -> None:
+        self._http = http
+        self._base = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+
+    def submit(
+        self, model: str, inputs: dict[str, Any], *, webhook: str | None = None
+    ) -> Prediction:
+        """POST once. Never retried here: WaveSpeed has no idempotency key and bills each one."""
+        params = {"webhook": webhook} if webhook else None
+        data = self._call("POST", f"/api/v3/{model}", json=inputs, params=params, may_create=True)
+        return Prediction.from_data(data)
+
+    def result(self, prediction_id: str) -> Prediction:
+        return Prediction.from_data(
+            self._call("GET", f"/api/v3/predictions/{prediction_id}/result")
+        )
+
+    def history(
+        self,
+        *,
+        model: str | None = None,
+        created_after: datetime | None = None,
+        page: int = 1,
+        page_size: int = 100,
+    ) -> list[Prediction]:
+        """One page of the account's predictions of the last 7 days, newest first."""
+        body: dict[str, Any] = {"page": page, "page_size": page_size}
+        if model:
+            body["model"] = model
+        if created_after:
+            body["created_after"] = created_after.isoformat()
+        data = self._call("POST", "/api/v3/predictions", json=body)
+        items = data.get("items", []) if isinstance(data, dict) else data
+        return [Prediction.from_data(item) for item in items or []]
+
+    def upload(self, filename: str, content: bytes, content_type: str) -> str:
+        """Upload media through a ticket and a PUT; answers the URL WaveSpeed can read it at."""
+        ticket = self._call(
+            "POST",
+            "/api/v3/media/uploads",
+            json={"filename": filename, "size": len(content), "content_type": content_type},
+        )
+        upload = ticket["upload"]
+        response = self._send(
+            upload.get("method", "PUT"),
+            upload["url"],
+            content=content,
+            headers=upload.get("headers"),
+        )
+        if not response.is_success:
+            raise _error_for(response)
+        return str(ticket["download_url"])
+
+    def _call(self, method: str, path: str, *, may_create: bool = False, **kwargs: Any) -> Any:
+        response = self._send(
+            method, self._base + path, headers=self._headers, may_create=may_create, **kwargs
+        )
+        if not response.is_success:
+            raise _error_for(response)
+        try:
+            envelope = response.json()
+        except ValueError as exc:
+            raise WaveSpeedUnavailable(f"WaveSpeed answered non-JSON: {exc}") from exc
+        if int(envelope.get("code", 200)) != 200:
+            raise WaveSpeedRejected(
+                f"WaveSpeed answered code {envelope.get('code')}: {envelope.get('message')}",
+                status_code=response.status_code,
+                error_code=envelope.get("code"),
+            )
+        return envelope.get("data")
+
+    def _send(
+        self, method: str, url: str, *, may_create: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        try:
+            return self._http.request(method, url, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # The request never reached WaveSpeed: nothing can have been created.
+            raise WaveSpeedUnavailable(f"WaveSpeed unreachable: {exc!r}") from exc
+        except httpx.TransportError as exc:
+            if may_create:
+                raise WaveSpeedAmbiguous(f"no answer from WaveSpeed: {exc!r}") from exc
+            raise WaveSpeedUnavailable(f"no answer from WaveSpeed: {exc!r}") from exc
+
+
+def make_http_client(connect_timeout: float, read_timeout: float) -> httpx.Client:
+    """The httpx client a process shares for WaveSpeed calls, with explicit timeouts."""
+    timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+    return httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=20))

@@ -1,0 +1,44 @@
+"""Verification of the webhooks WaveSpeed sends us (its variant of Standard Webhooks:
+`v3,<hex>` signatures keyed with the secret text itself, not base64-decoded)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Mapping
+
+TOLERANCE_SECONDS = 300
+
+
+class WebhookRejected(ValueError):
+    """The request is not a fresh webhook signed with our secret."""
+
+
+def sign(secret: str, webhook_id: str, timestamp: str, body: bytes) -> str:
+    key = secret.removeprefix("whsec_").encode()
+    message = f"{webhook_id}.{timestamp}.".encode() + body
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def verify(
+    secret: str, headers: Mapping[str, str], body: bytes, *, now: float | None = None
+) -> str:
+    """Answer the webhook id if the signature is valid and the timestamp fresh; raise otherwise."""
+    webhook_id = headers.get("webhook-id")
+    timestamp = headers.get("webhook-timestamp")
+    signatures = headers.get("webhook-signature")
+    if not (webhook_id and timestamp and signatures):
+        raise WebhookRejected("missing webhook-id, webhook-timestamp or webhook-signature")
+    try:
+        sent = int(timestamp)
+    except ValueError as exc:
+        raise WebhookRejected("webhook-timestamp is not unix seconds") from exc
+    if abs((now if now is not None else time.time()) - sent) > TOLERANCE_SECONDS:
+        raise WebhookRejected("webhook-timestamp outside the 300 s tolerance")
+    expected = sign(secret, webhook_id, timestamp, body)
+    for candidate in signatures.split():
+        version, _, value = candidate.partition(",")
+        if version == "v3" and hmac.compare_digest(value, expected):
+            return webhook_id
+    raise WebhookRejected("no valid signature")
