@@ -6,7 +6,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-import httpx
 import structlog
 from fastapi import FastAPI, Request, Response
 
@@ -26,17 +25,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pipeline = build_pipeline(settings, create_celery(settings))
-        http = httpx.Client(follow_redirects=False)
         app.state.resources = Resources(
             settings=settings,
             sessions=pipeline.sessions,
             storage=pipeline.storage,
-            http=http,
+            guard=pipeline.guard,
             dispatch=pipeline.dispatch,
             pipeline=pipeline,
         )
         yield
-        http.close()
         close_pipeline(pipeline)
 
     app = FastAPI(

@@ -23,7 +23,11 @@ app = typer.Typer(
 stack_app = typer.Typer(
     help="The embedded stack: every service on this machine.", no_args_is_help=True
 )
+tenants_app = typer.Typer(help="Producers that use the API.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys of tenants.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
 console = Console(stderr=True)
 
 DEFAULT_ROOT = Path(".stack")
@@ -48,6 +52,99 @@ def migrate() -> None:
     configure_logging(settings.log_format, settings.log_level)
     upgrade(settings.database_url)
     build_storage(settings).ensure_bucket()
+
+
+def _sessions() -> Any:
+    from config import Settings
+    from workers.db import make_engine, make_session_factory
+
+    return make_session_factory(make_engine(Settings().database_url, pool_size=1))
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: Annotated[str, typer.Argument(help="a-z, 0-9 and '-'")],
+    budget: Annotated[float | None, typer.Option(help="Monthly budget in USD")] = None,
+    with_key: Annotated[bool, typer.Option(help="Also create an API key")] = True,
+) -> None:
+    """Create a tenant (and its first API key); prints them as JSON, the key only this once."""
+    from decimal import Decimal
+
+    from workers import tenants
+    from workers.db import unit_of_work
+
+    with unit_of_work(_sessions()) as session:
+        try:
+            tenant = tenants.create_tenant(
+                session, name, budget_usd=Decimal(str(budget)) if budget is not None else None
+            )
+        except tenants.TenantError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from exc
+        out: dict[str, Any] = {"tenant_id": tenant.id, "name": tenant.name}
+        out["webhook_secret"] = tenant.webhook_secret
+        if with_key:
+            key, token = tenants.create_key(session, tenant)
+            out.update(key_id=str(key.id), api_key=token)
+    typer.echo(json.dumps(out, indent=2))
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Argument(help="Tenant name or id")],
+    name: Annotated[str, typer.Option(help="What the key is for")] = "default",
+) -> None:
+    """Create an API key; the token is printed once and stored only as a hash."""
+    from workers import tenants
+    from workers.db import unit_of_work
+
+    with unit_of_work(_sessions()) as session:
+        key, token = tenants.create_key(session, _tenant(session, tenant), name)
+        typer.echo(json.dumps({"key_id": str(key.id), "api_key": token}, indent=2))
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Argument(help="Tenant name or id")] = None,
+) -> None:
+    """List keys (never their tokens)."""
+    from workers import tenants
+
+    with _sessions()() as session:
+        owner = _tenant(session, tenant) if tenant else None
+        rows = [
+            {"key_id": str(k.id), "tenant_id": k.tenant_id, "name": k.name, "prefix": k.prefix,
+             "created_at": k.created_at.isoformat(),
+             "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None}
+            for k in tenants.list_keys(session, owner)
+        ]  # fmt: skip
+    typer.echo(json.dumps(rows, indent=2))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id")]) -> None:
+    """Revoke a key: requests with it are refused from now on."""
+    import uuid
+
+    from workers import tenants
+    from workers.db import unit_of_work
+    from workers.pipeline import utcnow
+
+    with unit_of_work(_sessions()) as session:
+        if not tenants.revoke_key(session, uuid.UUID(key_id), utcnow()):
+            console.print("no live key with this id")
+            raise typer.Exit(1)
+    console.print("revoked")
+
+
+def _tenant(session: Any, name_or_id: str) -> Any:
+    from workers import tenants
+
+    try:
+        return tenants.find_tenant(session, name_or_id)
+    except tenants.TenantError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
 
 
 @stack_app.command("up")

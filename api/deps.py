@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-import httpx
+import structlog
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
+from workers import tenants
 from workers.dispatch import Dispatcher
+from workers.models import Tenant
 from workers.pipeline import Pipeline
 from workers.storage import Storage
+from workers.urlguard import UrlGuard
 
 
 @dataclass
@@ -23,7 +25,7 @@ class Resources:
     settings: Settings
     sessions: sessionmaker[Session]
     storage: Storage
-    http: httpx.Client
+    guard: UrlGuard
     dispatch: Dispatcher
     pipeline: Pipeline
 
@@ -41,16 +43,21 @@ def session(res: Annotated[Resources, Depends(resources)]) -> Iterator[Session]:
 _bearer = HTTPBearer(auto_error=False)
 
 
-def authenticated(
+def tenant(
     res: Annotated[Resources, Depends(resources)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> None:
-    expected = res.settings.api_key.get_secret_value()
-    given = credentials.credentials if credentials else ""
-    if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
+) -> Tenant:
+    """The tenant whose live API key authorised the request."""
+    found = None
+    if credentials:
+        with res.sessions() as db:
+            found = tenants.authenticate(db, credentials.credentials)
+    if found is None:
         raise HTTPException(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
+    structlog.contextvars.bind_contextvars(tenant_id=found.id)
+    return found
 
 
 Res = Annotated[Resources, Depends(resources)]
 Db = Annotated[Session, Depends(session)]
-Auth = Depends(authenticated)
+CurrentTenant = Annotated[Tenant, Depends(tenant)]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.intake import Refusal
@@ -18,6 +20,8 @@ _RULES = {
     "missing": "required",
     "string_too_short": "too_short",
     "string_too_long": "too_long",
+    "too_short": "too_short",
+    "too_long": "too_long",
     "greater_than_equal": "out_of_range",
     "less_than_equal": "out_of_range",
     "literal_error": "not_allowed",
@@ -25,42 +29,65 @@ _RULES = {
     "url_parsing": "invalid_url",
     "url_scheme": "invalid_url",
     "url_type": "invalid_url",
+    "url_too_long": "too_long",
     "float_parsing": "not_a_number",
     "float_type": "not_a_number",
+    "int_parsing": "not_a_number",
     "string_type": "not_a_string",
     "dict_type": "not_an_object",
+    "list_type": "not_a_list",
+    "model_attributes_type": "not_an_object",
     "json_invalid": "invalid_json",
+    "uuid_parsing": "invalid_id",
+    "datetime_from_date_parsing": "invalid_datetime",
+    "datetime_parsing": "invalid_datetime",
+    "string_pattern_mismatch": "not_allowed",
     "value_error": "invalid",
 }
 
 
-def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> JSONResponse:
-    body = {"type": f"about:blank#{code}", "title": title, "status": status, "code": code}
-    body.update(detail=detail, **extra)
-    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE)
+class FieldError(BaseModel):
+    field: str
+    code: str
+    message: str
 
 
-def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+class Problem(BaseModel):
+    """RFC 9457 problem details, plus a stable `code` and the fields at fault."""
+
+    type: str
+    title: str
+    status: int
+    code: str
+    detail: str
+    errors: list[FieldError] = []
+
+
+def problem(status: int, code: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"type": f"about:blank#{code}", "title": title, "status": status}
+    body.update(code=code, detail=detail, **extra)
+    return body
+
+
+def _field(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
 
 
-async def _validation(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors = [
+def validation_problem(errors: Sequence[Any]) -> dict[str, Any]:
+    fields = [
         {
-            "field": _field(tuple(err.get("loc", ()))),
+            "field": _field(err.get("loc", ())),
             "code": _RULES.get(err.get("type", ""), "invalid"),
             "message": err.get("msg", "invalid"),
         }
-        for err in exc.errors()
+        for err in errors
     ]
-    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-    return problem(422, "validation_error", "The request is invalid", detail, errors=errors)
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in fields)
+    return problem(422, "validation_error", "The request is invalid", detail, errors=fields)
 
 
-async def _refusal(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, Refusal)
+def refusal_problem(exc: Refusal) -> dict[str, Any]:
     error = {"field": exc.field, "code": exc.code, "message": exc.message}
     return problem(
         exc.status, exc.code, "The request was refused", f"{exc.field}: {exc.message}",
@@ -68,14 +95,27 @@ async def _refusal(_: Request, exc: Exception) -> JSONResponse:
     )  # fmt: skip
 
 
+def _respond(body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=body["status"], media_type=MEDIA_TYPE, headers=headers)
+
+
+async def _validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return _respond(validation_problem(exc.errors()))
+
+
+async def _refusal(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Refusal)
+    return _respond(refusal_problem(exc))
+
+
 async def _http(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
         exc.status_code, f"http_{exc.status_code}"
     )
-    response = problem(exc.status_code, code, str(exc.detail), str(exc.detail))
-    response.headers.update(exc.headers or {})
-    return response
+    body = problem(exc.status_code, code, str(exc.detail), str(exc.detail))
+    return _respond(body, dict(exc.headers or {}))
 
 
 def install(app: FastAPI) -> None:

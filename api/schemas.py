@@ -4,17 +4,36 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from decimal import Decimal
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 
-from workers.models import Job
+from workers.callbacks import DEFAULT_EVENTS, webhook_id
+from workers.models import JobEvent, WebhookAttempt, WebhookDelivery
+from workers.representation import Generation
 
 EXAMPLE_PROMPT = (
     "Portrait in golden hour. Gentle breeze, subtle facial motion, soft lens flare, "
     "handheld micro-sway, realistic skin texture, 5 seconds."
 )
+
+
+def _storable(value: str) -> str:
+    """Text PostgreSQL can store: no NUL characters, no lone surrogates."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid Unicode text") from exc
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+
+Event = Literal[
+    "generation.completed", "generation.failed", "generation.cancelled", "generation.processing"
+]
 
 
 class GenerationCreate(BaseModel):
@@ -31,20 +50,30 @@ class GenerationCreate(BaseModel):
                     "guidance_scale": 0.5,
                     "duration": 5,
                     "webhook_url": "https://example.com/hooks/kling",
+                    "webhook_events": ["generation.completed", "generation.failed"],
                     "metadata": {"order": "A-1042"},
                 }
             ]
         },
     )
 
-    image_url: AnyHttpUrl | None = Field(None, description="http(s) URL of a jpg/png, >=300x300")
-    upload_id: str | None = Field(None, max_length=64, description="id from POST /v1/uploads")
-    prompt: str = Field(min_length=1, max_length=2500)
-    negative_prompt: str | None = Field(None, max_length=2500)
+    image_url: AnyHttpUrl | None = Field(
+        None, max_length=2048, description="http(s) URL of a jpg/png, >=300x300, <=10 MB"
+    )
+    upload_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9]{1,64}$", description="id from POST /v1/uploads"
+    )
+    prompt: Text = Field(min_length=1, max_length=2500)
+    negative_prompt: Text | None = Field(None, max_length=2500)
     guidance_scale: float = Field(0.5, ge=0.0, le=1.0)
     duration: Literal[5, 10] = 5
-    webhook_url: AnyHttpUrl | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    webhook_url: AnyHttpUrl | None = Field(None, max_length=2048)
+    webhook_events: list[Event] = Field(
+        default_factory=lambda: list(DEFAULT_EVENTS)  # type: ignore[arg-type]
+    )
+    metadata: dict[Text, Text | int | float | bool | None] = Field(
+        default_factory=dict, description="Your own keys; filterable in the list endpoint"
+    )
 
     @model_validator(mode="after")
     def _one_image(self) -> Self:
@@ -53,81 +82,79 @@ class GenerationCreate(BaseModel):
         return self
 
 
-class GenerationInputs(BaseModel):
-    image_url: str | None
-    prompt: str
-    negative_prompt: str | None
-    guidance_scale: float
-    duration: int
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[dict[str, Any]] = Field(
+        min_length=1, max_length=500, description="Up to 500 generation requests"
+    )
 
 
-class StoredVideo(BaseModel):
-    bucket: str
-    key: str
-    bytes: int
-    sha256: str
-    duration: float | None
-    width: int | None
-    height: int | None
-    codec: str | None
+class BatchItem(BaseModel):
+    """One item of a batch: its position, its HTTP-like status, and the job or the problem."""
+
+    index: int
+    status: int
+    generation: Generation | None = None
+    problem: dict[str, Any] | None = None
 
 
-class JobError(BaseModel):
-    code: str
-    message: str | None
+class BatchResult(BaseModel):
+    accepted: int
+    refused: int
+    items: list[BatchItem]
 
 
-class Generation(BaseModel):
-    """The job record: inputs, progress at WaveSpeed, the stored video, cost, and any error."""
+class GenerationPage(BaseModel):
+    data: list[Generation]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page")
 
-    id: uuid.UUID
-    status: str
-    input: GenerationInputs
-    webhook_url: str | None
-    metadata: dict[str, Any]
-    prediction_id: str | None
-    submit_attempts: int
-    created_at: datetime
-    submitted_at: datetime | None
-    completed_at: datetime | None
-    inference_ms: int | None
-    video: StoredVideo | None
-    cost_usd: Decimal | None
-    error: JobError | None
+
+class EventOut(BaseModel):
+    from_state: str | None
+    to_state: str
+    reason: str | None
+    at: datetime
 
     @classmethod
-    def of(cls, job: Job) -> Generation:
-        video = None
-        if job.s3_key and job.s3_bucket and job.sha256 and job.bytes is not None:
-            video = StoredVideo(
-                bucket=job.s3_bucket, key=job.s3_key, bytes=job.bytes, sha256=job.sha256,
-                duration=job.video_duration, width=job.video_width, height=job.video_height,
-                codec=job.video_codec,
-            )  # fmt: skip
+    def of(cls, event: JobEvent) -> EventOut:
         return cls(
-            id=job.id,
-            status=job.status,
-            input=GenerationInputs(
-                image_url=job.image_url,
-                prompt=job.prompt,
-                negative_prompt=job.negative_prompt,
-                guidance_scale=job.guidance_scale,
-                duration=job.duration,
-            ),
-            webhook_url=job.webhook_url,
-            metadata=job.metadata_,
-            prediction_id=job.prediction_id,
-            submit_attempts=job.submit_attempts,
-            created_at=job.created_at,
-            submitted_at=job.submitted_at,
-            completed_at=job.completed_at,
-            inference_ms=job.inference_ms,
-            video=video,
-            cost_usd=job.cost_usd,
-            error=JobError(code=job.error_code, message=job.error_message)
-            if job.error_code
-            else None,
+            from_state=event.from_state, to_state=event.to_state, reason=event.reason, at=event.at
         )
+
+
+class AttemptOut(BaseModel):
+    at: datetime
+    status_code: int | None
+    error: str | None
+    duration_ms: int
+
+
+class DeliveryOut(BaseModel):
+    id: uuid.UUID
+    webhook_id: str
+    event: str
+    url: str
+    status: str
+    attempts: list[AttemptOut]
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+
+    @classmethod
+    def of(cls, delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -> DeliveryOut:
+        return cls(
+            id=delivery.id, webhook_id=webhook_id(delivery.id), event=delivery.event,
+            url=delivery.url, status=delivery.status, next_attempt_at=delivery.next_attempt_at,
+            delivered_at=delivery.delivered_at,
+            attempts=[AttemptOut.model_validate(a, from_attributes=True) for a in attempts],
+        )  # fmt: skip
+
+
+class History(BaseModel):
+    """A job's state history and every callback attempt made for it."""
+
+    events: list[EventOut]
+    deliveries: list[DeliveryOut]
 
 
 class Upload(BaseModel):
@@ -136,3 +163,15 @@ class Upload(BaseModel):
     width: int
     height: int
     bytes: int
+
+
+class SigningSecret(BaseModel):
+    secret: str = Field(
+        description="Standard Webhooks secret (whsec_...) callbacks are signed with"
+    )
+    previous_secret_valid_until: datetime | None
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str]

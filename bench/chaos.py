@@ -26,8 +26,10 @@ import boto3
 import httpx
 import psycopg
 import redis
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from sandbox.processes import Process
+from sandbox.receiver import Receiver, flaky, serve
 from sandbox.stack import Stack
 from workers.errors import ErrorCode
 
@@ -43,6 +45,8 @@ FAULTS: dict[str, Any] = {
     "output_truncate": 0.05,
     "inference_seconds": [2, 8],
 }
+# A fraction of callback attempts the producer's endpoint answers with HTTP 500.
+CALLBACK_FAILURE_RATE = 0.2
 MOVES = ["slow push-in", "pull-out", "pan left", "pan right", "tilt up", "tilt down", "orbit"]
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -76,6 +80,7 @@ class Result:
 class Run:
     options: Options
     stack: Stack
+    receiver: Receiver
     workers: list[Process] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -89,31 +94,36 @@ class Run:
 def run(options: Options) -> list[Result]:
     """Start a stack, run the jobs through chaos, check the invariants, stop the stack."""
     root = options.root or Path(tempfile.mkdtemp(prefix="kling-chaos-"))
-    simulator_args = [
-        "--render-mode",
-        "real",
-        "--resolution",
-        "160x96",
-        "--refund-delay-seconds",
-        "1",
-    ]
-    stack = Stack(root, environ=dict(os.environ), worker_concurrency=options.concurrency,
+    simulator_args = ["--render-mode", "real", "--resolution", "160x96"]
+    simulator_args += ["--refund-delay-seconds", "1"]
+    # Callbacks retry on a compressed schedule so the run sees several attempts per job.
+    environ = {**os.environ, "CALLBACK_SCHEDULE_SECONDS": "[0, 1, 2, 4, 8, 8, 8, 8, 8, 8]"}
+    stack = Stack(root, environ=environ, worker_concurrency=options.concurrency,
                   simulator_args=simulator_args)  # fmt: skip
+    receiver = Receiver(status_for=flaky(CALLBACK_FAILURE_RATE, options.seed))
     stack.up()
-    chaos = Run(options, stack)
+    chaos = Run(options, stack, receiver)
     try:
-        chaos.workers = [p for p in stack.apps if p.name == "worker"]
-        for n in range(1, options.workers):
-            chaos.workers.append(stack.start_worker(f"worker{n}", concurrency=options.concurrency))
-        httpx.put(f"{stack.env['WAVESPEED_BASE_URL']}/_sim/faults", json=FAULTS).raise_for_status()
-        job_ids = submit_jobs(chaos)
-        unleash(chaos, random.Random(options.seed))
-        wait_terminal(chaos, job_ids)
-        httpx.delete(f"{stack.env['WAVESPEED_BASE_URL']}/_sim/faults").raise_for_status()
-        settle_ledger(chaos)
-        return check(chaos, job_ids)
+        with serve(receiver):
+            return _run(chaos)
     finally:
         stack.down()
+
+
+def _run(chaos: Run) -> list[Result]:
+    options, stack = chaos.options, chaos.stack
+    simulator = stack.env["WAVESPEED_BASE_URL"]
+    chaos.workers = [p for p in stack.apps if p.name == "worker"]
+    for n in range(1, options.workers):
+        chaos.workers.append(stack.start_worker(f"worker{n}", concurrency=options.concurrency))
+    httpx.put(f"{simulator}/_sim/faults", json=FAULTS).raise_for_status()
+    job_ids = submit_jobs(chaos)
+    unleash(chaos, random.Random(options.seed))
+    wait_terminal(chaos, job_ids)
+    httpx.delete(f"{simulator}/_sim/faults").raise_for_status()
+    settle_ledger(chaos)
+    settle_callbacks(chaos, job_ids)
+    return check(chaos, job_ids)
 
 
 def submit_jobs(chaos: Run) -> list[str]:
@@ -130,6 +140,7 @@ def submit_jobs(chaos: Run) -> list[str]:
                 "prompt": f"{MOVES[i % len(MOVES)]}, take {i}",
                 "guidance_scale": round((i % 97) / 96, 3),
                 "duration": 5,
+                "webhook_url": chaos.receiver.url,
             }
             return str(api.post("/v1/generations", json=body).raise_for_status().json()["id"])
 
@@ -237,6 +248,38 @@ def settle_ledger(chaos: Run) -> None:
         time.sleep(1)
 
 
+def settle_callbacks(chaos: Run, job_ids: list[str]) -> None:
+    """Wait for every terminal job's callback to have been answered 2xx once."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _missing_callbacks(chaos, job_ids):
+        time.sleep(1)
+
+
+def _verified_callbacks(chaos: Run) -> dict[str, set[str]]:
+    """Job id -> event types of the callbacks that verified and were answered 2xx."""
+    secret = chaos.stack.info["webhook_secret"]
+    verified: dict[str, set[str]] = {}
+    for item in list(chaos.receiver.received):
+        try:
+            event = Webhook(secret).verify(item.body, item.headers)
+        except WebhookVerificationError:
+            continue
+        if item.status < 300:
+            verified.setdefault(event["data"]["id"], set()).add(event["type"])
+    return verified
+
+
+def _missing_callbacks(chaos: Run, job_ids: list[str]) -> list[str]:
+    rows = job_rows(chaos, job_ids)
+    verified = _verified_callbacks(chaos)
+    return [
+        job_id
+        for job_id, row in rows.items()
+        if row["status"] in TERMINAL
+        and f"generation.{row['status']}" not in verified.get(job_id, set())
+    ]
+
+
 def check(chaos: Run, job_ids: list[str]) -> list[Result]:
     rows = job_rows(chaos, job_ids)
     book = ledger(chaos)
@@ -247,6 +290,7 @@ def check(chaos: Run, job_ids: list[str]) -> list[Result]:
         check_charges(rows, entries),
         check_objects(chaos, rows, entries),
         check_error_codes(rows),
+        check_callbacks(chaos, job_ids),
     ]
 
 
@@ -335,6 +379,17 @@ def check_error_codes(rows: dict[str, dict[str, Any]]) -> Result:
 
 def _tally(counts: Counter[Any]) -> str:
     return ", ".join(f"{key}={n}" for key, n in sorted(counts.items(), key=str))
+
+
+def check_callbacks(chaos: Run, job_ids: list[str]) -> Result:
+    missing = _missing_callbacks(chaos, job_ids)
+    received = chaos.receiver.received
+    failed = sum(1 for item in received if item.status >= 300)
+    detail = (
+        f"missing={len(missing)}, attempts received={len(received)} "
+        f"({failed} answered 500 on purpose)"
+    )
+    return Result("every terminal job's callback arrived and verifies", not missing, detail)
 
 
 def parse(argv: list[str] | None) -> Options:

@@ -36,9 +36,6 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "json"
     log_level: str = "INFO"
 
-    # The development key the embedded stack hands to `kling`; tenants and real keys come later.
-    api_key: SecretStr = SecretStr("")
-
     # USD per clip, by duration in seconds (WaveSpeed's price table).
     price_usd: dict[int, Decimal] = Field(
         default_factory=lambda: {5: Decimal("0.45"), 10: Decimal("0.90")}
@@ -62,6 +59,21 @@ class Settings(BaseSettings):
     submit_max_attempts: int = 8
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 120.0
+
+    # Callbacks to producers: delay before attempt 1, 2, ... (at once, 5 s, 5 min, 30 min, 2 h,
+    # 5 h, 10 h, 14 h, 20 h, 24 h), the timeout of one attempt, and how long a rotated-out
+    # signing secret keeps signing.
+    callback_schedule_seconds: list[float] = Field(
+        default_factory=lambda: [0.0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
+    )
+    callback_timeout_seconds: float = 15.0
+    secret_rotation_overlap_seconds: float = 24 * 3600.0
+    # Waits up to this long are Celery countdowns; longer ones are rows the reconciler finds.
+    max_countdown_seconds: float = 300.0
+
+    # Untrusted URLs (images we fetch, callbacks we call) must resolve to public addresses;
+    # hosts or CIDRs listed here are let through for local development.
+    url_allow_hosts: list[str] = Field(default_factory=list)
 
     image_max_bytes: int = 10 * 1024 * 1024
     image_min_side: int = 300

@@ -9,6 +9,8 @@ Each test that touches the database directly gets a database of its own.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,19 +25,25 @@ from sqlalchemy.orm import Session, sessionmaker
 from config import Settings
 from sandbox.stack import Stack
 from tests.support import RecordingDispatcher, SimulatorAdmin, settings_for
-from workers.db import make_engine, make_session_factory
+from workers import tenants
+from workers.db import make_engine, make_session_factory, unit_of_work
+from workers.models import Tenant
 from workers.pipeline import Pipeline
-from workers.runtime import build_storage, build_wavespeed
+from workers.runtime import build_guard, build_storage, build_wavespeed
 
 TEMPLATE_DB = "kling_test_template"
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("stack"), environ=dict(os.environ))
+def stack() -> Iterator[Stack]:
+    # Not under pytest's tmp_path: pytest keeps its base directory at mode 0700, and the
+    # embedded PostgreSQL runs as its own user when the tests run as root.
+    root = Path(tempfile.mkdtemp(prefix="kling-test-stack-"))
+    stack = Stack(root, environ=dict(os.environ))
     stack.up()
     yield stack
     stack.down()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -116,6 +124,7 @@ def pipeline(
     settings: Settings, sessions: sessionmaker[Session], dispatcher: RecordingDispatcher
 ) -> Iterator[Pipeline]:
     storage = build_storage(settings)
+    guard = build_guard(settings)
     with httpx.Client(timeout=httpx.Timeout(10, connect=5)) as http:
         yield Pipeline(
             sessions=sessions,
@@ -124,5 +133,14 @@ def pipeline(
             http=http,
             settings=settings,
             dispatch=dispatcher,
+            guard=guard,
         )
+    guard.close()
     storage.close()
+
+
+@pytest.fixture
+def tenant(sessions: sessionmaker[Session]) -> Tenant:
+    """A tenant in the test's own database."""
+    with unit_of_work(sessions) as session:
+        return tenants.create_tenant(session, f"t-{uuid.uuid4().hex[:8]}")

@@ -17,6 +17,7 @@ class ErrorCode(StrEnum):
     OUTPUT_EXPIRED = "output_expired"
     OUTPUT_INVALID = "output_invalid"
     STORAGE_FAILED = "storage_failed"
+    CANCELLED = "cancelled"  # not a failure: a cancelled job says why it ended
 
 
 # WaveSpeed task codes (`data.code` of a failed prediction) that retrying cannot fix.

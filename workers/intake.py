@@ -1,20 +1,25 @@
-"""Accepting a generation: the image fetched and opened for real, copied to our bucket, and the
-job stored with its first task in one transaction. Nothing is enqueued for a refused request."""
+"""Accepting a generation: the image fetched (through the URL guard) and opened for real, the
+budget checked, the image copied to our bucket, and the job stored with its first task in one
+transaction. Nothing is stored, enqueued or charged for a refused request."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
-import httpx
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from config import Settings
-from workers import dispatch, jobs
+from workers import callbacks, dispatch, jobs
 from workers.media import ImageInfo, InvalidMedia, inspect_image
-from workers.models import Job
+from workers.models import Job, Tenant, Upload
+from workers.states import JobState
 from workers.storage import Storage
+from workers.urlguard import UrlGuard, UrlRefused
 
 
 class Refusal(Exception):
@@ -37,36 +42,36 @@ class GenerationInput:
     upload_id: str | None = None
     negative_prompt: str | None = None
     webhook_url: str | None = None
+    webhook_events: tuple[str, ...] = callbacks.DEFAULT_EVENTS
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def upload_key(upload_id: str) -> str:
-    return f"uploads/{upload_id}"
+# What the guard's refusals mean for an image URL (field `image_url`).
+_IMAGE_URL_CODES = {
+    "too_large": "image_too_large",
+    "timeout": "image_unreachable",
+    "unreachable": "image_unreachable",
+    "unresolvable": "image_unreachable",
+    "bad_status": "image_unreachable",
+}
 
 
-def fetch_image(http: httpx.Client, url: str, settings: Settings) -> bytes:
-    """Download at most `image_max_bytes` (+1, to tell "too large" apart) within the timeout."""
-    limit = settings.image_max_bytes
+def fetch_image(guard: UrlGuard, url: str, settings: Settings) -> bytes:
+    """Download the image through the guard, at most `image_max_bytes`, within its timeouts."""
     try:
-        with http.stream("GET", url, timeout=settings.image_fetch_timeout_seconds) as response:
-            if not response.is_success:
-                raise Refusal(
-                    422,
-                    "image_url",
-                    "image_unreachable",
-                    f"image URL answered {response.status_code}",
-                )
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > limit:
-                    raise Refusal(
-                        422, "image_url", "image_too_large", f"image is over {limit} bytes"
-                    )
-            return bytes(body)
-    except httpx.HTTPError as exc:
+        fetched = guard.fetch(url, max_bytes=settings.image_max_bytes)
+    except UrlRefused as exc:
+        code = _IMAGE_URL_CODES.get(exc.code, "url_not_allowed")
+        raise Refusal(422, "image_url", code, f"image URL refused: {exc}") from exc
+    return fetched.content
+
+
+def check_callback_url(guard: UrlGuard, url: str) -> None:
+    try:
+        guard.check(url)
+    except UrlRefused as exc:
         raise Refusal(
-            422, "image_url", "image_unreachable", f"image URL cannot be fetched: {exc}"
+            422, "webhook_url", "url_not_allowed", f"callback URL refused: {exc}"
         ) from exc
 
 
@@ -79,22 +84,85 @@ def check_image(data: bytes, settings: Settings, field: str) -> ImageInfo:
         raise Refusal(422, field, exc.code, exc.message) from exc
 
 
-def store_upload(storage: Storage, data: bytes, settings: Settings) -> tuple[str, ImageInfo]:
-    """Validate an uploaded image and keep it; answers its id for `upload_id`."""
+def store_upload(
+    session: Session, storage: Storage, tenant: Tenant, data: bytes, settings: Settings
+) -> Upload:
+    """Validate an uploaded image and keep it; its id is what `upload_id` refers to."""
     info = check_image(data, settings, "file")
     upload_id = uuid.uuid4().hex
-    storage.put_bytes(upload_key(upload_id), data, info.content_type)
-    return upload_id, info
+    key = f"uploads/{tenant.id}/{upload_id}"
+    storage.put_bytes(key, data, info.content_type)
+    upload = Upload(
+        id=upload_id, tenant_id=tenant.id, key=key, content_type=info.content_type,
+        width=info.width, height=info.height, bytes=len(data),
+    )  # fmt: skip
+    session.add(upload)
+    session.flush()
+    return upload
 
 
-def load_upload(storage: Storage, upload_id: str) -> bytes:
-    if not upload_id.isalnum() or storage.head(upload_key(upload_id)) is None:
+def load_upload(session: Session, storage: Storage, tenant: Tenant, upload_id: str) -> bytes:
+    upload = session.get(Upload, upload_id)
+    if upload is None or upload.tenant_id != tenant.id:
         raise Refusal(422, "upload_id", "upload_not_found", "no upload with this id")
-    return storage.get_bytes(upload_key(upload_id))
+    return storage.get_bytes(upload.key)
+
+
+def load_image(
+    session: Session, storage: Storage, guard: UrlGuard, tenant: Tenant,
+    request: GenerationInput, settings: Settings,
+) -> bytes:  # fmt: skip
+    if request.upload_id:
+        return load_upload(session, storage, tenant, request.upload_id)
+    assert request.image_url is not None
+    return fetch_image(guard, request.image_url, settings)
+
+
+def committed_spend(
+    session: Session, tenant: Tenant, since: datetime, settings: Settings
+) -> Decimal:
+    """What the tenant's jobs of the month cost or will cost: charged, in flight or queued."""
+    live = [s.value for s in JobState if s not in (JobState.FAILED, JobState.CANCELLED)]
+    rows = session.execute(
+        select(Job.duration, func.count())
+        .where(
+            Job.tenant_id == tenant.id,
+            Job.created_at >= since,
+            Job.status.in_(live)
+            # A job cancelled at WaveSpeed may still be charged.
+            | ((Job.status == JobState.CANCELLED) & Job.prediction_id.is_not(None)),
+        )
+        .group_by(Job.duration)
+    ).all()
+    return sum((settings.price_usd[duration] * count for duration, count in rows), Decimal(0))
+
+
+def check_budget(
+    session: Session, tenant: Tenant, adding: Decimal, now: datetime, settings: Settings
+) -> None:
+    """Refuse (402) what would take the month's committed spend over the tenant's budget.
+    A per-tenant advisory lock makes concurrent requests see each other's jobs."""
+    budget = tenant.monthly_budget_usd
+    if budget is None:
+        return
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": tenant.id})
+    month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    spent = committed_spend(session, tenant, month, settings)
+    if spent + adding > budget:
+        raise Refusal(
+            402, "budget", "budget_exceeded",
+            f"${adding} more would bring this month's spend (${spent}, jobs in flight "
+            f"included) over the monthly budget of ${budget}",
+        )  # fmt: skip
 
 
 def accept(
-    session: Session, storage: Storage, settings: Settings, request: GenerationInput, image: bytes
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    tenant: Tenant,
+    request: GenerationInput,
+    image: bytes,
 ) -> Job:
     """Copy the image under the job's id (the URL WaveSpeed gets then names the job, which is
     how an unanswered submit is found in its history) and add the queued job and its outbox row
@@ -105,6 +173,7 @@ def accept(
     storage.put_bytes(key, image, info.content_type)
     job = Job(
         id=job_id,
+        tenant_id=tenant.id,
         image_url=request.image_url,
         input_key=key,
         input_content_type=info.content_type,
@@ -113,6 +182,7 @@ def accept(
         guidance_scale=request.guidance_scale,
         duration=request.duration,
         webhook_url=request.webhook_url,
+        webhook_events=list(request.webhook_events),
         metadata_=request.metadata,
     )
     return jobs.create(session, job, first_task=dispatch.SUBMIT)

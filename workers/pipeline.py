@@ -21,13 +21,14 @@ import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from workers import admission, dispatch, jobs
+from workers import admission, callbacks, dispatch, jobs
 from workers.db import unit_of_work
 from workers.errors import ErrorCode, task_failure
 from workers.media import InvalidMedia, probe_video
 from workers.models import Job
 from workers.states import JobState
 from workers.storage import Storage, StorageError
+from workers.urlguard import UrlGuard
 from workers.wavespeed import Prediction, WaveSpeedClient, WaveSpeedError
 
 log = structlog.get_logger(__name__)
@@ -68,6 +69,7 @@ class Pipeline:
     http: httpx.Client
     settings: Settings
     dispatch: dispatch.Dispatcher
+    guard: UrlGuard
     clock: Clock = utcnow
 
     # -- submit ---------------------------------------------------------------------------
@@ -196,7 +198,9 @@ class Pipeline:
             if not moved:
                 # Cancelled while the POST was in flight: keep the id of what may be charged.
                 jobs.update_fields(session, job_id, JobState.CANCELLED, prediction_id=prediction.id)
+            delivery = self._event(session, job_id, callbacks.PROCESSING) if moved else None
             seq = jobs.get(session, job_id).poll_seq
+        self._notify(delivery)
         if moved:
             log.info("submit.done", job_id=str(job_id), prediction_id=prediction.id)
             self.dispatch(dispatch.POLL, job_id, countdown=first, seq=seq)
@@ -374,6 +378,8 @@ class Pipeline:
                 video_codec=video.codec,
                 completed_at=self.clock(),
             )
+            delivery = self._event(session, job_id, callbacks.COMPLETED) if moved else None
+        self._notify(delivery)
         if moved:
             log.info("store.done", job_id=str(job_id), key=key, bytes=stored.bytes)
 
@@ -395,6 +401,30 @@ class Pipeline:
 
     # -- shared ---------------------------------------------------------------------------
 
+    def _event(self, session: Session, job_id: uuid.UUID, event: str) -> uuid.UUID | None:
+        return callbacks.record(session, job_id, event, self.clock())
+
+    def _notify(self, delivery: uuid.UUID | None) -> None:
+        if delivery is not None:
+            self.dispatch(dispatch.NOTIFY, delivery)
+
+    def notify(self, delivery_id: uuid.UUID) -> None:
+        """Make a callback attempt that is due; a short wait for the next one is a countdown,
+        a long one is left in `next_attempt_at` for the reconciler."""
+        settings = self.settings
+        with unit_of_work(self.sessions) as session:
+            outcome = callbacks.deliver(
+                session, delivery_id, self._post, self.clock(), settings.callback_schedule_seconds
+            )
+        retry_in = outcome.retry_in if outcome else None
+        if retry_in is not None and retry_in <= settings.max_countdown_seconds:
+            self.dispatch(dispatch.NOTIFY, delivery_id, countdown=retry_in)
+
+    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        return self.guard.post(
+            url, content=body, headers=headers, timeout=self.settings.callback_timeout_seconds
+        )
+
     def fail(self, job_id: uuid.UUID, src: JobState, code: ErrorCode, message: str) -> bool:
         """Fail a job still in `src` with a stable code and a human message."""
         with unit_of_work(self.sessions) as session:
@@ -409,6 +439,8 @@ class Pipeline:
                 next_poll_at=None,
                 completed_at=self.clock(),
             )
+            delivery = self._event(session, job_id, callbacks.FAILED) if moved else None
+        self._notify(delivery)
         if moved:
             log.warning("job.failed", job_id=str(job_id), code=code, message=message)
             self.admit()
@@ -425,8 +457,11 @@ class Pipeline:
                 note += f"; WaveSpeed prediction {prediction} may still be charged"
             moved = jobs.transition(
                 session, job_id, [s for s in JobState if not s.terminal], JobState.CANCELLED,
-                reason=note, error_message=note, next_poll_at=None, completed_at=self.clock(),
+                reason=note, error_code=ErrorCode.CANCELLED, error_message=note, next_poll_at=None,
+                completed_at=self.clock(),
             )  # fmt: skip
+            delivery = self._event(session, job_id, callbacks.CANCELLED) if moved else None
+        self._notify(delivery)
         if moved:
             self.admit()
         with self.sessions() as session:

@@ -11,7 +11,7 @@ from datetime import timedelta
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
-from workers import dispatch, jobs
+from workers import callbacks, dispatch, jobs
 from workers.db import unit_of_work
 from workers.models import Job
 from workers.outbox import relay
@@ -48,6 +48,11 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
         counts[str(state)] = _sweep(
             sessions, send, state, column, now - timedelta(seconds=grace), task
         )
+    with unit_of_work(sessions) as session:
+        deliveries = callbacks.due(session, now)
+    for delivery_id in deliveries:
+        send(dispatch.NOTIFY, delivery_id)
+    counts["callbacks"] = len(deliveries)
     counts["admitted"] = pipeline.admit()
     if any(counts.values()):
         log.info("reconcile.resent", **counts)

@@ -11,6 +11,7 @@ from workers.db import make_engine, make_session_factory
 from workers.dispatch import CeleryDispatcher
 from workers.pipeline import Pipeline
 from workers.storage import Storage, make_s3_client
+from workers.urlguard import UrlGuard, UrlPolicy
 from workers.wavespeed import WaveSpeedClient, make_http_client
 
 
@@ -33,6 +34,10 @@ def build_wavespeed(settings: Settings, http: httpx.Client) -> WaveSpeedClient:
     )
 
 
+def build_guard(settings: Settings) -> UrlGuard:
+    return UrlGuard(UrlPolicy(allow_hosts=tuple(settings.url_allow_hosts)))
+
+
 def build_pipeline(settings: Settings, celery: Any) -> Pipeline:
     http = make_http_client(settings.wavespeed_connect_timeout, settings.wavespeed_read_timeout)
     return Pipeline(
@@ -42,11 +47,13 @@ def build_pipeline(settings: Settings, celery: Any) -> Pipeline:
         http=http,
         settings=settings,
         dispatch=CeleryDispatcher(celery),
+        guard=build_guard(settings),
     )
 
 
 def close_pipeline(pipeline: Pipeline) -> None:
     """Release what `build_pipeline` opened: sockets and the connection pool."""
     pipeline.http.close()
+    pipeline.guard.close()
     pipeline.storage.close()
     pipeline.sessions.kw["bind"].dispose()

@@ -77,6 +77,10 @@ class Storage:
     def close(self) -> None:
         self._s3.close()
 
+    def check(self) -> None:
+        """Raise unless the bucket answers."""
+        self._s3.head_bucket(Bucket=self.bucket)
+
     def ensure_bucket(self) -> None:
         try:
             self._s3.head_bucket(Bucket=self.bucket)

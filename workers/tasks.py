@@ -77,6 +77,12 @@ def store(self: Task, job_id: str) -> None:
         raise self.retry(exc=exc, countdown=delay, max_retries=STORE_MAX_RETRIES) from exc
 
 
+@task(name=dispatch.NOTIFY)
+def notify(delivery_id: str) -> None:
+    """Make a due callback attempt to the producer."""
+    pipeline().notify(uuid.UUID(delivery_id))
+
+
 @task(name=dispatch.RECONCILE)
 def reconcile_task() -> dict[str, int]:
     """Resend whatever work lost its message."""

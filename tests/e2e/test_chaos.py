@@ -3,6 +3,8 @@ under WaveSpeed faults; every invariant of the full `make chaos` run must hold."
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,12 +15,17 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.timeout(600)
-def test_small_chaos_run_keeps_every_invariant(tmp_path: Path) -> None:
+def test_small_chaos_run_keeps_every_invariant() -> None:
+    # Not under pytest's tmp_path (mode 0700): the embedded PostgreSQL runs as its own user.
+    root = Path(tempfile.mkdtemp(prefix="kling-test-chaos-"))
     options = Options(
         jobs=30, workers=2, kills=1, flushes=1, redis_restarts=0, postgres_restarts=0,
-        chaos_seconds=8, timeout=300, root=tmp_path / "stack",
+        chaos_seconds=8, timeout=300, root=root,
     )  # fmt: skip
-    results = run(options)
+    try:
+        results = run(options)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     failures = [result.line() for result in results if not result.ok]
-    assert len(results) == 4
+    assert len(results) == 5
     assert failures == []

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from config import Settings
 from sandbox.stack import Stack
 from tests.support import SimulatorAdmin, settings_for, wait_for
+from workers import tenants
 from workers.celery_app import create_celery
 from workers.db import make_engine, make_session_factory, unit_of_work
 from workers.dispatch import CeleryDispatcher
@@ -52,9 +53,11 @@ def test_one_single_slot_worker_keeps_ten_predictions_in_flight(
     storage = build_storage(settings)
     try:
         request = GenerationInput(prompt="slow pan left", guidance_scale=0.5, duration=5)
+        with unit_of_work(sessions) as session:
+            owner = tenants.create_tenant(session, "single-slot")
         for _ in range(JOBS):
             with unit_of_work(sessions) as session:
-                accept(session, storage, settings, request, portrait)
+                accept(session, storage, settings, owner, request, portrait)
         relay(sessions, CeleryDispatcher(create_celery(settings)))
 
         def finished() -> list[Job] | None:

@@ -14,6 +14,8 @@ import pytest
 from sandbox.processes import free_port
 from sandbox.stack import Stack
 from tests.support import SimulatorAdmin, wait_for
+from workers import tenants
+from workers.db import make_engine, make_session_factory, unit_of_work
 from workers.webhook_in import sign
 
 pytestmark = pytest.mark.integration
@@ -53,9 +55,13 @@ def slow_polling_deployment(stack: Stack, database_url: str) -> Iterator[dict[st
         "POLL_FIRST_DELAY_SECONDS": '{"5": 300, "10": 300}',
         "RECONCILE_INTERVAL_SECONDS": "300",
     }
+    engine = make_engine(database_url)
+    with unit_of_work(make_session_factory(engine)) as session:
+        _, token = tenants.create_key(session, tenants.create_tenant(session, "webhook"))
+    engine.dispose()
     api = stack.start_api("webhook-api", port, env)
     worker = stack.start_worker("webhook-worker", concurrency=1, env=env)
-    yield {"api_url": f"http://127.0.0.1:{port}", "api_key": stack.env["API_KEY"]}
+    yield {"api_url": f"http://127.0.0.1:{port}", "api_key": token}
     worker.stop()
     api.stop()
 

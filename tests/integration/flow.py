@@ -5,11 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from sqlalchemy import select
+
 from tests.support import RecordingDispatcher, wait_for
-from workers import dispatch, jobs
+from workers import dispatch, jobs, tenants
 from workers.db import unit_of_work
 from workers.intake import GenerationInput, accept
-from workers.models import Job
+from workers.models import Job, Tenant
 from workers.pipeline import Pipeline
 from workers.states import JobState
 
@@ -23,7 +25,9 @@ def new_job(pipeline: Pipeline, image: bytes, **overrides: Any) -> uuid.UUID:
         **overrides,
     )
     with unit_of_work(pipeline.sessions) as session:
-        return accept(session, pipeline.storage, pipeline.settings, request, image).id
+        owner = session.scalar(select(Tenant).where(Tenant.name == "flow"))
+        owner = owner or tenants.create_tenant(session, "flow")
+        return accept(session, pipeline.storage, pipeline.settings, owner, request, image).id
 
 
 def submit(pipeline: Pipeline, job_id: uuid.UUID) -> None:

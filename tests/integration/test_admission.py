@@ -11,8 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from workers.admission import Gate, admit
 from workers.db import unit_of_work
-from workers.models import Job
+from workers.models import Job, Tenant
 from workers.states import JobState
+from workers.tenants import new_webhook_secret
 
 pytestmark = pytest.mark.integration
 
@@ -25,6 +26,9 @@ def add_jobs(
 ) -> list[uuid.UUID]:
     ids = []
     with unit_of_work(sessions) as session:
+        if session.get(Tenant, tenant) is None:
+            session.add(Tenant(id=tenant, name=tenant, webhook_secret=new_webhook_secret()))
+            session.flush()
         for i in range(count):
             job = Job(
                 tenant_id=tenant, status=values.get("status", JobState.QUEUED),

@@ -27,6 +27,7 @@ def make_pipeline(**settings: object) -> Pipeline:
         http=None,  # type: ignore[arg-type]
         settings=Settings.model_validate(settings),
         dispatch=lambda *a, **k: None,
+        guard=None,  # type: ignore[arg-type]
     )
 
 

@@ -1,0 +1,316 @@
+"""The producer-facing API on the running stack: tenants and keys, idempotency, batch, listing,
+cancel, history, budgets, the URL guard, and signed callbacks."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from sandbox.receiver import Receiver, serve
+from sandbox.stack import Stack
+from tests.support import SimulatorAdmin, wait_for
+from workers import tenants
+from workers.db import make_engine, make_session_factory, unit_of_work
+from workers.pipeline import utcnow
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "slow push-in, hair moving in the wind"
+
+
+@dataclass
+class Producer:
+    tenant_id: str
+    key_id: uuid.UUID
+    api: httpx.Client
+    upload_id: str
+
+
+@pytest.fixture(scope="module")
+def sessions(stack: Stack) -> Iterator[Any]:
+    engine = make_engine(stack.env["DATABASE_URL"], pool_size=2)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def new_producer(
+    stack: Stack, sessions: Any, portrait: bytes, budget: Decimal | None = None
+) -> Producer:
+    with unit_of_work(sessions) as session:
+        tenant = tenants.create_tenant(session, f"p-{uuid.uuid4().hex[:10]}", budget_usd=budget)
+        key, token = tenants.create_key(session, tenant)
+    api = httpx.Client(
+        base_url=stack.info["api_url"], headers={"Authorization": f"Bearer {token}"}, timeout=60
+    )
+    upload = api.post("/v1/uploads", files={"file": ("p.png", portrait, "image/png")})
+    assert upload.status_code == 201, upload.text
+    return Producer(tenant.id, key.id, api, upload.json()["upload_id"])
+
+
+@pytest.fixture
+def producer(stack: Stack, sessions: Any, portrait: bytes) -> Iterator[Producer]:
+    made = new_producer(stack, sessions, portrait)
+    yield made
+    made.api.close()
+
+
+@pytest.fixture
+def other(stack: Stack, sessions: Any, portrait: bytes) -> Iterator[Producer]:
+    made = new_producer(stack, sessions, portrait)
+    yield made
+    made.api.close()
+
+
+def create(producer: Producer, **body: Any) -> httpx.Response:
+    payload = {"upload_id": producer.upload_id, "prompt": PROMPT, **body}
+    return producer.api.post("/v1/generations", json=payload)
+
+
+def wait_status(producer: Producer, job_id: str, *statuses: str) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        job = producer.api.get(f"/v1/generations/{job_id}").json()
+        return job if job["status"] in statuses else None
+
+    return dict(wait_for(reached, timeout=90, interval=0.3))
+
+
+# -- tenants and keys ---------------------------------------------------------------------
+
+
+def test_a_tenant_never_sees_another_tenants_things(producer: Producer, other: Producer) -> None:
+    job = create(producer).json()
+    for path in (
+        f"/v1/generations/{job['id']}",
+        f"/v1/generations/{job['id']}/events",
+        f"/v1/generations/{job['id']}/video",
+    ):
+        answer = other.api.get(path)
+        assert answer.status_code == 404 and answer.json()["code"] == "not_found"
+    assert other.api.post(f"/v1/generations/{job['id']}/cancel").status_code == 404
+    assert job["id"] not in [g["id"] for g in other.api.get("/v1/generations").json()["data"]]
+    borrowed = create(other, upload_id=producer.upload_id)
+    assert borrowed.status_code == 422 and borrowed.json()["code"] == "upload_not_found"
+
+
+def test_a_revoked_key_is_refused(producer: Producer, sessions: Any) -> None:
+    assert producer.api.get("/v1/generations").status_code == 200
+    with unit_of_work(sessions) as session:
+        assert tenants.revoke_key(session, producer.key_id, utcnow())
+    answer = producer.api.get("/v1/generations")
+    assert answer.status_code == 401 and answer.json()["code"] == "unauthorized"
+
+
+# -- idempotency, batch, list ------------------------------------------------------------
+
+
+def test_idempotency_key_makes_retries_safe(producer: Producer) -> None:
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    body = {"upload_id": producer.upload_id, "prompt": PROMPT, "metadata": {"order": "A-1"}}
+    first = producer.api.post("/v1/generations", json=body, headers=key)
+    again = producer.api.post("/v1/generations", json=body, headers=key)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+    changed = producer.api.post("/v1/generations", json={**body, "duration": 10}, headers=key)
+    assert changed.status_code == 409 and changed.json()["code"] == "idempotency_conflict"
+    listed = producer.api.get("/v1/generations", params={"metadata": "order:A-1"}).json()
+    assert [g["id"] for g in listed["data"]] == [first.json()["id"]]
+
+
+def test_batch_accepts_and_refuses_each_item_on_its_own(producer: Producer) -> None:
+    items = [
+        {"upload_id": producer.upload_id, "prompt": "pan left"},
+        {"upload_id": producer.upload_id, "prompt": ""},
+        {"upload_id": "nope", "prompt": "tilt up"},
+        {"upload_id": producer.upload_id, "prompt": "orbit", "duration": 10},
+    ]
+    answer = producer.api.post("/v1/generations/batch", json={"items": items})
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert (result["accepted"], result["refused"]) == (2, 2)
+    assert [item["status"] for item in result["items"]] == [201, 422, 422, 201]
+    assert result["items"][1]["problem"]["errors"][0]["field"] == "prompt"
+    assert result["items"][2]["problem"]["code"] == "upload_not_found"
+    assert result["items"][3]["generation"]["input"]["duration"] == 10
+
+
+def test_batch_is_bounded(producer: Producer) -> None:
+    too_many = [{"upload_id": producer.upload_id, "prompt": "p"}] * 501
+    answer = producer.api.post("/v1/generations/batch", json={"items": too_many})
+    assert answer.status_code == 422 and answer.json()["errors"][0]["code"] == "too_long"
+
+
+def test_list_pages_are_stable_while_jobs_arrive(producer: Producer) -> None:
+    made = [create(producer, metadata={"run": "paging"}).json()["id"] for _ in range(5)]
+    seen: list[str] = []
+    page = producer.api.get("/v1/generations", params={"limit": 2, "metadata": "run:paging"}).json()
+    seen += [g["id"] for g in page["data"]]
+    create(producer, metadata={"run": "paging"})  # arrives mid-listing: newest, so not in the tail
+    while page["next_cursor"]:
+        params = {"limit": 2, "metadata": "run:paging", "cursor": page["next_cursor"]}
+        page = producer.api.get("/v1/generations", params=params).json()
+        seen += [g["id"] for g in page["data"]]
+    assert seen == list(reversed(made))
+
+
+def test_list_filters_by_status_and_time(producer: Producer) -> None:
+    job = create(producer).json()
+    producer.api.post(f"/v1/generations/{job['id']}/cancel")
+    cancelled = producer.api.get("/v1/generations", params={"status": "cancelled"}).json()
+    assert job["id"] in [g["id"] for g in cancelled["data"]]
+    later = producer.api.get("/v1/generations", params={"created_after": "2999-01-01T00:00:00Z"})
+    assert later.json()["data"] == []
+    bad = producer.api.get("/v1/generations", params={"cursor": "garbage"})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "cursor"
+
+
+# -- cancel, history -----------------------------------------------------------------------
+
+
+def test_cancel_and_history(producer: Producer, simulator: SimulatorAdmin) -> None:
+    simulator.set_faults(inference_seconds=[30, 30])
+    job = create(producer).json()
+    wait_status(producer, job["id"], "processing")
+    cancelled = producer.api.post(f"/v1/generations/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    assert "may still be charged" in cancelled["error"]["message"]
+    history = producer.api.get(f"/v1/generations/{job['id']}/events").json()
+    assert [e["to_state"] for e in history["events"]] == [
+        "queued", "submitting", "processing", "cancelled",
+    ]  # fmt: skip
+
+
+# -- budgets -------------------------------------------------------------------------------
+
+
+def test_budget_counts_jobs_in_flight_and_refuses_with_402(
+    stack: Stack, sessions: Any, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[30, 30])
+    producer = new_producer(stack, sessions, portrait, budget=Decimal("1.00"))
+    try:
+        assert create(producer).status_code == 201  # $0.45
+        assert create(producer).status_code == 201  # $0.90 committed
+        refused = create(producer)
+        assert refused.status_code == 402
+        assert refused.json()["code"] == "budget_exceeded"
+        assert "$1.00" in refused.json()["detail"]
+        assert len(producer.api.get("/v1/generations").json()["data"]) == 2
+    finally:
+        producer.api.close()
+
+
+# -- URL guard -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.7/image.png",
+        "http://[::ffff:192.168.0.1]/image.png",
+        "http://100.64.0.1/image.png",
+    ],
+)
+def test_image_urls_to_private_addresses_are_refused(producer: Producer, url: str) -> None:
+    answer = producer.api.post("/v1/generations", json={"image_url": url, "prompt": PROMPT})
+    assert answer.status_code == 422
+    error = answer.json()["errors"][0]
+    assert (error["field"], error["code"]) == ("image_url", "url_not_allowed")
+
+
+def test_callback_urls_to_private_addresses_are_refused(producer: Producer) -> None:
+    answer = create(producer, webhook_url="http://169.254.169.254/hook")
+    assert answer.status_code == 422 and answer.json()["errors"][0]["field"] == "webhook_url"
+
+
+# -- callbacks -----------------------------------------------------------------------------
+
+
+def verify(secret: str, received: Any) -> dict[str, Any]:
+    return dict(Webhook(secret).verify(received.body, received.headers))
+
+
+def test_callback_is_signed_retried_with_the_same_id_and_replayable(
+    producer: Producer, simulator: SimulatorAdmin
+) -> None:
+    secret = producer.api.get("/v1/webhook-secret").json()["secret"]
+    attempts: list[int] = []
+
+    def first_fails(_: Any) -> int:
+        attempts.append(1)
+        return 500 if len(attempts) == 1 else 204
+
+    with serve(Receiver(status_for=first_fails)) as receiver:
+        job = create(
+            producer,
+            webhook_url=receiver.url,
+            webhook_events=["generation.completed", "generation.processing"],
+        ).json()
+        wait_status(producer, job["id"], "completed")
+        wait_for(lambda: len([r for r in receiver.received if r.status == 204]) >= 2, timeout=30)
+        events = [verify(secret, r) for r in receiver.received]
+        assert {e["type"] for e in events} == {"generation.processing", "generation.completed"}
+        completed = [
+            r for r in receiver.received if verify(secret, r)["type"] == "generation.completed"
+        ]
+        assert verify(secret, completed[-1])["data"]["video"]["sha256"]
+        history = producer.api.get(f"/v1/generations/{job['id']}/events").json()
+        delivery = next(d for d in history["deliveries"] if d["event"] == "generation.completed")
+        assert delivery["status"] == "succeeded"
+        ids = {
+            r.headers["webhook-id"]
+            for r in receiver.received
+            if verify(secret, r)["type"] == "generation.completed"
+        }
+        assert ids == {delivery["webhook_id"]}
+
+        replayed = producer.api.post(f"/v1/webhook-deliveries/{delivery['id']}/replay")
+        assert replayed.status_code == 200
+        count = len(receiver.bodies_for(delivery["webhook_id"]))
+        wait_for(lambda: len(receiver.bodies_for(delivery["webhook_id"])) > count, timeout=30)
+        assert all(
+            verify(secret, r)["data"]["id"] == job["id"]
+            for r in receiver.bodies_for(delivery["webhook_id"])
+        )
+
+
+def test_callbacks_verify_with_either_secret_during_rotation(producer: Producer) -> None:
+    old = producer.api.get("/v1/webhook-secret").json()["secret"]
+    rotated = producer.api.post("/v1/webhook-secret/rotate").json()
+    new = rotated["secret"]
+    assert new != old and rotated["previous_secret_valid_until"]
+    with serve(Receiver()) as receiver:
+        job = create(producer, webhook_url=receiver.url).json()
+        wait_status(producer, job["id"], "completed")
+        wait_for(lambda: receiver.received, timeout=30)
+        assert verify(old, receiver.received[0])["data"]["id"] == job["id"]
+        assert verify(new, receiver.received[0])["data"]["id"] == job["id"]
+        with pytest.raises(WebhookVerificationError):
+            verify("whsec_" + "A" * 32, receiver.received[0])
+
+
+def test_410_stops_deliveries_to_that_url(producer: Producer) -> None:
+    with serve(Receiver(status_for=lambda _: 410)) as receiver:
+        first = create(producer, webhook_url=receiver.url).json()
+        wait_status(producer, first["id"], "completed")
+        wait_for(lambda: receiver.received, timeout=30)
+        second = create(producer, webhook_url=receiver.url).json()
+        wait_status(producer, second["id"], "completed")
+        history = producer.api.get(f"/v1/generations/{second['id']}/events").json()
+        assert [d["status"] for d in history["deliveries"]] == ["gone"]
+        assert len(receiver.received) == 1
+
+
+def test_readyz_checks_every_dependency(stack_info: dict[str, Any]) -> None:
+    answer = httpx.get(f"{stack_info['api_url']}/readyz")
+    assert answer.status_code == 200
+    assert answer.json() == {
+        "status": "ready", "checks": {"postgres": "ok", "redis": "ok", "s3": "ok"},
+    }  # fmt: skip

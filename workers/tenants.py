@@ -1,0 +1,111 @@
+"""Tenants, their API keys and their webhook signing secrets."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from workers.models import ApiKey, Tenant
+
+KEY_PREFIX = "kl_"
+
+
+class TenantError(ValueError):
+    """A tenant or key operation that cannot be done as asked."""
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: `whsec_` and 24 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def hash_key(token: str) -> str:
+    # The tokens carry 256 random bits, so a fast hash is as safe as a slow one here.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_tenant(session: Session, name: str, *, budget_usd: Decimal | None = None) -> Tenant:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", name):
+        raise TenantError("tenant names are 1-63 of a-z, 0-9 and '-', starting alphanumeric")
+    if session.scalar(select(Tenant).where(Tenant.name == name)) is not None:
+        raise TenantError(f"tenant {name!r} exists")
+    tenant = Tenant(
+        id=f"ten_{uuid.uuid4().hex[:20]}",
+        name=name,
+        monthly_budget_usd=budget_usd,
+        webhook_secret=new_webhook_secret(),
+    )
+    session.add(tenant)
+    session.flush()
+    return tenant
+
+
+def find_tenant(session: Session, name_or_id: str) -> Tenant:
+    tenant = session.scalar(
+        select(Tenant).where((Tenant.name == name_or_id) | (Tenant.id == name_or_id))
+    )
+    if tenant is None:
+        raise TenantError(f"no tenant {name_or_id!r}")
+    return tenant
+
+
+def create_key(session: Session, tenant: Tenant, name: str = "default") -> tuple[ApiKey, str]:
+    """A new key; the token is answered once and only its hash is kept."""
+    token = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(tenant_id=tenant.id, name=name, prefix=token[:10], key_hash=hash_key(token))
+    session.add(key)
+    session.flush()
+    return key, token
+
+
+def list_keys(session: Session, tenant: Tenant | None = None) -> Sequence[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.created_at)
+    if tenant is not None:
+        query = query.where(ApiKey.tenant_id == tenant.id)
+    return session.scalars(query).all()
+
+
+def revoke_key(session: Session, key_id: uuid.UUID, now: datetime) -> bool:
+    row = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=now)
+        .returning(ApiKey.id)
+    ).first()
+    return row is not None
+
+
+def authenticate(session: Session, token: str) -> Tenant | None:
+    """The tenant a live key belongs to, or None."""
+    return session.scalar(
+        select(Tenant)
+        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+        .where(ApiKey.key_hash == hash_key(token), ApiKey.revoked_at.is_(None))
+    )
+
+
+def rotate_secret(session: Session, tenant: Tenant, now: datetime, overlap: timedelta) -> str:
+    """Make a new signing secret; the old one keeps signing alongside it for `overlap`."""
+    tenant.previous_webhook_secret = tenant.webhook_secret
+    tenant.previous_secret_expires_at = now + overlap
+    tenant.webhook_secret = new_webhook_secret()
+    session.flush()
+    return tenant.webhook_secret
+
+
+def signing_secrets(tenant: Tenant, now: datetime) -> list[str]:
+    """Secrets to sign with now: the current one, and the previous one during its overlap."""
+    current = [tenant.webhook_secret]
+    expires = tenant.previous_secret_expires_at
+    if tenant.previous_webhook_secret and expires and expires > now:
+        current.append(tenant.previous_webhook_secret)
+    return current
