@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -285,6 +286,9 @@ def demo(
 
     started = time.monotonic()
     running = (root / "stack.json").exists()
+    if not running:
+        # The demo starts from nothing every time, like a fresh machine.
+        shutil.rmtree(root / "demo", ignore_errors=True)
     stack = None if running else Stack((root / "demo").resolve())
     if stack is not None:
         console.print("starting the embedded stack…")
