@@ -2,6 +2,9 @@
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# The source tree wins over the installed copy for every entrypoint (the `kling` script too),
+# so `migrations/`, which is not a package, is found next to `workers/`.
+ENV PYTHONPATH=/app
 WORKDIR /app
 
 COPY pyproject.toml README.md ./

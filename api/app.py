@@ -6,6 +6,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import redis
 import structlog
 from fastapi import FastAPI, Request, Response
 
@@ -15,6 +16,7 @@ from api.routes import hooks, router, v1
 from config import Settings
 from config.logging import configure_logging
 from workers.celery_app import create_celery
+from workers.metrics import BacklogCollector, scrape_registry
 from workers.runtime import build_pipeline, close_pipeline
 
 
@@ -25,6 +27,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pipeline = build_pipeline(settings, create_celery(settings))
+        broker = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+        )
         app.state.resources = Resources(
             settings=settings,
             sessions=pipeline.sessions,
@@ -32,8 +37,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             guard=pipeline.guard,
             dispatch=pipeline.dispatch,
             pipeline=pipeline,
+            metrics=scrape_registry(BacklogCollector(pipeline.sessions, broker)),
         )
         yield
+        broker.close()
         close_pipeline(pipeline)
 
     app = FastAPI(

@@ -9,6 +9,7 @@ from typing import Annotated
 import structlog
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
@@ -28,6 +29,7 @@ class Resources:
     guard: UrlGuard
     dispatch: Dispatcher
     pipeline: Pipeline
+    metrics: CollectorRegistry
 
 
 def resources(request: Request) -> Resources:

@@ -13,6 +13,7 @@ import redis
 import structlog
 from fastapi import APIRouter, File, Header, HTTPException, Query, Request, Response, UploadFile
 from fastapi.responses import JSONResponse, RedirectResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
@@ -76,6 +77,12 @@ def readyz(res: Res) -> JSONResponse:
     ready = all(v == "ok" for v in checks.values())
     body = Readiness(status="ready" if ready else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", tags=["operations"], include_in_schema=False)
+def metrics(res: Res) -> Response:
+    """Prometheus metrics: this API's counters, jobs by state and broker queue depths."""
+    return Response(generate_latest(res.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
 def _check(probe: Any) -> str:

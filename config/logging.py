@@ -8,21 +8,63 @@ bound with `structlog.contextvars`.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
 import structlog
 
-# Keys whose values must never reach a log line, whatever code bound them.
-_SECRET_KEYS = frozenset(
-    {"api_key", "authorization", "password", "secret", "webhook_secret", "aws_secret_access_key"}
-)
+# Keys whose values must never reach a log line, whatever code bound them: any key whose
+# name (in lower case, at any depth of nested dicts) contains one of these.
+_SECRET_KEY_PARTS = (
+    "secret", "password", "api_key", "apikey", "authorization", "token", "cookie", "credential",
+)  # fmt: skip
+# Query parameters that make a URL a credential: S3 presigned URLs (v4 and v2), CloudFront
+# signed URLs, and generic tokens. A URL carrying one loses its whole query string.
+_SIGNING_PARAMS = frozenset(
+    {
+        "x-amz-signature", "x-amz-credential", "x-amz-security-token", "signature",
+        "awsaccesskeyid", "key-pair-id", "policy", "token", "access_token", "sig", "api_key",
+    }
+)  # fmt: skip
+_URL = re.compile(r"https?://[^\s'\"<>]+")
+_BEARER = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+")
+REDACTED = "[redacted]"
+
+
+def scrub(text: str) -> str:
+    """`text` without credentials: signed URLs lose their query, bearer tokens their value."""
+    return _BEARER.sub(rf"\1 {REDACTED}", _URL.sub(_scrub_url, text))
+
+
+def _scrub_url(match: re.Match[str]) -> str:
+    url = match.group(0)
+    base, _, query = url.partition("?")
+    keys = {pair.partition("=")[0].lower() for pair in query.split("&")}
+    return f"{base}?{REDACTED}" if keys & _SIGNING_PARAMS else url
+
+
+def _secret_key(name: object) -> bool:
+    lowered = str(name).lower()
+    return any(part in lowered for part in _SECRET_KEY_PARTS)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: REDACTED if _secret_key(k) else _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if type(value) is tuple:  # exc_info tuples must stay tuples
+        return tuple(_clean(v) for v in value)
+    return value
 
 
 def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    for key in event_dict.keys() & _SECRET_KEYS:
-        event_dict[key] = "[redacted]"
-    return event_dict
+    return {
+        key: REDACTED if _secret_key(key) else _clean(value) for key, value in event_dict.items()
+    }
 
 
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
@@ -35,10 +77,11 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
         _redact,
     ]
     # The console renderer prints tracebacks itself; JSON needs them turned into a field.
+    # Tracebacks become text only here, so they are scrubbed again once they are.
     renderer: list[Any] = (
         [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
         if log_format == "console"
-        else [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        else [structlog.processors.format_exc_info, _redact, structlog.processors.JSONRenderer()]
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     public_base_url: str = "http://127.0.0.1:8000"
     log_format: Literal["console", "json"] = "json"
     log_level: str = "INFO"
+    # Where a Celery worker host serves Prometheus metrics; None: not served. The API serves
+    # them at /metrics on its own port.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other machines
 
     # USD per clip, by duration in seconds (WaveSpeed's price table).
     price_usd: dict[int, Decimal] = Field(

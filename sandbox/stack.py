@@ -55,6 +55,7 @@ class Stack:
     apps: list[Process] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    metrics_urls: dict[str, str] = field(default_factory=dict)
     postgres: EmbeddedPostgres | None = None
     redis: EmbeddedRedis | None = None
     simulator: Simulator | None = None
@@ -152,11 +153,23 @@ class Stack:
                 "-n", f"{name}-{secrets.token_hex(3)}@%h", "--loglevel", "INFO"]  # fmt: skip
         log = self.logs / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0  # a restarted worker appends
-        worker = Process(name, argv, log, env={**self.env, **(env or {})})
+        worker = Process(
+            name, argv, log, env={**self.env, **self._metrics_env(name), **(env or {})}
+        )
         self.apps.append(worker.start())
         ready = lambda: worker.check_alive() and _ready(log, offset)  # noqa: E731
         wait_until(ready, timeout=90, what=name)
         return worker
+
+    def _metrics_env(self, name: str) -> dict[str, str]:
+        """A metrics port and a multiprocess directory of its own for one worker host."""
+        port = free_port()
+        self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
+        return {
+            "METRICS_PORT": str(port),
+            "METRICS_HOST": "127.0.0.1",
+            "PROMETHEUS_MULTIPROC_DIR": str(self.root / "metrics" / name),
+        }
 
     def _describe(self) -> dict[str, Any]:
         env = self.env
@@ -171,6 +184,10 @@ class Stack:
             "s3_bucket": env.get("S3_BUCKET", "kling-videos"),
             "database_url": env["DATABASE_URL"],
             "redis_url": env["REDIS_URL"],
+            "metrics_urls": {
+                "api": f"http://127.0.0.1:{env['API_PORT']}/metrics",
+                **self.metrics_urls,
+            },
             "logs": str(self.logs),
             "pids": {
                 p.name: p.pid for p in self.apps + [s.process for s in self.services if s.process]

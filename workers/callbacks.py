@@ -22,7 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
-from workers import jobs
+from workers import jobs, metrics
 from workers.models import Tenant, WebhookAttempt, WebhookDelivery
 from workers.representation import Generation
 from workers.tenants import signing_secrets
@@ -112,6 +112,7 @@ def deliver(
     )  # fmt: skip
     outcome = _next(delivery.attempts + 1, status_code, retry_after, schedule)
     _apply(session, delivery, outcome, status_code, error, now)
+    metrics.CALLBACK_ATTEMPTS.labels(outcome.status).inc()
     log.info(
         "callback.attempt", delivery_id=str(delivery.id), job_id=str(delivery.job_id),
         status_code=status_code, error=error, outcome=outcome.status,

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import structlog
@@ -13,7 +14,11 @@ from kombu import Exchange, Queue
 
 from config import Settings
 from config.logging import configure_logging
-from workers.dispatch import QUEUES, RECONCILE, ROUTES
+from workers import metrics
+from workers.dispatch import NOTIFY, QUEUES, RECONCILE, ROUTES
+
+# The message header that carries the API's request id into tasks.
+REQUEST_ID_HEADER = "request_id"
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -52,16 +57,48 @@ def _setup_logging(**_: Any) -> None:
     configure_logging(settings.log_format, settings.log_level)
 
 
+@signals.before_task_publish.connect
+def _carry_request_id(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    # The API request (or the task) that asked for this task, so one id follows a job's
+    # whole chain through the logs.
+    request_id = structlog.contextvars.get_contextvars().get("request_id")
+    if headers is not None and request_id:
+        headers[REQUEST_ID_HEADER] = request_id
+
+
 @signals.task_prerun.connect
 def _bind_task_context(task: Any = None, args: Any = None, **_: Any) -> None:
     structlog.contextvars.clear_contextvars()
-    job_id = args[0] if args else None
-    structlog.contextvars.bind_contextvars(task=task.name if task else None, job_id=job_id)
+    key = "delivery_id" if task is not None and task.name == NOTIFY else "job_id"
+    structlog.contextvars.bind_contextvars(
+        task=task.name if task else None,
+        request_id=task.request.get(REQUEST_ID_HEADER) if task else None,
+        **{key: args[0] if args else None},
+    )
 
 
 @signals.task_postrun.connect
 def _clear_task_context(**_: Any) -> None:
     structlog.contextvars.clear_contextvars()
+
+
+@signals.worker_init.connect
+def _clean_metrics(**_: Any) -> None:
+    # In the main process, before the pool forks: children must not find a predecessor's files.
+    metrics.clean_multiproc_dir()
+
+
+@signals.worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    # From the main process, which outlives its pool children and sees all their files.
+    settings = Settings()
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, settings.metrics_host)
+
+
+@signals.worker_process_shutdown.connect
+def _forget_process(pid: int | None = None, **_: Any) -> None:
+    metrics.process_dead(pid or os.getpid())
 
 
 app = create_celery(Settings())

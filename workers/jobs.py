@@ -15,6 +15,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from workers import metrics
 from workers.models import (
     Job,
     JobEvent,
@@ -48,6 +49,7 @@ def create(session: Session, job: Job, *, first_task: str) -> Job:
     )
     session.add(OutboxMessage(task=first_task, job_id=job.id))
     session.flush()
+    metrics.TRANSITIONS.labels(JobState.QUEUED).inc()
     return job
 
 
@@ -86,6 +88,7 @@ def transition(
     session.execute(
         insert(JobEvent).values(job_id=job_id, from_state=row[0], to_state=dst, reason=reason)
     )
+    metrics.TRANSITIONS.labels(dst).inc()
     return True
 
 

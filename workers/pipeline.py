@@ -21,7 +21,7 @@ import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from workers import admission, callbacks, dispatch, jobs
+from workers import admission, callbacks, dispatch, jobs, metrics
 from workers.db import unit_of_work
 from workers.errors import ErrorCode, task_failure
 from workers.media import InvalidMedia, probe_video
@@ -83,7 +83,7 @@ class Pipeline:
         """
         now = self.clock()
         with unit_of_work(self.sessions) as session:
-            job = jobs.get(session, job_id)
+            job = _bind(jobs.get(session, job_id))
             claimed = jobs.transition(
                 session,
                 job_id,
@@ -131,7 +131,7 @@ class Pipeline:
         """Resolve a `submitting` job whose POST got no answer: adopt the prediction if
         WaveSpeed's history has it, resubmit only once the history proves it never arrived."""
         with unit_of_work(self.sessions) as session:
-            job = jobs.get(session, job_id)
+            job = _bind(jobs.get(session, job_id))
         if job.status != JobState.SUBMITTING or job.last_submit_at is None:
             return
         try:
@@ -199,11 +199,12 @@ class Pipeline:
                 # Cancelled while the POST was in flight: keep the id of what may be charged.
                 jobs.update_fields(session, job_id, JobState.CANCELLED, prediction_id=prediction.id)
             delivery = self._event(session, job_id, callbacks.PROCESSING) if moved else None
-            seq = jobs.get(session, job_id).poll_seq
+            job = jobs.get(session, job_id)
         self._notify(delivery)
         if moved:
+            metrics.adopted(job.created_at, now, job.cost_usd)
             log.info("submit.done", job_id=str(job_id), prediction_id=prediction.id)
-            self.dispatch(dispatch.POLL, job_id, countdown=first, seq=seq)
+            self.dispatch(dispatch.POLL, job_id, countdown=first, seq=job.poll_seq)
 
     def _submit_failed(self, job_id: uuid.UUID, attempt: int, exc: WaveSpeedError) -> None:
         log.warning(
@@ -258,6 +259,7 @@ class Pipeline:
             job = jobs.claim_poll(session, job_id, seq)
         if job is None or job.prediction_id is None:
             return
+        _bind(job)
         try:
             prediction = self.wavespeed.result(job.prediction_id)
         except WaveSpeedError as exc:
@@ -346,7 +348,7 @@ class Pipeline:
     def store(self, job_id: uuid.UUID) -> None:
         """Stream the output into S3 in constant memory, verify it, probe it, complete."""
         with unit_of_work(self.sessions) as session:
-            job = jobs.get(session, job_id)
+            job = _bind(jobs.get(session, job_id))
         if job.status != JobState.STORING or not job.output_url:
             return
         key = video_key(job_id)
@@ -381,6 +383,7 @@ class Pipeline:
             delivery = self._event(session, job_id, callbacks.COMPLETED) if moved else None
         self._notify(delivery)
         if moved:
+            metrics.completed(job.created_at, self.clock())
             log.info("store.done", job_id=str(job_id), key=key, bytes=stored.bytes)
 
     def _copy_output(self, url: str, key: str, copy: Path) -> Any:
@@ -391,12 +394,13 @@ class Pipeline:
                     raise OutputGone(f"output answered HTTP {response.status_code}: {url}")
                 response.raise_for_status()
                 declared = response.headers.get("content-length")
-                with copy.open("wb") as tee:
+                with copy.open("wb") as tee, metrics.STORE_SECONDS.time():
                     stored = self.storage.put_stream(key, response.iter_raw(), "video/mp4", tee=tee)
         except (httpx.TransportError, httpx.HTTPStatusError, StorageError) as exc:
             raise OutputIncomplete(f"download of the output broke: {exc!r}") from exc
         if declared is not None and int(declared) != stored.bytes:
             raise OutputIncomplete(f"output is {stored.bytes} bytes; {declared} declared")
+        metrics.STORE_BYTES.inc(stored.bytes)
         return stored
 
     # -- shared ---------------------------------------------------------------------------
@@ -466,6 +470,12 @@ class Pipeline:
             self.admit()
         with self.sessions() as session:
             return jobs.get(session, job_id)
+
+
+def _bind(job: Job) -> Job:
+    """Put the job's tenant and prediction on every log line of the task that loaded it."""
+    structlog.contextvars.bind_contextvars(tenant_id=job.tenant_id, prediction_id=job.prediction_id)
+    return job
 
 
 def _rejection_code(exc: WaveSpeedError) -> ErrorCode:

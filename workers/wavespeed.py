@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from workers import metrics
+
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timeout", "deleted"})
 
 
@@ -22,6 +24,7 @@ class WaveSpeedError(Exception):
 
     retryable = False
     ambiguous = False
+    outcome = "rejected"  # the label of `kling_wavespeed_requests`
 
     def __init__(
         self,
@@ -46,12 +49,14 @@ class WaveSpeedUnavailable(WaveSpeedError):
     """429, 5xx, or the request never left: nothing was created, retrying is safe."""
 
     retryable = True
+    outcome = "unavailable"
 
 
 class WaveSpeedAmbiguous(WaveSpeedError):
     """The request was sent but no answer came back: WaveSpeed may have accepted it."""
 
     ambiguous = True
+    outcome = "ambiguous"
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,7 @@ class WaveSpeedClient:
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"}
 
+    @metrics.wavespeed_call("submit")
     def submit(
         self, model: str, inputs: dict[str, Any], *, webhook: str | None = None
     ) -> Prediction:
@@ -140,11 +146,13 @@ class WaveSpeedClient:
         data = self._call("POST", f"/api/v3/{model}", json=inputs, params=params, may_create=True)
         return Prediction.from_data(data)
 
+    @metrics.wavespeed_call("result")
     def result(self, prediction_id: str) -> Prediction:
         return Prediction.from_data(
             self._call("GET", f"/api/v3/predictions/{prediction_id}/result")
         )
 
+    @metrics.wavespeed_call("history")
     def history(
         self,
         *,
@@ -163,6 +171,7 @@ class WaveSpeedClient:
         items = data.get("items", []) if isinstance(data, dict) else data
         return [Prediction.from_data(item) for item in items or []]
 
+    @metrics.wavespeed_call("upload")
     def upload(self, filename: str, content: bytes, content_type: str) -> str:
         """Upload media through a ticket and a PUT; answers the URL WaveSpeed can read it at."""
         ticket = self._call(

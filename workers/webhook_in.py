@@ -25,6 +25,9 @@ def verify(
     secret: str, headers: Mapping[str, str], body: bytes, *, now: float | None = None
 ) -> str:
     """Answer the webhook id if the signature is valid and the timestamp fresh; raise otherwise."""
+    if not secret.removeprefix("whsec_"):
+        # An empty key would make every forged signature computable: refuse everything.
+        raise WebhookRejected("no WaveSpeed webhook secret is configured")
     webhook_id = headers.get("webhook-id")
     timestamp = headers.get("webhook-timestamp")
     signatures = headers.get("webhook-signature")

@@ -59,3 +59,15 @@ def test_bad_webhooks_are_rejected(
 def test_other_secret_is_rejected() -> None:
     with pytest.raises(WebhookRejected):
         verify("whsec_other", signed(), BODY, now=NOW)
+
+
+@pytest.mark.parametrize("secret", ["", "whsec_"])
+def test_without_a_configured_secret_everything_is_rejected(secret: str) -> None:
+    digest = hmac.new(b"", f"p-1.{NOW}.".encode() + BODY, hashlib.sha256).hexdigest()
+    headers = {
+        "webhook-id": "p-1",
+        "webhook-timestamp": str(NOW),
+        "webhook-signature": f"v3,{digest}",
+    }
+    with pytest.raises(WebhookRejected, match="no WaveSpeed webhook secret"):
+        verify(secret, headers, BODY, now=NOW)

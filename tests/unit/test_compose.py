@@ -1,0 +1,126 @@
+"""docker-compose.yml and the Dockerfile describe something that can run: every command names
+a module, app, queue or subcommand that exists, every image is real, the image holds every
+package the commands import, and every app service waits for what it needs."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import yaml
+
+from api.cli import app as cli_app
+from workers.dispatch import QUEUES
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+OUR_IMAGE = "kling-pipeline"
+# Public images the file may pull, by name without the tag.
+KNOWN_IMAGES = {"postgres", "redis", "minio/minio", "minio/mc", "mher/flower"}
+
+
+def ours(service: dict[str, Any]) -> bool:
+    return "build" in service or str(service.get("image", "")).startswith(OUR_IMAGE)
+
+
+APP_SERVICES = {name: s for name, s in SERVICES.items() if ours(s)}
+
+
+def option(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def copied() -> set[str]:
+    """Top-level paths the Dockerfile copies into the image."""
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    sources = [line.split()[1:-1] for line in lines if line.startswith("COPY ")]
+    return {Path(src).parts[0] for group in sources for src in group}
+
+
+def check_command(argv: list[str]) -> list[str]:
+    """The modules a command of our image imports first; raises if it names nothing real."""
+    program = argv[0]
+    if program == "celery":
+        assert argv[argv.index("-A") + 2] in ("worker", "beat")
+        if "-Q" in argv:
+            assert set(option(argv, "-Q").split(",")) <= set(QUEUES), argv
+        return [option(argv, "-A")]
+    if program == "uvicorn":
+        module, _, factory = argv[1].partition(":")
+        assert "--factory" in argv
+        assert callable(getattr(importlib.import_module(module), factory))
+        return [module]
+    if program == "kling":
+        names = typer.main.get_command(cli_app).commands  # type: ignore[attr-defined]
+        assert argv[1] in names, f"kling has no {argv[1]!r} command"
+        return ["api.cli"]
+    if program == "python" and argv[1] == "-m":
+        assert importlib.util.find_spec(argv[2]) is not None, argv
+        return [argv[2]]
+    raise AssertionError(f"unknown program in {argv}")
+
+
+@pytest.mark.parametrize("name", sorted(APP_SERVICES))
+def test_app_commands_name_things_that_exist(name: str) -> None:
+    for module in check_command(APP_SERVICES[name]["command"]):
+        importlib.import_module(module)
+
+
+def imported_from_repo(modules: list[str]) -> set[str]:
+    """Top-level repository paths a fresh interpreter loads to import `modules` (a fresh one:
+    this test process has imported far more, tests and benchmarks included)."""
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "print(json.dumps([getattr(m, '__file__', None) for m in list(sys.modules.values())]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, check=True)
+    files = [Path(f) for f in json.loads(out.stdout) if f]
+    tops = {f.relative_to(ROOT).parts[0] for f in files if f.is_relative_to(ROOT)}
+    return {top for top in tops if not top.startswith(".")}  # not .venv
+
+
+def test_the_image_holds_every_package_the_commands_import() -> None:
+    modules = [m for s in APP_SERVICES.values() for m in check_command(s["command"])]
+    # Alembic reads `migrations/` at run time, without importing it first.
+    needed = imported_from_repo(modules) | {"migrations"}
+    assert needed <= copied(), needed - copied()
+
+
+def test_images_are_real() -> None:
+    for name, service in SERVICES.items():
+        image = str(service.get("image", ""))
+        assert ours(service) or re.sub(r":[\w.-]+$", "", image) in KNOWN_IMAGES, name
+
+
+def test_app_services_wait_for_what_they_need() -> None:
+    for name, service in APP_SERVICES.items():
+        depends = service.get("depends_on") or {}
+        conditions = all("condition" in d for d in depends.values()) and depends
+        assert "healthcheck" in service or conditions, name
+
+
+def test_every_queue_has_a_worker_with_a_metrics_port_and_its_own_directory() -> None:
+    workers = [s for s in APP_SERVICES.values() if s["command"][3:4] == ["worker"]]
+    consumed = {q for s in workers for q in option(s["command"], "-Q").split(",")}
+    assert consumed == set(QUEUES)
+    for service in workers:
+        env = service["environment"]
+        assert env["METRICS_PORT"] and env["PROMETHEUS_MULTIPROC_DIR"] in service["tmpfs"]
+
+
+def test_redis_keeps_an_append_only_file_and_the_bucket_is_created() -> None:
+    assert "--appendonly" in SERVICES["redis"]["command"]
+    bucket = APP_SERVICES["api"]["environment"]["S3_BUCKET"]
+    makers = [s for s in SERVICES.values() if str(s.get("image", "")).startswith("minio/mc")]
+    assert any(f"mb --ignore-existing local/{bucket}" in " ".join(s["command"]) for s in makers)
+    assert SERVICES["simulator"]["profiles"] == ["sandbox"]

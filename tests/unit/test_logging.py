@@ -1,0 +1,133 @@
+"""No secret reaches a log line: real settings, real presigned URLs, real HTTP clients logging
+through the product's logging configuration, captured as the JSON a deployment writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+
+from config import Settings
+from config.logging import configure_logging, scrub
+from workers.runtime import build_storage
+from workers.wavespeed import WaveSpeedClient, WaveSpeedError
+
+WAVESPEED_KEY = "ws-live-4b1f2a7c9d"
+WEBHOOK_SECRET = "whsec_c2VjcmV0LXdlYmhvb2s"
+AWS_SECRET = "aws-secret-8c7d6e5f"
+TENANT_KEY = "kl_tenant-key-1a2b3c4d"
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("WAVESPEED_API_KEY", WAVESPEED_KEY)
+    monkeypatch.setenv("WAVESPEED_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://s3.test")
+    return Settings()
+
+
+@pytest.fixture
+def lines() -> Iterator[Any]:
+    """The JSON lines logged during the test, by the handler a deployment gets."""
+    configure_logging("json", "INFO")
+    captured = io.StringIO()
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(captured)
+    structlog.contextvars.clear_contextvars()
+
+    def read() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in captured.getvalue().splitlines()]
+
+    yield read
+    structlog.contextvars.clear_contextvars()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def presigned(settings: Settings) -> str:
+    storage = build_storage(settings)
+    try:
+        return storage.presign_get("inputs/job-1/image.png", 3600)
+    finally:
+        storage.close()
+
+
+def assert_clean(records: list[dict[str, Any]], *secrets: str) -> None:
+    text = json.dumps(records)
+    leaked = [secret for secret in secrets if secret in text]
+    assert records and not leaked, leaked
+
+
+def test_settings_logged_whole_show_no_secret(settings: Settings, lines: Any) -> None:
+    log = structlog.get_logger("t")
+    log.info("settings.loaded", settings=repr(settings), dump=settings.model_dump(mode="json"))
+    log.info("settings.raw", wavespeed_api_key=WAVESPEED_KEY, webhook_secret=WEBHOOK_SECRET)
+    assert_clean(lines(), WAVESPEED_KEY, WEBHOOK_SECRET, AWS_SECRET)
+
+
+def test_presigned_urls_lose_their_query_in_any_field(settings: Settings, lines: Any) -> None:
+    url = presigned(settings)
+    signature = httpx.URL(url).params["X-Amz-Signature"]
+    log = structlog.get_logger("t")
+    log.warning("job.failed", message=f"output answered HTTP 404: {url}")
+    log.info("fetch", url=url, urls=[url], request={"image": url})
+    records = lines()
+    assert_clean(records, signature, "X-Amz-Credential")
+    assert records[1]["url"] == "http://s3.test/kling-videos/inputs/job-1/image.png?[redacted]"
+
+
+def test_an_http_client_logging_a_presigned_request_leaks_nothing(
+    settings: Settings, lines: Any
+) -> None:
+    # httpx logs every request line at INFO; a deployment that turns it up must stay safe.
+    logging.getLogger("httpx").setLevel(logging.INFO)
+    url = presigned(settings)
+    with httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(200))) as http:
+        http.get(url)
+    records = lines()
+    assert any("HTTP Request" in r["event"] for r in records)
+    assert_clean(records, httpx.URL(url).params["X-Amz-Signature"])
+
+
+def test_authorization_values_are_redacted(settings: Settings, lines: Any) -> None:
+    seen: list[httpx.Request] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(401, json={"message": "bad key"})
+
+    http = httpx.Client(transport=httpx.MockTransport(refuse))
+    client = WaveSpeedClient(
+        http, "https://api.test", settings.wavespeed_api_key.get_secret_value()
+    )
+    log = structlog.get_logger("t")
+    with pytest.raises(WaveSpeedError) as failure:
+        client.result("p-1")
+    log.warning("poll.failed", error=str(failure.value), headers=dict(seen[0].headers))
+    log.info("api.request", note=f"Authorization: Bearer {TENANT_KEY}", Authorization=TENANT_KEY)
+    logging.getLogger("uvicorn.error").warning("client sent Bearer %s", TENANT_KEY)
+    assert_clean(lines(), WAVESPEED_KEY, TENANT_KEY)
+
+
+def test_tracebacks_are_scrubbed_too(settings: Settings, lines: Any) -> None:
+    url = presigned(settings)
+    try:
+        raise RuntimeError(f"download of {url} broke")
+    except RuntimeError:
+        structlog.get_logger("t").exception("store.failed")
+    records = lines()
+    assert "RuntimeError" in records[0]["exception"]
+    assert_clean(records, httpx.URL(url).params["X-Amz-Signature"])
+
+
+def test_ordinary_urls_and_text_are_left_alone() -> None:
+    text = "polled https://api.wavespeed.ai/api/v3/predictions/p-1/result?page=2 basic check"
+    assert scrub(text) == text

@@ -1,0 +1,215 @@
+"""Prometheus metrics: the counters and histograms the code increments, and how they are served.
+
+Celery's prefork pool runs tasks in child processes, each with its own memory, so a counter
+incremented in a child is invisible to a server in the parent. With `PROMETHEUS_MULTIPROC_DIR`
+set (before this module is imported), prometheus_client keeps every process's values in
+memory-mapped files in that directory and `MultiProcessCollector` sums them at scrape time.
+Each process group (one API, one worker host) needs a directory of its own. Without it, the
+process's default registry is served, which is right for a single-process API.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from decimal import Decimal
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import structlog
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    multiprocess,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from workers.dispatch import QUEUES
+from workers.models import Job
+
+log = structlog.get_logger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Minutes-scale buckets: a clip takes one to several minutes, queueing can add many more.
+LATENCY_BUCKETS = (1, 5, 15, 30, 60, 90, 120, 180, 300, 600, 1200, 1800, 3600, 7200, 14400)
+
+
+def multiproc_dir() -> str | None:
+    """The shared directory of this process group, if it runs in multiprocess mode."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+# Unlabelled metrics open their file as they are created, just below: the directory must exist.
+if multiproc_dir():
+    os.makedirs(str(multiproc_dir()), exist_ok=True)
+
+WAVESPEED_REQUESTS = Counter(
+    "kling_wavespeed_requests",
+    "Calls to WaveSpeed's API, by operation and outcome",
+    ["operation", "outcome"],
+)
+SUBMIT_LATENCY = Histogram(
+    "kling_submit_latency_seconds",
+    "From job creation to WaveSpeed accepting its prediction",
+    buckets=LATENCY_BUCKETS,
+)
+END_TO_END_LATENCY = Histogram(
+    "kling_end_to_end_latency_seconds",
+    "From job creation to the video stored in S3",
+    buckets=LATENCY_BUCKETS,
+)
+STORE_BYTES = Counter("kling_s3_store_bytes", "Bytes of finished videos copied into S3")
+STORE_SECONDS = Histogram(
+    "kling_s3_store_seconds",
+    "Time to stream one finished video from WaveSpeed's CDN into S3",
+    buckets=(0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300),
+)
+CALLBACK_ATTEMPTS = Counter(
+    "kling_callback_attempts", "Callback attempts to producers, by resulting delivery status",
+    ["outcome"],
+)  # fmt: skip
+SPEND_USD = Counter("kling_spend_usd", "USD committed to WaveSpeed predictions that were adopted")
+TRANSITIONS = Counter("kling_job_transitions", "Job state transitions, by target state", ["state"])
+
+
+def wavespeed_call(operation: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Count each call of the decorated client method by its outcome: `ok`, or the `outcome`
+    of the exception it raised (`rejected`, `unavailable`, `ambiguous`)."""
+
+    def decorate(method: Callable[P, R]) -> Callable[P, R]:
+        @wraps(method)
+        def counted(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                result = method(*args, **kwargs)
+            except Exception as exc:
+                outcome = getattr(exc, "outcome", "error")
+                WAVESPEED_REQUESTS.labels(operation, outcome).inc()
+                raise
+            WAVESPEED_REQUESTS.labels(operation, "ok").inc()
+            return result
+
+        return counted
+
+    return decorate
+
+
+def adopted(created_at: datetime, submitted_at: datetime, cost_usd: Decimal | None) -> None:
+    """A prediction now belongs to a job: how long it waited, and what it will cost."""
+    SUBMIT_LATENCY.observe(_seconds(created_at, submitted_at))
+    SPEND_USD.inc(float(cost_usd or 0))
+
+
+def completed(created_at: datetime, completed_at: datetime) -> None:
+    """A job's video is stored."""
+    END_TO_END_LATENCY.observe(_seconds(created_at, completed_at))
+
+
+def _seconds(start: datetime, end: datetime) -> float:
+    return max(0.0, (end - start).total_seconds())
+
+
+# -- scrape time --------------------------------------------------------------------------
+
+
+class BacklogCollector(Collector):
+    """Jobs by state and broker queue depth, read when Prometheus scrapes (API process only):
+    one grouped count in Postgres and one `LLEN` per queue in Redis."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], redis: Any, queues: Iterable[str] = QUEUES
+    ) -> None:
+        self._sessions = sessions
+        self._redis = redis
+        self._queues = tuple(queues)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        jobs = GaugeMetricFamily("kling_jobs", "Jobs in each state", labels=["state"])
+        depth = GaugeMetricFamily(
+            "kling_queue_depth", "Messages waiting in each broker queue", labels=["queue"]
+        )
+        for state, count in self._by_state():
+            jobs.add_metric([state], count)
+        for queue, length in self._depths():
+            depth.add_metric([queue], length)
+        yield jobs
+        yield depth
+
+    def _by_state(self) -> list[tuple[str, int]]:
+        status = Job.status
+        try:
+            with self._sessions() as session:
+                rows = session.execute(select(status, func.count()).group_by(status)).all()
+        except Exception as exc:  # a scrape reports what it can rather than failing whole
+            log.warning("metrics.jobs_unavailable", error=type(exc).__name__)
+            return []
+        return [(str(state), int(count)) for state, count in rows]
+
+    def _depths(self) -> list[tuple[str, int]]:
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                for queue in self._queues:
+                    pipe.llen(queue)
+                lengths = pipe.execute()
+        except Exception as exc:  # as above
+            log.warning("metrics.queues_unavailable", error=type(exc).__name__)
+            return []
+        return list(zip(self._queues, (int(n) for n in lengths), strict=True))
+
+
+class _DefaultRegistry(Collector):
+    # Lets a per-app registry include the process-wide one without re-registering its metrics.
+    def collect(self) -> Iterable[Any]:
+        return REGISTRY.collect()
+
+
+def scrape_registry(*extra: Collector) -> CollectorRegistry:
+    """The registry to serve: every process of the group (or this process), plus `extra`."""
+    registry = CollectorRegistry()
+    path = multiproc_dir()
+    if path:
+        multiprocess.MultiProcessCollector(registry, path=path)
+    else:
+        registry.register(_DefaultRegistry())
+    for collector in extra:
+        registry.register(collector)
+    return registry
+
+
+# -- worker hosts -------------------------------------------------------------------------
+
+
+def clean_multiproc_dir() -> None:
+    """Remove what earlier processes left in the directory, so a restarted worker does not
+    report their counts again. This process's own files stay: it opened them at import."""
+    path = multiproc_dir()
+    if not path:
+        return
+    os.makedirs(path, exist_ok=True)
+    mine = f"_{os.getpid()}.db"
+    for stale in glob.glob(os.path.join(path, "*.db")):
+        if not stale.endswith(mine):
+            os.remove(stale)
+
+
+def serve(port: int, host: str) -> None:
+    """Serve the worker host's metrics on `port` from a thread of the calling process."""
+    if not multiproc_dir():
+        log.warning("metrics.single_process", reason="PROMETHEUS_MULTIPROC_DIR is not set")
+    start_http_server(port, addr=host, registry=scrape_registry())
+    log.info("metrics.serving", port=port, host=host)
+
+
+def process_dead(pid: int) -> None:
+    """Forget the live gauges of a pool process that exited."""
+    if multiproc_dir():
+        multiprocess.mark_process_dead(pid)
