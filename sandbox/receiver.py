@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     status: int = 0  # what the receiver answered
+    at: float = field(default_factory=time.time)  # when it arrived (unix seconds)
 
 
 @dataclass

@@ -1,0 +1,164 @@
+"""End-to-end throughput and callback latency (benchmarks 1 and 6).
+
+    python -m bench.throughput [--jobs 200] [--latency-jobs 20] [--noop 2000]
+
+1. Throughput: generations a second from the first accepted request to the last callback
+   received, through the whole product (API -> submit -> poll -> store into S3 -> signed
+   callback), simulator in placeholder mode with zero inference. Baseline: Celery's own
+   ceiling, no-op tasks a second through the same broker and the same worker (2 processes).
+6. Callback latency: from the simulator marking a prediction completed to our callback arriving
+   at the producer, p50/p99, with WaveSpeed's webhooks on and with them dropped (polling only),
+   for a 6 s inference polled on the product's adaptive schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from bench.harness import emit, percentile, poll_schedule
+from config import Settings
+from sandbox.receiver import Receiver, serve
+from sandbox.stack import Stack
+from workers.celery_app import create_celery
+
+IMAGE = Path(__file__).resolve().parent.parent / "examples" / "portrait.png"
+
+
+def noop_rate(stack: Stack, count: int) -> float:
+    """Celery's ceiling here: no-op tasks a second through the same broker and worker."""
+    celery = create_celery(Settings(redis_url=stack.env["REDIS_URL"]))
+    queue = redis.Redis.from_url(stack.env["REDIS_URL"])
+    started = time.monotonic()
+    for _ in range(count):
+        # `celery.accumulate` is a built-in that returns its argument: as close to no work
+        # as a registered task gets.
+        celery.send_task("celery.accumulate", args=[1], queue="maintenance")
+    while queue.llen("maintenance") > 0:
+        time.sleep(0.01)
+    elapsed = time.monotonic() - started
+    queue.close()
+    return count / elapsed
+
+
+def run_jobs(api: httpx.Client, upload_id: str, receiver: Receiver, count: int) -> list[str]:
+    items = [
+        {"upload_id": upload_id, "prompt": f"pan left {i}", "webhook_url": receiver.url}
+        for i in range(count)
+    ]
+    ids: list[str] = []
+    for start in range(0, count, 100):
+        answer = api.post("/v1/generations/batch", json={"items": items[start : start + 100]})
+        ids += [item["generation"]["id"] for item in answer.raise_for_status().json()["items"]]
+    return ids
+
+
+def wait_callbacks(receiver: Receiver, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len({r.headers.get("webhook-id") for r in receiver.received}) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(receiver.received)} of {count} callbacks arrived")
+        time.sleep(0.05)
+
+
+def throughput(stack: Stack, api: httpx.Client, upload_id: str, jobs: int) -> dict[str, Any]:
+    with serve(Receiver()) as receiver:
+        started = time.time()
+        run_jobs(api, upload_id, receiver, jobs)
+        wait_callbacks(receiver, jobs, timeout=600)
+        elapsed = max(r.at for r in receiver.received) - started
+    return {"jobs": jobs, "seconds": round(elapsed, 2), "jobs_per_s": round(jobs / elapsed, 2)}
+
+
+def latencies(
+    stack: Stack, api: httpx.Client, upload_id: str, jobs: int, webhooks: bool
+) -> list[float]:
+    simulator = stack.env["WAVESPEED_BASE_URL"]
+    faults: dict[str, Any] = {"inference_seconds": [6, 6]}
+    if not webhooks:
+        faults["webhook_drop"] = 1.0
+    httpx.put(f"{simulator}/_sim/faults", json=faults).raise_for_status()
+    with serve(Receiver()) as receiver:
+        ids = run_jobs(api, upload_id, receiver, jobs)
+        wait_callbacks(receiver, jobs, timeout=300)
+    ledger = httpx.get(f"{simulator}/_sim/ledger", timeout=60).json()["predictions"]
+    done = {
+        p["id"]: datetime.fromisoformat(p["completed_at"]).timestamp()
+        for p in ledger
+        if p["completed_at"]
+    }
+    arrived = {}
+    for job_id in ids:
+        job = api.get(f"/v1/generations/{job_id}").json()
+        first = min(r.at for r in receiver.received if job_id.encode() in r.body)
+        arrived[job_id] = first - done[job["prediction_id"]]
+    httpx.delete(f"{simulator}/_sim/faults").raise_for_status()
+    return list(arrived.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--latency-jobs", type=int, default=20)
+    parser.add_argument("--noop", type=int, default=2000)
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="kling-bench-throughput-"))
+    environ = {**os.environ, **poll_schedule(6), "CALLBACK_SCHEDULE_SECONDS": "[0, 1, 2, 4]"}
+    stack = Stack(
+        root,
+        environ=environ,
+        simulator_args=["--render-mode", "placeholder", "--inference-seconds", "0"],
+    )
+    try:
+        stack.up()
+        info = stack.info
+        with httpx.Client(
+            base_url=info["api_url"],
+            timeout=120,
+            headers={"Authorization": f"Bearer {info['api_key']}"},
+        ) as api:
+            upload = api.post(
+                "/v1/uploads", files={"file": ("p.png", IMAGE.read_bytes(), "image/png")}
+            )
+            upload_id = upload.raise_for_status().json()["upload_id"]
+            baseline = noop_rate(stack, args.noop)
+            measured = throughput(stack, api, upload_id, args.jobs)
+            on = latencies(stack, api, upload_id, args.latency_jobs, webhooks=True)
+            off = latencies(stack, api, upload_id, args.latency_jobs, webhooks=False)
+    finally:
+        stack.down()
+        shutil.rmtree(root, ignore_errors=True)
+    result = {
+        "benchmark": "throughput",
+        **measured,
+        "celery_noop_tasks_per_s": round(baseline, 1),
+        "ratio_jobs_to_noop_tasks": round(measured["jobs_per_s"] / baseline, 4),
+        "callback_latency_webhooks_on_p50_s": round(percentile(on, 0.5), 2),
+        "callback_latency_webhooks_on_p99_s": round(percentile(on, 0.99), 2),
+        "callback_latency_polling_p50_s": round(percentile(off, 0.5), 2),
+        "callback_latency_polling_p99_s": round(percentile(off, 0.99), 2),
+    }
+    on_p = f"{percentile(on, 0.5):.2f}/{percentile(on, 0.99):.2f}"
+    off_p = f"{percentile(off, 0.5):.2f}/{percentile(off, 0.99):.2f}"
+    row = (
+        f"| end to end | {result['jobs_per_s']} jobs/s "
+        f"| Celery no-op {result['celery_noop_tasks_per_s']} tasks/s "
+        f"| ratio {result['ratio_jobs_to_noop_tasks']} "
+        f"| callback p50/p99: webhooks on {on_p} s, polling only {off_p} s |"
+    )
+    emit(result, row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
