@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import sys
 
-from bench import simulator_rps
+from bench import api, copy, inflight, simulator_rps, throughput, upstream_calls
 
-BENCHMARKS = [simulator_rps.main]
+# Quickest first; `inflight` (10,000 jobs) takes longest by far (docs/benchmarks.md).
+BENCHMARKS = [
+    simulator_rps.main,
+    api.main,
+    copy.main,
+    throughput.main,
+    upstream_calls.main,
+    inflight.main,
+]
 
 
 def main() -> int:

@@ -1,0 +1,206 @@
+"""What the benchmarks share: the output format, memory and time sampling, and the pieces of an
+embedded stack that `sandbox.stack.Stack` does not start the way a benchmark needs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import secrets
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+
+from sandbox.processes import Process, wait_until
+from sandbox.stack import Stack
+
+# The product's own defaults for the background machinery (config/settings.py), not the
+# sandbox's seconds-scale ones, so a benchmark sees the cadence a deployment would.
+PRODUCTION_CADENCE = {
+    "RETRY_BASE_SECONDS": "2",
+    "RETRY_MAX_SECONDS": "120",
+    "RECONCILE_INTERVAL_SECONDS": "5",
+    "OUTBOX_GRACE_SECONDS": "10",
+    "POLL_OVERDUE_GRACE_SECONDS": "30",
+    "STORE_STALL_SECONDS": "600",
+    "WAVESPEED_READ_TIMEOUT": "30",
+}
+
+
+def poll_schedule(inference_seconds: float, first: float | None = None) -> dict[str, str]:
+    """An adaptive poll schedule for a known inference time: the first check a little before
+    the expected finish (110 s for 120 s, unless `first` says otherwise), then 5 s growing
+    1.5x a time to at most 30 s."""
+    first = first or round(inference_seconds * 110 / 120, 1)
+    minimum = max(0.5, round(inference_seconds / 24, 1))
+    return {
+        "POLL_FIRST_DELAY_SECONDS": json.dumps({"5": first, "10": first}),
+        "POLL_MIN_INTERVAL_SECONDS": str(minimum),
+        "POLL_MAX_INTERVAL_SECONDS": str(max(minimum, 30.0)),
+    }
+
+
+def emit(result: Mapping[str, Any], row: str) -> None:
+    """One JSON line, then one markdown table row."""
+    print(json.dumps(result), flush=True)
+    print(row, flush=True)
+
+
+def percentile(values: Iterable[float], fraction: float) -> float:
+    """Nearest-rank percentile (0 for no values)."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def mib(n_bytes: float) -> float:
+    return round(n_bytes / 2**20, 1)
+
+
+def tree_memory(pids: Iterable[int]) -> tuple[int, int]:
+    """RSS and PSS summed over the processes and all their descendants. PSS splits pages
+    shared between a prefork parent and its children, so it does not count them twice."""
+    seen: dict[int, psutil.Process] = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                seen[proc.pid] = proc
+    rss = pss = 0
+    for proc in seen.values():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            info = proc.memory_full_info()
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+    return rss, pss
+
+
+def tree_cpu_seconds(pids: Iterable[int]) -> float:
+    """User+system CPU seconds of the processes and their living descendants."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+    return total
+
+
+def cpu_by_process(named: Mapping[str, int | None]) -> dict[str, float]:
+    """CPU seconds so far of each named process tree."""
+    return {name: tree_cpu_seconds([pid]) for name, pid in named.items() if pid is not None}
+
+
+def stack_pids(stack: Stack, *extra: Process) -> dict[str, int | None]:
+    """Every process of a stack (services and apps) by name, plus `extra` ones."""
+    named = {s.process.name: s.process.pid for s in stack.services if s.process is not None}
+    named.update({p.name: p.pid for p in [*stack.apps, *extra]})
+    return named
+
+
+def redis_used_memory(url: str) -> int:
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        return int(client.info("memory")["used_memory"])
+    finally:
+        client.close()
+
+
+@dataclass
+class Sampler:
+    """Calls `probe` every `interval` seconds on a thread and keeps (elapsed, value) pairs;
+    a probe that raises is recorded as missing, so a busy server does not end the run."""
+
+    probe: Callable[[], Any]
+    interval: float = 1.0
+    samples: list[tuple[float, Any]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _start: float = field(default_factory=time.monotonic)
+
+    def __enter__(self) -> Sampler:
+        self._start = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                value = self.probe()
+            except Exception:  # a missed sample is not a failed benchmark
+                value = None
+            self.samples.append((time.monotonic() - self._start, value))
+            self._stop.wait(self.interval)
+
+    def values(self) -> list[Any]:
+        return [value for _, value in self.samples if value is not None]
+
+
+def start_worker(
+    stack: Stack,
+    name: str,
+    *,
+    queues: Iterable[str],
+    concurrency: int,
+    env: Mapping[str, str] | None = None,
+    app: str = "workers.celery_app",
+) -> Process:
+    """A Celery worker on chosen queues (`Stack.start_worker` always takes all five)."""
+    argv = [sys.executable, "-m", "celery", "-A", app, "worker",
+            "-Q", ",".join(queues), "-c", str(concurrency),
+            "-n", f"{name}-{secrets.token_hex(3)}@%h", "--loglevel", "INFO"]  # fmt: skip
+    log = stack.logs / f"{name}.log"
+    offset = log.stat().st_size if log.exists() else 0
+    worker = Process(name, argv, log, env={**stack.env, **(env or {})})
+    stack.apps.append(worker.start())
+    wait_until(lambda: worker.check_alive() and _ready(log, offset), timeout=90, what=name)
+    return worker
+
+
+def start_beat(stack: Stack) -> Process:
+    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
+            "--loglevel", "INFO", "-s", str(stack.root / "beat-schedule")]  # fmt: skip
+    beat = Process("beat", argv, stack.logs / "beat.log", env=stack.env)
+    stack.apps.append(beat.start())
+    return beat
+
+
+def worker_log_summary(log_path: Path) -> dict[str, dict[str, int]]:
+    """From a worker's JSON log: tasks run, by name, and what the reconciler re-sent, by kind."""
+    tasks: Counter[str] = Counter()
+    resent: Counter[str] = Counter()
+    with log_path.open(errors="replace") as log:
+        for line in log:
+            if not line.startswith("{"):
+                continue
+            if " succeeded in " in line or "reconcile.resent" in line:
+                record = json.loads(line)
+                if record["event"] == "reconcile.resent":
+                    resent.update({k: v for k, v in record.items() if isinstance(v, int)})
+                else:
+                    tasks[record["event"].split()[1].split("[")[0]] += 1
+    return {"tasks": dict(tasks), "reconciler_resent": dict(resent)}
+
+
+def _ready(log_path: Path, offset: int) -> bool:
+    with log_path.open("rb") as log:
+        log.seek(offset)
+        return b" ready." in log.read()
