@@ -118,6 +118,18 @@ def redis_used_memory(url: str) -> int:
         client.close()
 
 
+def redis_messages(url: str, queues: Iterable[str]) -> dict[str, int]:
+    """Messages waiting in each Celery queue (a Redis list each), and `unacked`: those a
+    worker holds (ETA tasks included), kept by kombu in the `unacked` hash until acked."""
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        counts = {queue: int(client.llen(queue)) for queue in queues}
+        counts["unacked"] = int(client.hlen("unacked"))
+        return counts
+    finally:
+        client.close()
+
+
 @dataclass
 class Sampler:
     """Calls `probe` every `interval` seconds on a thread and keeps (elapsed, value) pairs;

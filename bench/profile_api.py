@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import cProfile
 import pstats
+import signal
 import sys
 import threading
 import time
@@ -39,6 +40,10 @@ def _first_event(_frame: FrameType, _event: str, _arg: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     target, uvicorn_args = args[0], args[1:]
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the default
+    # handlers that would end the process before the stats are written.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     threading.setprofile(_first_event)
     _profile_this_thread()
     try:
