@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import secrets
-import sys
 import threading
 import time
 from collections import Counter
@@ -19,7 +17,7 @@ from typing import Any
 import psutil
 import redis
 
-from sandbox.processes import Process, wait_until
+from sandbox.processes import Process
 from sandbox.stack import Stack
 
 # The product's own defaults for the background machinery (config/settings.py), not the
@@ -166,35 +164,6 @@ class Sampler:
         return [value for _, value in self.samples if value is not None]
 
 
-def start_worker(
-    stack: Stack,
-    name: str,
-    *,
-    queues: Iterable[str],
-    concurrency: int,
-    env: Mapping[str, str] | None = None,
-    app: str = "workers.celery_app",
-) -> Process:
-    """A Celery worker on chosen queues (`Stack.start_worker` always takes all five)."""
-    argv = [sys.executable, "-m", "celery", "-A", app, "worker",
-            "-Q", ",".join(queues), "-c", str(concurrency),
-            "-n", f"{name}-{secrets.token_hex(3)}@%h", "--loglevel", "INFO"]  # fmt: skip
-    log = stack.logs / f"{name}.log"
-    offset = log.stat().st_size if log.exists() else 0
-    worker = Process(name, argv, log, env={**stack.env, **(env or {})})
-    stack.apps.append(worker.start())
-    wait_until(lambda: worker.check_alive() and _ready(log, offset), timeout=90, what=name)
-    return worker
-
-
-def start_beat(stack: Stack) -> Process:
-    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
-            "--loglevel", "INFO", "-s", str(stack.root / "beat-schedule")]  # fmt: skip
-    beat = Process("beat", argv, stack.logs / "beat.log", env=stack.env)
-    stack.apps.append(beat.start())
-    return beat
-
-
 def worker_log_summary(log_path: Path) -> dict[str, dict[str, int]]:
     """From a worker's JSON log: tasks run, by name, and what the reconciler re-sent, by kind."""
     tasks: Counter[str] = Counter()
@@ -210,9 +179,3 @@ def worker_log_summary(log_path: Path) -> dict[str, dict[str, int]]:
                 else:
                     tasks[record["event"].split()[1].split("[")[0]] += 1
     return {"tasks": dict(tasks), "reconciler_resent": dict(resent)}
-
-
-def _ready(log_path: Path, offset: int) -> bool:
-    with log_path.open("rb") as log:
-        log.seek(offset)
-        return b" ready." in log.read()

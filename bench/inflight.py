@@ -52,11 +52,10 @@ from bench.harness import (
     redis_messages,
     redis_used_memory,
     stack_pids,
-    start_beat,
-    start_worker,
     tree_memory,
     worker_log_summary,
 )
+from config.settings import settings_from
 from sandbox.stack import Stack
 from sandbox.wavespeed.config import DEFAULT_API_KEY, MODEL_ID
 from sandbox.wavespeed.testing import sample_image
@@ -225,8 +224,8 @@ def run(options: Options) -> dict[str, Any]:
         stack.up(apps=False)
         stack.start_api("api", int(stack.env["API_PORT"]))
         profiling = options.profile_dir is not None
-        worker = start_worker(
-            stack, "worker", queues=QUEUES, concurrency=options.concurrency,
+        worker = stack.start_worker(
+            "worker", queues=QUEUES, concurrency=options.concurrency,
             app="bench.profile_worker" if profiling else "workers.celery_app",
             env={"BENCH_PROFILE_DIR": str(options.profile_dir)} if profiling else None,
         )  # fmt: skip
@@ -245,7 +244,7 @@ def measure(
     simulator: CountingSimulator,
     baseline_sim: CountingSimulator,
 ) -> dict[str, Any]:
-    settings = job_store.settings_for(stack.env)
+    settings = settings_from(stack.env)
     dsn = job_store.plain_dsn(stack.env["DATABASE_URL"])
     began = time.monotonic()
     tenant_id = stack.env.get("TENANT_ID")
@@ -254,7 +253,7 @@ def measure(
     baseline = SdkBaseline(baseline_sim, options.concurrency, options.baseline_jobs)
     job_store.warm_up(settings)
     # Beat starts only now: its reconciler would publish the outbox rows of jobs being created.
-    start_beat(stack)
+    stack.start_beat()
     time.sleep(3)
     idle = probe(stack, worker_pid, simulator)
     named = stack_pids(stack, *(s.process for s in (simulator, baseline_sim) if s.process))

@@ -4,7 +4,6 @@ it after loading the upload), the outbox relay, and their state read back from P
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -26,16 +25,6 @@ from workers.runtime import build_storage
 BATCH = 100
 IN_FLIGHT = ("submitting", "processing")
 UNFINISHED = ("queued", "submitting", "processing")
-
-
-def settings_for(env: Mapping[str, str]) -> Settings:
-    """Settings exactly as a stack process would read them from `env`."""
-    values: dict[str, Any] = {}
-    for name in Settings.model_fields:
-        raw = env.get(name.upper())
-        if raw is not None:
-            values[name] = json.loads(raw) if raw.startswith(("{", "[")) else raw
-    return Settings.model_validate(values)
 
 
 def plain_dsn(database_url: str) -> str:

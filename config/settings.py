@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -100,3 +102,15 @@ class Settings(BaseSettings):
     def webhook_url(self) -> str:
         """Where WaveSpeed pushes completions for this deployment."""
         return f"{self.public_base_url.rstrip('/')}/v1/wavespeed/webhook"
+
+
+def settings_from(env: Mapping[str, str], **overrides: Any) -> Settings:
+    """Settings as a process started with `env` would read them (complex fields arrive as
+    JSON, as pydantic-settings expects), with overrides; the OS environment is not read."""
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        raw = env.get(name.upper())
+        if raw is not None:
+            values[name] = json.loads(raw) if raw.startswith(("{", "[")) else raw
+    values.update(overrides)
+    return Settings.model_validate(values)

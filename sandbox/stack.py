@@ -12,7 +12,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import httpx
 
 from sandbox.processes import Process, free_port, wait_until
 from sandbox.services import EmbeddedPostgres, EmbeddedRedis, EmbeddedS3, Simulator
+from workers.dispatch import QUEUES
 
 DATABASE_NAME = "kling"
 
@@ -130,9 +131,14 @@ class Stack:
     def _start_apps(self) -> None:
         self.start_api("api", int(self.env["API_PORT"]))
         self.start_worker("worker", concurrency=self.worker_concurrency)
+        self.start_beat()
+
+    def start_beat(self) -> Process:
         beat = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
                 "--loglevel", "INFO", "-s", str(self.root / "beat-schedule")]  # fmt: skip
-        self.apps.append(Process("beat", beat, self.logs / "beat.log", env=self.env).start())
+        process = Process("beat", beat, self.logs / "beat.log", env=self.env).start()
+        self.apps.append(process)
+        return process
 
     def start_api(self, name: str, port: int, env: Mapping[str, str] | None = None) -> Process:
         """One more API process on this stack; waits until it answers /healthz."""
@@ -145,11 +151,17 @@ class Stack:
         return api
 
     def start_worker(
-        self, name: str, *, concurrency: int, env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        *,
+        concurrency: int,
+        env: Mapping[str, str] | None = None,
+        queues: Iterable[str] = QUEUES,
+        app: str = "workers.celery_app",
     ) -> Process:
-        """One more Celery worker (all queues) on this stack; waits until it answers a ping."""
-        argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-                "-Q", "submit,poll,store,notify,maintenance", "-c", str(concurrency),
+        """One more Celery worker on this stack (all queues unless told); waits until ready."""
+        argv = [sys.executable, "-m", "celery", "-A", app, "worker",
+                "-Q", ",".join(queues), "-c", str(concurrency),
                 "-n", f"{name}-{secrets.token_hex(3)}@%h", "--loglevel", "INFO"]  # fmt: skip
         log = self.logs / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0  # a restarted worker appends

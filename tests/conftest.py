@@ -23,8 +23,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
+from config.settings import settings_from
 from sandbox.stack import Stack
-from tests.support import RecordingDispatcher, SimulatorAdmin, settings_for
+from tests.support import RecordingDispatcher, SimulatorAdmin
 from workers import tenants
 from workers.db import make_engine, make_session_factory, unit_of_work
 from workers.models import Tenant
@@ -92,7 +93,7 @@ def database_url(stack: Stack, template_db: str) -> Iterator[str]:
 
 @pytest.fixture
 def settings(stack: Stack, database_url: str) -> Any:
-    return settings_for(stack.env, database_url=database_url)
+    return settings_from(stack.env, database_url=database_url)
 
 
 @pytest.fixture

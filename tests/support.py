@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import io
-import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from PIL import Image
-
-from config import Settings
-
-
-def settings_for(env: Mapping[str, str], **overrides: Any) -> Settings:
-    """Settings as a stack process would read them from `env`, with overrides."""
-    values: dict[str, Any] = {}
-    for name in Settings.model_fields:
-        raw = env.get(name.upper())
-        if raw is not None:
-            # Complex fields arrive as JSON in the environment, as pydantic-settings expects.
-            values[name] = json.loads(raw) if raw.startswith(("{", "[")) else raw
-    values.update(overrides)
-    return Settings.model_validate(values)
 
 
 @dataclass

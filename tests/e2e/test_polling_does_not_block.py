@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from bench.jobs import max_overlap
 from config import Settings
+from config.settings import settings_from
 from sandbox.stack import Stack
-from tests.support import SimulatorAdmin, settings_for, wait_for
+from tests.support import SimulatorAdmin, wait_for
 from workers import tenants
 from workers.celery_app import create_celery
 from workers.db import make_engine, make_session_factory, unit_of_work
@@ -28,22 +30,12 @@ JOBS = 12
 INFERENCE_SECONDS = 8
 
 
-def max_overlap(intervals: list[tuple[datetime, datetime]]) -> int:
-    """The largest number of intervals open at one instant."""
-    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
-    best = current = 0
-    for _, step in edges:
-        current += step
-        best = max(best, current)
-    return best
-
-
 def test_one_single_slot_worker_keeps_ten_predictions_in_flight(
     stack: Stack, database_url: str, simulator: SimulatorAdmin, portrait: bytes
 ) -> None:
     # A deployment of its own (database and broker), so only this worker serves these jobs.
     redis_url = re.sub(r"/\d+$", "", stack.env["REDIS_URL"]) + "/7"
-    settings: Settings = settings_for(stack.env, database_url=database_url, redis_url=redis_url)
+    settings: Settings = settings_from(stack.env, database_url=database_url, redis_url=redis_url)
     simulator.set_faults(inference_seconds=[INFERENCE_SECONDS, INFERENCE_SECONDS])
     worker = stack.start_worker(
         "single-slot", concurrency=1, env={"DATABASE_URL": database_url, "REDIS_URL": redis_url}
