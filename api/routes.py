@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
 
 from api import problems
 from api.deps import CurrentTenant, Db, Res
@@ -116,7 +117,7 @@ def _create(
     if request.webhook_url:
         check_callback_url(res.guard, request.webhook_url)
     with res.sessions() as db:
-        image = load_image(db, res.storage, res.guard, tenant, request, settings)
+        image = load_image(db, res.guard, tenant, request, settings)
     with res.sessions() as db, db.begin():
         check_budget(db, tenant, settings.price_usd[request.duration], utcnow(), settings)
         job = accept(db, res.storage, settings, tenant, request, image)
@@ -351,7 +352,8 @@ def _secret(tenant: Tenant) -> SigningSecret:
 
 @hooks.post("/wavespeed/webhook", status_code=204, tags=["wavespeed"], responses={401: PROBLEM})
 async def wavespeed_webhook(request: Request, res: Res) -> Response:
-    """WaveSpeed's completion push: verified, deduplicated, then the job is polled at once."""
+    """WaveSpeed's completion push: verified, deduplicated, then the job is settled at once
+    from the prediction it carries (or polled, if it does not settle it)."""
     secret = res.settings.wavespeed_webhook_secret
     body = await request.body()
     try:
@@ -359,10 +361,26 @@ async def wavespeed_webhook(request: Request, res: Res) -> Response:
     except WebhookRejected as exc:
         log.warning("wavespeed.webhook.rejected", reason=str(exc))
         raise HTTPException(401, str(exc)) from exc
+    # Reading the body needs the event loop; the database work would block it for every request.
+    await run_in_threadpool(_take_webhook, res, prediction_id, body)
+    return Response(status_code=204)
+
+
+def _take_webhook(res: Res, prediction_id: str, body: bytes) -> None:
+    """Poll the job now unless this webhook was already taken (WaveSpeed retries deliveries),
+    handing the poll the verified prediction so a finished one needs no `/result` call."""
     with res.sessions() as db, db.begin():
         first = jobs.first_delivery(db, prediction_id)
     if first:
-        poll_now(res.sessions, res.dispatch, prediction_id)
+        poll_now(res.sessions, res.dispatch, prediction_id, _prediction_of(body))
     else:
         log.info("wavespeed.webhook.duplicate", prediction_id=prediction_id)
-    return Response(status_code=204)
+
+
+def _prediction_of(body: bytes) -> dict[str, Any] | None:
+    # Signed but not necessarily well-formed: anything else is just a cue to poll.
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None

@@ -7,13 +7,19 @@
    callback), simulator in placeholder mode with zero inference. Baseline: Celery's own
    ceiling, no-op tasks a second through the same broker and the same worker (2 processes).
 6. Callback latency: from the simulator marking a prediction completed to our callback arriving
-   at the producer, p50/p99, with WaveSpeed's webhooks on and with them dropped (polling only),
-   for a 6 s inference polled on the product's adaptive schedule.
+   at the producer, p50/p99, with WaveSpeed's webhooks on and with them dropped (polling only).
+   Inference times scatter uniformly over `--inference 4 12` seconds while the poll schedule
+   expects 6 s, as real ones scatter around what a deployment expects.
+
+`--profile DIR` samples the worker (pool children included) and the API with py-spy during
+the throughput phase and prints where their Python CPU went (`--profile-wall`: where their
+time went, waiting included) (`bench.pyspy`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -26,7 +32,8 @@ from typing import Any
 import httpx
 import redis
 
-from bench.harness import emit, percentile, poll_schedule
+from bench import pyspy
+from bench.harness import emit, percentile, poll_schedule, stack_pids
 from config import Settings
 from sandbox.receiver import Receiver, serve
 from sandbox.stack import Stack
@@ -71,8 +78,13 @@ def wait_callbacks(receiver: Receiver, count: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def throughput(stack: Stack, api: httpx.Client, upload_id: str, jobs: int) -> dict[str, Any]:
-    with serve(Receiver()) as receiver:
+def throughput(
+    stack: Stack, api: httpx.Client, upload_id: str, jobs: int, profile: Path | None, wall: bool
+) -> dict[str, Any]:
+    named = stack_pids(stack).items()
+    pids = {name: pid for name, pid in named if name in ("api", "worker") and pid}
+    spying = pyspy.record(pids, profile, wall=wall) if profile else contextlib.nullcontext()
+    with serve(Receiver()) as receiver, spying:
         started = time.time()
         run_jobs(api, upload_id, receiver, jobs)
         wait_callbacks(receiver, jobs, timeout=600)
@@ -81,10 +93,15 @@ def throughput(stack: Stack, api: httpx.Client, upload_id: str, jobs: int) -> di
 
 
 def latencies(
-    stack: Stack, api: httpx.Client, upload_id: str, jobs: int, webhooks: bool
+    stack: Stack,
+    api: httpx.Client,
+    upload_id: str,
+    jobs: int,
+    webhooks: bool,
+    inference: tuple[float, float],
 ) -> list[float]:
     simulator = stack.env["WAVESPEED_BASE_URL"]
-    faults: dict[str, Any] = {"inference_seconds": [6, 6]}
+    faults: dict[str, Any] = {"inference_seconds": list(inference)}
     if not webhooks:
         faults["webhook_drop"] = 1.0
     httpx.put(f"{simulator}/_sim/faults", json=faults).raise_for_status()
@@ -111,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--latency-jobs", type=int, default=20)
     parser.add_argument("--noop", type=int, default=2000)
+    parser.add_argument("--inference", type=float, nargs=2, default=(4.0, 12.0))
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR")
+    parser.add_argument("--profile-wall", action="store_true", help="wall time, not CPU")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="kling-bench-throughput-"))
     environ = {**os.environ, **poll_schedule(6), "CALLBACK_SCHEDULE_SECONDS": "[0, 1, 2, 4]"}
@@ -132,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             upload_id = upload.raise_for_status().json()["upload_id"]
             baseline = noop_rate(stack, args.noop)
-            measured = throughput(stack, api, upload_id, args.jobs)
-            on = latencies(stack, api, upload_id, args.latency_jobs, webhooks=True)
-            off = latencies(stack, api, upload_id, args.latency_jobs, webhooks=False)
+            measured = throughput(stack, api, upload_id, args.jobs, args.profile, args.profile_wall)
+            on, off = (
+                latencies(stack, api, upload_id, args.latency_jobs, hooks, args.inference)
+                for hooks in (True, False)
+            )
     finally:
         stack.down()
         shutil.rmtree(root, ignore_errors=True)
@@ -143,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         **measured,
         "celery_noop_tasks_per_s": round(baseline, 1),
         "ratio_jobs_to_noop_tasks": round(measured["jobs_per_s"] / baseline, 4),
+        "latency_inference_seconds": list(args.inference),
         "callback_latency_webhooks_on_p50_s": round(percentile(on, 0.5), 2),
         "callback_latency_webhooks_on_p99_s": round(percentile(on, 0.99), 2),
         "callback_latency_polling_p50_s": round(percentile(off, 0.5), 2),
@@ -157,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         f"| callback p50/p99: webhooks on {on_p} s, polling only {off_p} s |"
     )
     emit(result, row)
+    if args.profile:
+        for name in ("worker", "api"):
+            print(pyspy.summary(args.profile / f"{name}.txt"))
     return 0
 
 

@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     input_url_ttl_seconds: int = 24 * 3600
 
     s3_part_size: int = 8 * 1024 * 1024
+    # Parts of one video uploading at once; a store task holds about (this + 2) parts in memory.
+    s3_max_concurrency: int = Field(default=4, ge=1)
     s3_connect_timeout: float = 5.0
     s3_read_timeout: float = 60.0
     download_timeout_seconds: float = 60.0

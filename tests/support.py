@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 from PIL import Image
 
+from workers.dispatch import ROUTES
+
 
 @dataclass
 class RecordingDispatcher:
@@ -25,8 +27,15 @@ class RecordingDispatcher:
         self.sent.append((task, job_id, countdown, kwargs))
 
     def take(self) -> list[tuple[str, uuid.UUID, float | None, dict[str, Any]]]:
+        """The messages so far, which then count as consumed (or, for a test, lost)."""
         sent, self.sent = self.sent, []
         return sent
+
+    def waiting(self, queue: str) -> int:
+        """Like a broker's queue length: messages not yet taken, without a countdown."""
+        return sum(
+            1 for task, _, countdown, _ in self.sent if ROUTES[task] == queue and not countdown
+        )
 
 
 class SimulatorAdmin:

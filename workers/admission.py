@@ -5,12 +5,15 @@ every submit message hit the cap and bounce, queued jobs wait in Postgres and th
 as many as the gate allows, fairly: round-robin across tenants, oldest first within a tenant,
 so one tenant's 10,000-job batch cannot starve another tenant's single job. One advisory lock
 serialises the pump across every worker host, so the caps hold however many run it.
+
+Only a *parked* job (one whose own submit message already came and found it waiting) needs a
+message from the gate. An unparked one still has its message on the way, and that message
+claims it: so a burst of new jobs through an open gate costs one submit message each, not two.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -48,6 +51,30 @@ WHERE status IN ('queued', 'submitting', 'processing') OR last_submit_at > :minu
 """)
 
 
+# Cheap and lock-free: most calls (one after every completion) find nobody waiting.
+_ANY_WAITING = text("""
+SELECT EXISTS (
+    SELECT 1 FROM jobs
+    WHERE status = 'queued' AND admitted_at IS NULL AND (not_before IS NULL OR not_before <= :now)
+)
+""")
+
+# Marks the batch admitted and tells which of them were parked (and so need a message).
+_MARK_ADMITTED = text("""
+UPDATE jobs SET admitted_at = :now, parked_at = NULL
+FROM (SELECT id, parked_at FROM jobs WHERE id = ANY(:ids) FOR UPDATE) AS before
+WHERE jobs.id = before.id
+RETURNING jobs.id, before.parked_at IS NOT NULL AS parked
+""")
+
+
+@dataclass(frozen=True)
+class Admitted:
+    job_id: uuid.UUID
+    # No submit message is on its way to this job: the caller must send one.
+    needs_message: bool
+
+
 @dataclass(frozen=True)
 class Gate:
     max_in_flight: int
@@ -55,9 +82,11 @@ class Gate:
     tenant_max_in_flight: int
 
 
-def admit(session: Session, gate: Gate, now: datetime, minute_ago: datetime) -> Sequence[uuid.UUID]:
+def admit(session: Session, gate: Gate, now: datetime, minute_ago: datetime) -> list[Admitted]:
     """Mark the next fair batch of queued jobs admitted (within the caller's transaction) and
-    answer their ids; the caller sends their submit tasks after commit."""
+    answer them; the caller sends the submit tasks the parked ones need after commit."""
+    if not session.scalar(_ANY_WAITING, {"now": now}):
+        return []
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK})
     usage = session.execute(_USAGE, {"minute_ago": minute_ago}).one()
     # `last_submit_at` keeps only a job's latest attempt, so a job retried within the minute
@@ -68,9 +97,21 @@ def admit(session: Session, gate: Gate, now: datetime, minute_ago: datetime) -> 
     ids = session.scalars(
         _FAIR_CANDIDATES, {"now": now, "tenant_cap": gate.tenant_max_in_flight, "free": free}
     ).all()
-    if ids:
-        session.execute(
-            text("UPDATE jobs SET admitted_at = :now WHERE id = ANY(:ids)"),
-            {"now": now, "ids": list(ids)},
-        )
-    return ids
+    if not ids:
+        return []
+    rows = session.execute(_MARK_ADMITTED, {"now": now, "ids": list(ids)}).all()
+    parked = {row.id: row.parked for row in rows}
+    # In the gate's fair order, which the UPDATE's RETURNING does not keep.
+    return [Admitted(job_id, parked[job_id]) for job_id in ids]
+
+
+def park(session: Session, job_id: uuid.UUID, now: datetime) -> bool:
+    """Record that a queued, unadmitted job has no submit message on its way any more."""
+    row = session.execute(
+        text(
+            "UPDATE jobs SET parked_at = :now WHERE id = :id AND status = 'queued' "
+            "AND admitted_at IS NULL RETURNING id"
+        ),
+        {"now": now, "id": job_id},
+    ).first()
+    return row is not None

@@ -1,4 +1,5 @@
-"""Task names, their queues, and the one way the pipeline asks for a task to run."""
+"""Task names, their queues, and the one way the pipeline talks to the broker: ask for a task
+to run, and ask how many messages wait in a queue."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ class Dispatcher(Protocol):
         self, task: str, job_id: uuid.UUID, *, countdown: float | None = None, **kwargs: Any
     ) -> None: ...
 
+    def waiting(self, queue: str) -> int:
+        """Messages ready in `queue` that no worker has taken yet (countdowns held by a
+        worker are not counted)."""
+        ...
+
 
 class CeleryDispatcher:
     """Sends by name, so the API can publish without importing the worker's task modules."""
@@ -44,3 +50,10 @@ class CeleryDispatcher:
         self._celery.send_task(
             task, args=[str(job_id)], kwargs=kwargs, countdown=countdown, queue=ROUTES[task]
         )
+
+    def waiting(self, queue: str) -> int:
+        # A non-passive declare answers the message count on any kombu transport (on Redis:
+        # LLEN of the queue's lists) and, unlike a passive one, does not fail on an empty queue.
+        with self._celery.connection_or_acquire() as connection:
+            declared = connection.default_channel.queue_declare(queue=queue)
+        return int(declared.message_count)

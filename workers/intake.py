@@ -1,6 +1,6 @@
-"""Accepting a generation: the image fetched (through the URL guard) and opened for real, the
-budget checked, the image copied to our bucket, and the job stored with its first task in one
-transaction. Nothing is stored, enqueued or charged for a refused request."""
+"""Accepting a generation: the image fetched (through the URL guard) and opened for real, or an
+upload found, the budget checked, the image copied to our bucket, and the job stored with its
+first task in one transaction. Nothing is stored, enqueued or charged for a refused request."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from config import Settings
 from workers import callbacks, dispatch, jobs
-from workers.media import ImageInfo, InvalidMedia, inspect_image
+from workers.media import IMAGE_TYPES, ImageInfo, InvalidMedia, inspect_image
 from workers.models import Job, Tenant, Upload
 from workers.states import JobState
 from workers.storage import Storage
@@ -44,6 +44,37 @@ class GenerationInput:
     webhook_url: str | None = None
     webhook_events: tuple[str, ...] = callbacks.DEFAULT_EVENTS
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+# The extension an input object gets, by the content type its bytes were checked to be.
+_EXTENSIONS = dict(IMAGE_TYPES.values())
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """A checked image a job can start from: bytes fetched from a URL, or an upload already in
+    our bucket (`source_key`), which was opened for real when it was uploaded."""
+
+    content_type: str
+    extension: str
+    data: bytes | None = None
+    source_key: str | None = None
+
+    @classmethod
+    def fetched(cls, data: bytes, info: ImageInfo) -> InputImage:
+        return cls(info.content_type, info.extension, data=data)
+
+    @classmethod
+    def uploaded(cls, upload: Upload) -> InputImage:
+        return cls(upload.content_type, _EXTENSIONS[upload.content_type], source_key=upload.key)
+
+    def store(self, storage: Storage, key: str) -> None:
+        """Put the image at `key`; an upload is copied inside S3, its bytes never pass here."""
+        if self.source_key is not None:
+            storage.copy(self.source_key, key)
+        else:
+            assert self.data is not None
+            storage.put_bytes(key, self.data, self.content_type)
 
 
 # What the guard's refusals mean for an image URL (field `image_url`).
@@ -101,21 +132,23 @@ def store_upload(
     return upload
 
 
-def load_upload(session: Session, storage: Storage, tenant: Tenant, upload_id: str) -> bytes:
+def load_upload(session: Session, tenant: Tenant, upload_id: str) -> InputImage:
     upload = session.get(Upload, upload_id)
     if upload is None or upload.tenant_id != tenant.id:
         raise Refusal(422, "upload_id", "upload_not_found", "no upload with this id")
-    return storage.get_bytes(upload.key)
+    return InputImage.uploaded(upload)
 
 
 def load_image(
-    session: Session, storage: Storage, guard: UrlGuard, tenant: Tenant,
-    request: GenerationInput, settings: Settings,
-) -> bytes:  # fmt: skip
+    session: Session, guard: UrlGuard, tenant: Tenant, request: GenerationInput,
+    settings: Settings,
+) -> InputImage:  # fmt: skip
+    """The request's image, checked: its upload found, or its URL fetched and opened."""
     if request.upload_id:
-        return load_upload(session, storage, tenant, request.upload_id)
+        return load_upload(session, tenant, request.upload_id)
     assert request.image_url is not None
-    return fetch_image(guard, request.image_url, settings)
+    data = fetch_image(guard, request.image_url, settings)
+    return InputImage.fetched(data, check_image(data, settings, "image_url"))
 
 
 def committed_spend(
@@ -162,21 +195,24 @@ def accept(
     settings: Settings,
     tenant: Tenant,
     request: GenerationInput,
-    image: bytes,
+    image: InputImage | bytes,
 ) -> Job:
     """Copy the image under the job's id (the URL WaveSpeed gets then names the job, which is
     how an unanswered submit is found in its history) and add the queued job and its outbox row
-    to the session; the caller commits."""
-    info = check_image(image, settings, "upload_id" if request.upload_id else "image_url")
+    to the session; the caller commits. Raw bytes (service-layer callers) are checked here, as
+    `load_image` checks a fetched URL. A failing S3 call raises `StorageError`."""
+    if isinstance(image, bytes):
+        named = "upload_id" if request.upload_id else "image_url"
+        image = InputImage.fetched(image, check_image(image, settings, named))
     job_id = uuid.uuid4()
-    key = f"inputs/{job_id}/image.{info.extension}"
-    storage.put_bytes(key, image, info.content_type)
+    key = f"inputs/{job_id}/image.{image.extension}"
+    image.store(storage, key)
     job = Job(
         id=job_id,
         tenant_id=tenant.id,
         image_url=request.image_url,
         input_key=key,
-        input_content_type=info.content_type,
+        input_content_type=image.content_type,
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         guidance_scale=request.guidance_scale,

@@ -80,6 +80,18 @@ CALLBACK_ATTEMPTS = Counter(
 )  # fmt: skip
 SPEND_USD = Counter("kling_spend_usd", "USD committed to WaveSpeed predictions that were adopted")
 TRANSITIONS = Counter("kling_job_transitions", "Job state transitions, by target state", ["state"])
+RECONCILER_RESENT = Counter(
+    "kling_reconciler_resent",
+    "Messages the reconciler sent for work that looked lost, by kind (outbox rows, jobs by "
+    "state, callbacks)",
+    ["kind"],
+)
+RECONCILER_DEFERRED = Counter(
+    "kling_reconciler_deferred",
+    "Reconciler sweeps skipped, by job state, because the queue they would send to still "
+    "held messages",
+    ["state"],
+)
 
 
 def wavespeed_call(operation: str) -> Callable[[Callable[P, R]], Callable[P, R]]:

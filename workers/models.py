@@ -110,6 +110,10 @@ class Job(Base):
     # when it is waiting out a retry backoff.
     admitted_at: Mapped[datetime | None]
     not_before: Mapped[datetime | None]
+    # Set while a queued job has no submit message on its way (its message found it waiting
+    # for the gate, or a retry put it back): the gate sends one only to such jobs, since an
+    # unparked job's own message is still coming and will claim it.
+    parked_at: Mapped[datetime | None]
 
     # WaveSpeed side.
     prediction_id: Mapped[str | None] = mapped_column(String(64), index=True)

@@ -81,24 +81,10 @@ class Pipeline:
         leaves the job `submitting`, which the reconciler resolves through WaveSpeed's
         history instead of paying for a second prediction.
         """
-        now = self.clock()
-        with unit_of_work(self.sessions) as session:
-            job = _bind(jobs.get(session, job_id))
-            claimed = jobs.transition(
-                session,
-                job_id,
-                JobState.QUEUED,
-                JobState.SUBMITTING,
-                reason=f"attempt {job.submit_attempts + 1}",
-                when=Job.admitted_at.is_not(None),
-                submit_attempts=Job.submit_attempts + 1,
-                last_submit_at=now,
-            )
-            if claimed:
-                inputs = self._inputs(job)
-        if not claimed:
-            if job.status == JobState.QUEUED:
-                self.admit()  # not admitted yet: let the gate pick the fairest jobs instead
+        job, inputs = self._claim(job_id)
+        if inputs is None and self._wait_for_gate(job):
+            job, inputs = self._claim(job_id)
+        if inputs is None:
             return
         try:
             prediction = self.wavespeed.submit(
@@ -109,14 +95,44 @@ class Pipeline:
             return
         self._adopt(job_id, job.duration, prediction, reason="submitted")
 
+    def _claim(self, job_id: uuid.UUID) -> tuple[Job, dict[str, Any] | None]:
+        """`queued -> submitting` if the gate admitted the job; answers the job as it was and,
+        when claimed, the inputs to POST."""
+        with unit_of_work(self.sessions) as session:
+            job = _bind(jobs.get(session, job_id))
+            claimed = jobs.transition(
+                session,
+                job_id,
+                JobState.QUEUED,
+                JobState.SUBMITTING,
+                reason=f"attempt {job.submit_attempts + 1}",
+                when=Job.admitted_at.is_not(None),
+                submit_attempts=Job.submit_attempts + 1,
+                last_submit_at=self.clock(),
+            )
+            return job, self._inputs(job) if claimed else None
+
+    def _wait_for_gate(self, job: Job) -> bool:
+        """This job's message found it unadmitted: park it and let the gate pick the fairest
+        jobs. True if the gate picked this one, which the calling task then submits itself."""
+        if job.status != JobState.QUEUED or job.admitted_at is not None:
+            return False
+        return job.id in self._admit(park=job.id)
+
     def admit(self) -> int:
-        """Admit as many queued jobs as the gate allows and send their submit tasks."""
+        """Admit as many queued jobs as the gate allows and send the submit tasks they need."""
+        return len(self._admit())
+
+    def _admit(self, park: uuid.UUID | None = None) -> list[uuid.UUID]:
         now = self.clock()
         with unit_of_work(self.sessions) as session:
+            if park is not None:
+                admission.park(session, park, now)
             admitted = admission.admit(session, self.gate, now, now - timedelta(minutes=1))
-        for job_id in admitted:
-            self.dispatch(dispatch.SUBMIT, job_id)
-        return len(admitted)
+        for entry in admitted:
+            if entry.needs_message and entry.job_id != park:
+                self.dispatch(dispatch.SUBMIT, entry.job_id)
+        return [entry.job_id for entry in admitted]
 
     @property
     def gate(self) -> admission.Gate:
@@ -144,9 +160,10 @@ class Pipeline:
             self._adopt(job_id, job.duration, found, reason="adopted from history")
             return
         with unit_of_work(self.sessions) as session:
+            # Parked: no submit message is on its way; the gate sends one when it admits it.
             requeued = jobs.transition(
                 session, job_id, JobState.SUBMITTING, JobState.QUEUED, reason="not in history",
-                admitted_at=None,
+                admitted_at=None, parked_at=self.clock(),
             )  # fmt: skip
         if requeued:
             self.admit()
@@ -241,6 +258,7 @@ class Pipeline:
                 prediction_id=None,
                 admitted_at=None,
                 not_before=self.clock() + timedelta(seconds=delay),
+                parked_at=None,  # the countdown message below is on its way
             )
         if moved:
             self.admit()  # its slot is free for another job meanwhile
@@ -249,26 +267,32 @@ class Pipeline:
 
     # -- poll -----------------------------------------------------------------------------
 
-    def poll(self, job_id: uuid.UUID, seq: int | None = None) -> None:
+    def poll(
+        self, job_id: uuid.UUID, seq: int | None = None, reported: dict[str, Any] | None = None
+    ) -> None:
         """Check the prediction once; reschedule itself with a countdown if it is not done.
 
         Never sleeps. `seq` ties a message to one poll chain: a webhook or the reconciler
-        (seq None) takes the chain over and the older message finds itself stale.
+        (seq None) takes the chain over and the older message finds itself stale. `reported`
+        is the prediction a verified WaveSpeed webhook carried: a finished one is taken as
+        the result without asking WaveSpeed again.
         """
         with unit_of_work(self.sessions) as session:
             job = jobs.claim_poll(session, job_id, seq)
         if job is None or job.prediction_id is None:
             return
         _bind(job)
-        try:
-            prediction = self.wavespeed.result(job.prediction_id)
-        except WaveSpeedError as exc:
-            if not exc.retryable and exc.status_code in (401, 403):
-                self.fail(job_id, JobState.PROCESSING, ErrorCode.UPSTREAM_AUTH, exc.message)
+        prediction = _finished_report(reported, job.prediction_id)
+        if prediction is None:
+            try:
+                prediction = self.wavespeed.result(job.prediction_id)
+            except WaveSpeedError as exc:
+                if not exc.retryable and exc.status_code in (401, 403):
+                    self.fail(job_id, JobState.PROCESSING, ErrorCode.UPSTREAM_AUTH, exc.message)
+                    return
+                log.warning("poll.failed", job_id=str(job_id), error=str(exc))
+                self._reschedule(job, exc.retry_after)
                 return
-            log.warning("poll.failed", job_id=str(job_id), error=str(exc))
-            self._reschedule(job, exc.retry_after)
-            return
         self._on_prediction(job, prediction)
 
     def _on_prediction(self, job: Job, prediction: Prediction) -> None:
@@ -484,14 +508,31 @@ def _rejection_code(exc: WaveSpeedError) -> ErrorCode:
     return ErrorCode.INVALID_INPUT
 
 
+# What a poll message carries of a webhook's prediction: enough to act on, and not its
+# `input`, whose presigned image URL has no business sitting in the broker.
+REPORTED_FIELDS = ("id", "status", "outputs", "error", "code", "timings")
+
+
+def _finished_report(reported: dict[str, Any] | None, prediction_id: str) -> Prediction | None:
+    if not reported or reported.get("id") != prediction_id:
+        return None
+    prediction = Prediction.from_data(reported)
+    return prediction if prediction.terminal else None
+
+
 def poll_now(
-    sessions: sessionmaker[Session], send: dispatch.Dispatcher, prediction_id: str
+    sessions: sessionmaker[Session],
+    send: dispatch.Dispatcher,
+    prediction_id: str,
+    reported: dict[str, Any] | None = None,
 ) -> bool:
-    """WaveSpeed says a prediction finished: poll its job now instead of at the next tick.
-    The poll takes the job's chain over, so duplicates of the webhook are harmless."""
+    """WaveSpeed says a prediction finished: poll its job now instead of at the next tick,
+    handing over what the webhook reported. The poll takes the job's chain over, so
+    duplicates of the webhook are harmless."""
     with unit_of_work(sessions) as session:
         job = jobs.by_prediction(session, prediction_id)
     if job is None or job.status != JobState.PROCESSING:
         return False
-    send(dispatch.POLL, job.id)
+    report = {k: reported[k] for k in REPORTED_FIELDS if k in reported} if reported else None
+    send(dispatch.POLL, job.id, reported=report)
     return True

@@ -2,6 +2,13 @@
 
 Run by beat every few seconds, possibly on several hosts at once: rows are claimed with
 SKIP LOCKED and every task it sends is idempotent, so overlap costs a duplicate message at most.
+
+A job that looks overdue may only be waiting behind a backlog. While its queue still holds
+messages the sweep for that queue is deferred: its consumers are busy, and re-sending would
+only lengthen the queue that made the job late (measured in docs/benchmarks.md: as many
+re-sends as jobs, many times over, once a backlog outgrew the grace). A flushed or restarted
+broker empties the queues, so a lost message is still found at the first sweep after its
+queue drained.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from datetime import timedelta
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
-from workers import callbacks, dispatch, jobs
+from workers import callbacks, dispatch, jobs, metrics
 from workers.db import unit_of_work
 from workers.models import Job
 from workers.outbox import relay
@@ -44,7 +51,12 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
         # Admitted, but the submit message never arrived.
         (JobState.QUEUED, Job.admitted_at, settings.outbox_grace_seconds, dispatch.SUBMIT),
     ]
+    backlog = _backlog(send, {dispatch.ROUTES[task] for *_, task in sweeps})
     for state, column, grace, task in sweeps:
+        if backlog[dispatch.ROUTES[task]]:
+            metrics.RECONCILER_DEFERRED.labels(str(state)).inc()
+            counts[str(state)] = 0
+            continue
         counts[str(state)] = _sweep(
             sessions, send, state, column, now - timedelta(seconds=grace), task
         )
@@ -53,10 +65,16 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
     for delivery_id in deliveries:
         send(dispatch.NOTIFY, delivery_id)
     counts["callbacks"] = len(deliveries)
+    for kind, count in counts.items():
+        metrics.RECONCILER_RESENT.labels(kind).inc(count)
     counts["admitted"] = pipeline.admit()
     if any(counts.values()):
-        log.info("reconcile.resent", **counts)
+        log.info("reconcile.resent", **counts, backlog={q: n for q, n in backlog.items() if n})
     return counts
+
+
+def _backlog(send: dispatch.Dispatcher, queues: set[str]) -> dict[str, int]:
+    return {queue: send.waiting(queue) for queue in sorted(queues)}
 
 
 def _sweep(

@@ -15,9 +15,9 @@ from workers.urlguard import UrlGuard, UrlPolicy
 from workers.wavespeed import WaveSpeedClient, make_http_client
 
 
-def build_storage(settings: Settings) -> Storage:
+def build_s3_client(settings: Settings) -> Any:
     secret = settings.aws_secret_access_key
-    s3 = make_s3_client(
+    return make_s3_client(
         endpoint_url=settings.s3_endpoint_url,
         region=settings.aws_region,
         access_key_id=settings.aws_access_key_id,
@@ -25,7 +25,15 @@ def build_storage(settings: Settings) -> Storage:
         connect_timeout=settings.s3_connect_timeout,
         read_timeout=settings.s3_read_timeout,
     )
-    return Storage(s3, settings.s3_bucket, part_size=settings.s3_part_size)
+
+
+def build_storage(settings: Settings) -> Storage:
+    return Storage(
+        build_s3_client(settings),
+        settings.s3_bucket,
+        part_size=settings.s3_part_size,
+        max_concurrency=settings.s3_max_concurrency,
+    )
 
 
 def build_wavespeed(settings: Settings, http: httpx.Client) -> WaveSpeedClient:

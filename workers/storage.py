@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from typing import IO, Any
 
 import boto3
+import structlog
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
+log = structlog.get_logger(__name__)
 
 # S3 refuses multipart parts under 5 MiB (except the last one).
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -60,19 +65,71 @@ def _parts(chunks: Iterable[bytes], part_size: int) -> Iterator[bytes]:
     for chunk in chunks:
         buffer += chunk
         while len(buffer) >= part_size:
-            yield bytes(buffer[:part_size])
+            # One copy instead of two (a bytearray slice copies too). The view must be released
+            # before `del`: a bytearray with a live export refuses to resize.
+            with memoryview(buffer) as view:
+                part = bytes(view[:part_size])
             del buffer[:part_size]
+            yield part
     if buffer:
         yield bytes(buffer)
+
+
+class _PartWindow:
+    """Part uploads running on a pool, at most `limit` at once so memory stays bounded;
+    collects each part's ETag by number and re-raises the first failure it sees."""
+
+    def __init__(
+        self,
+        pool: ThreadPoolExecutor,
+        upload: Callable[[int, bytes], tuple[int, str]],
+        limit: int,
+    ) -> None:
+        self._pool, self._upload, self._limit = pool, upload, limit
+        self._pending: set[Future[tuple[int, str]]] = set()
+        self._etags: dict[int, str] = {}
+
+    def submit(self, number: int, body: bytes) -> None:
+        """Queue a part; blocks the reader while `limit` parts are still in flight."""
+        # Never blocking when there is room, but still harvesting, so a failed part stops
+        # the reader at the next part rather than once the window fills.
+        full = len(self._pending) >= self._limit
+        self._harvest(None if full else 0, FIRST_COMPLETED)
+        self._pending.add(self._pool.submit(self._upload, number, body))
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Wait for every part; answer them in part-number order, as S3 requires."""
+        self._harvest(None, FIRST_EXCEPTION)
+        return [{"PartNumber": n, "ETag": etag} for n, etag in sorted(self._etags.items())]
+
+    @property
+    def empty(self) -> bool:
+        return not self._pending and not self._etags
+
+    def _harvest(self, timeout: float | None, return_when: str) -> None:
+        done, self._pending = wait(self._pending, timeout=timeout, return_when=return_when)
+        for future in done:
+            number, etag = future.result()
+            self._etags[number] = etag
 
 
 class Storage:
     """One bucket. Takes a boto3 S3 client built by the caller."""
 
-    def __init__(self, s3: Any, bucket: str, *, part_size: int = 8 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        s3: Any,
+        bucket: str,
+        *,
+        part_size: int = 8 * 1024 * 1024,
+        max_concurrency: int = 4,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
         self._s3 = s3
         self.bucket = bucket
         self._part_size = max(part_size, MIN_PART_SIZE)
+        self._max_concurrency = max_concurrency
 
     def close(self) -> None:
         self._s3.close()
@@ -97,35 +154,86 @@ class Storage:
     def put_stream(
         self, key: str, chunks: Iterable[bytes], content_type: str, *, tee: IO[bytes] | None = None
     ) -> StoredObject:
-        """Stream chunks into a multipart upload in constant memory (one part at a time),
-        hashing as they pass. `tee` receives a copy of every byte (e.g. a temp file to probe).
-        The upload is aborted on any failure, so a half-written object never appears."""
-        upload_id = self._s3.create_multipart_upload(
-            Bucket=self.bucket, Key=key, ContentType=content_type
-        )["UploadId"]
-        digest, size, etags = hashlib.sha256(), 0, []
+        """Stream chunks into a multipart upload, hashing as they pass, with up to
+        `max_concurrency` parts uploading while the next one is read: memory stays about
+        (max_concurrency + 1) x part size. `tee` receives a copy of every byte, in order (e.g. a
+        temp file to probe). The upload is aborted on any failure, so a half-written object never
+        appears; S3 failures raise `StorageError`, the reader's own errors pass through."""
+        started = self._call(
+            key,
+            "start",
+            self._s3.create_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            ContentType=content_type,
+        )
+        upload_id = started["UploadId"]
+        upload = partial(self._upload_part, key, upload_id)
+        with ThreadPoolExecutor(self._max_concurrency, thread_name_prefix="s3-part") as pool:
+            window = _PartWindow(pool, upload, self._max_concurrency)
+            try:
+                size, sha256 = self._read_into(window, chunks, tee)
+                self._complete(key, upload_id, window.finish())
+            except BaseException:
+                # A part still running after the abort could land and leave a pending upload
+                # behind it (billed storage), so stop and drain the pool first.
+                pool.shutdown(wait=True, cancel_futures=True)
+                self._abort(key, upload_id)
+                raise
+        return StoredObject(self.bucket, key, size, sha256)
+
+    def _read_into(
+        self, window: _PartWindow, chunks: Iterable[bytes], tee: IO[bytes] | None
+    ) -> tuple[int, str]:
+        """The one reader: hash, count and tee each part in order, then hand it to the pool."""
+        digest, size = hashlib.sha256(), 0
+        for number, part in enumerate(_parts(chunks, self._part_size), start=1):
+            digest.update(part)
+            size += len(part)
+            if tee is not None:
+                tee.write(part)
+            window.submit(number, part)
+        if window.empty:  # S3 needs at least one part, even for an empty body.
+            window.submit(1, b"")
+        return size, digest.hexdigest()
+
+    def _upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> tuple[int, str]:
+        answer = self._call(
+            key,
+            f"part {number}",
+            self._s3.upload_part,
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=body,
+        )
+        return number, str(answer["ETag"])
+
+    def _complete(self, key: str, upload_id: str, parts: list[dict[str, Any]]) -> None:
+        self._call(
+            key,
+            "complete",
+            self._s3.complete_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+
+    def _call(self, key: str, step: str, method: Callable[..., Any], **params: Any) -> Any:
         try:
-            for number, part in enumerate(_parts(chunks, self._part_size), start=1):
-                digest.update(part)
-                size += len(part)
-                if tee is not None:
-                    tee.write(part)
-                answer = self._s3.upload_part(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=part
-                )
-                etags.append({"PartNumber": number, "ETag": answer["ETag"]})
-            if not etags:  # S3 needs at least one part, even for an empty body.
-                answer = self._s3.upload_part(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=1, Body=b""
-                )
-                etags.append({"PartNumber": 1, "ETag": answer["ETag"]})
-            self._s3.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": etags}
-            )
-        except BaseException:
+            return method(**params)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"put {key} ({step}): {exc}") from exc
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        # Swallowed so the failure that caused the abort is the one the caller sees; S3's
+        # lifecycle rule for incomplete uploads is the backstop for what this leaves behind.
+        try:
             self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-            raise
-        return StoredObject(self.bucket, key, size, digest.hexdigest())
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("s3.upload.abort_failed", key=key, error=str(exc))
 
     def copy(self, source_key: str, key: str) -> None:
         try:

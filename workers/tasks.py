@@ -8,10 +8,11 @@ from __future__ import annotations
 import os
 import uuid
 from functools import partial
+from typing import Any
 
 import kombu.exceptions
 import sqlalchemy.exc
-from celery import Task
+from celery import Task, signals
 
 from config import Settings
 from workers import dispatch
@@ -34,12 +35,19 @@ STORE_MAX_RETRIES = 5
 
 
 def pipeline() -> Pipeline:
-    """The process's pipeline, built on first use after fork (engines and clients must not
+    """The process's pipeline, built once per process after fork (engines and clients must not
     cross a prefork boundary)."""
     global _pipeline
     if _pipeline is None or _pipeline[0] != os.getpid():
         _pipeline = (os.getpid(), build_pipeline(Settings(), app))
     return _pipeline[1]
+
+
+@signals.worker_process_init.connect
+def _build_pipeline(**_: Any) -> None:
+    # Engines, TLS contexts and the boto3 client take a few hundred milliseconds to build:
+    # pay that when the pool process starts, not inside the first task it runs.
+    pipeline()
 
 
 @task(name=dispatch.SUBMIT)
@@ -55,9 +63,10 @@ def recover(job_id: str) -> None:
 
 
 @task(name=dispatch.POLL)
-def poll(job_id: str, seq: int | None = None) -> None:
-    """Check a prediction once; reschedules itself with a countdown, never sleeps."""
-    pipeline().poll(uuid.UUID(job_id), seq)
+def poll(job_id: str, seq: int | None = None, reported: dict[str, Any] | None = None) -> None:
+    """Check a prediction once (or take what WaveSpeed's webhook `reported`); reschedules
+    itself with a countdown, never sleeps."""
+    pipeline().poll(uuid.UUID(job_id), seq, reported)
 
 
 @task(name=dispatch.STORE, bind=True)

@@ -44,7 +44,7 @@ def add_jobs(
 
 def run(sessions: sessionmaker[Session], gate: Gate) -> list[uuid.UUID]:
     with unit_of_work(sessions) as session:
-        return list(admit(session, gate, NOW, MINUTE_AGO))
+        return [entry.job_id for entry in admit(session, gate, NOW, MINUTE_AGO)]
 
 
 def tenants_of(sessions: sessionmaker[Session], ids: list[uuid.UUID]) -> list[str]:
@@ -100,3 +100,15 @@ def test_jobs_waiting_out_a_backoff_are_not_admitted(sessions: sessionmaker[Sess
     add_jobs(sessions, "a", 1, not_before=NOW + timedelta(seconds=5))
     ready = add_jobs(sessions, "a", 1, not_before=NOW - timedelta(seconds=1))
     assert run(sessions, Gate(10, 100, 10)) == ready
+
+
+def test_only_parked_jobs_are_owed_a_message(sessions: sessionmaker[Session]) -> None:
+    (fresh,) = add_jobs(sessions, "a", 1)  # its own submit message is still on its way
+    (parked,) = add_jobs(sessions, "a", 1, parked_at=NOW - timedelta(seconds=5))
+    with unit_of_work(sessions) as session:
+        owed = {
+            e.job_id: e.needs_message for e in admit(session, Gate(10, 100, 10), NOW, MINUTE_AGO)
+        }
+    assert owed == {fresh: False, parked: True}
+    with sessions() as session:
+        assert session.get_one(Job, parked).parked_at is None

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import pytest
 from sqlalchemy import func, select
@@ -210,3 +211,60 @@ def test_a_truncated_download_is_retried_and_leaves_no_object(
     simulator.reset_faults()
     pipeline.store(job_id)
     assert status(pipeline, job_id).status == JobState.COMPLETED
+
+
+def test_a_burst_through_an_open_gate_costs_one_submit_message_per_job(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    ids = [new_job(pipeline, portrait) for _ in range(3)]
+    for job_id in ids:  # each job's own outbox message arrives
+        pipeline.submit(job_id)
+    assert {status(pipeline, j).status for j in ids} == {JobState.PROCESSING}
+    # The first message admitted all three; the others' own messages claimed them.
+    assert [t for t, *_ in dispatcher.take()] == [dispatch.POLL] * 3
+
+
+def test_a_job_waiting_for_the_gate_gets_its_message_when_a_slot_frees(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    gated = replace(pipeline, settings=pipeline.settings.model_copy(update={"max_in_flight": 1}))
+    first, second = new_job(gated, portrait), new_job(gated, portrait)
+    gated.submit(first)
+    gated.submit(second)  # the gate is full: its message is used up, the job waits parked
+    assert status(gated, second).status == JobState.QUEUED
+    assert [t for t, *_ in dispatcher.take()] == [dispatch.POLL]
+    poll_until_left_processing(gated, first)  # the slot frees...
+    assert (dispatch.SUBMIT, second) in [(t, j) for t, j, *_ in dispatcher.take()]
+    gated.submit(second)  # ...and the message the gate sent submits it
+    assert status(gated, second).status == JobState.PROCESSING
+
+
+def test_a_finished_prediction_reported_by_the_webhook_needs_no_poll(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    prediction_id = status(pipeline, job_id).prediction_id
+    assert prediction_id
+    reported = {"id": prediction_id, "status": "completed", "outputs": ["https://cdn.test/o.mp4"]}
+    pipeline.poll(job_id, reported=reported)
+    job = status(pipeline, job_id)
+    # The output URL is the reported one, so no `/result` was asked for.
+    assert job.status == JobState.STORING and job.output_url == "https://cdn.test/o.mp4"
+
+
+@pytest.mark.parametrize(
+    "reported",
+    [{"status": "processing"}, {"status": "completed", "id": "someone-else"}],
+    ids=["not-finished", "another-prediction"],
+)
+def test_a_report_that_does_not_settle_the_job_falls_back_to_a_real_poll(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, reported: dict[str, str]
+) -> None:
+    simulator.set_faults(inference_seconds=[30, 30])
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    prediction_id = status(pipeline, job_id).prediction_id
+    pipeline.poll(job_id, reported={"id": prediction_id, "outputs": ["https://x/o.mp4"]} | reported)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.PROCESSING and job.output_url is None  # WaveSpeed was asked

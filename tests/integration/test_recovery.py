@@ -130,3 +130,20 @@ def test_cancel_leaves_finished_jobs_alone(pipeline: Pipeline, portrait: bytes) 
     poll_until_left_processing(pipeline, job_id)
     pipeline.store(job_id)
     assert pipeline.cancel(job_id).status == JobState.COMPLETED
+
+
+def test_sweeps_wait_while_their_queue_still_holds_messages(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[30, 30])
+    late, behind = new_job(pipeline, portrait), new_job(pipeline, portrait)
+    submit(pipeline, late)
+    submit(pipeline, behind)
+    dispatcher.take()
+    age(pipeline, late, 3600, "next_poll_at")
+    dispatcher(dispatch.POLL, behind)  # a backlog: a poll still waiting in the queue
+    # The late job may just be queued behind it: re-sending would only lengthen the queue.
+    assert reconcile(pipeline)["processing"] == 0
+    dispatcher.take()  # the queue drained (or was flushed): now the late job is re-sent
+    assert reconcile(pipeline)["processing"] == 1
+    assert (dispatch.POLL, late) in sent(dispatcher)
