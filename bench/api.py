@@ -8,8 +8,8 @@ One upload (`POST /v1/uploads`), then each generation names it by `upload_id`. L
 `--concurrency` asyncio tasks on one httpx client in this process, each sending its next
 request as soon as the last one answered; every phase stops at its request count or its time
 limit. Reported: requests a second, p50/p99 latency, and the API process's CPU milliseconds per
-request (steadier than req/s on a shared machine). `--profile FILE` runs the API under
-`bench.profile_api` (cProfile, per-thread CPU time) and leaves the merged stats in FILE.
+request (steadier than req/s on a shared machine). `--profile DIR` samples the API with py-spy
+during the POST phase and prints where its Python CPU went (`bench.pyspy`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 
 import httpx
 
+from bench import pyspy
 from bench.harness import emit, percentile, tree_cpu_seconds
-from sandbox.processes import Process, wait_until
 from sandbox.stack import Stack
 
 PORTRAIT = Path(__file__).resolve().parent.parent / "examples" / "portrait.png"
@@ -131,27 +131,13 @@ def upload(info: dict[str, Any]) -> str:
     return str(answer.raise_for_status().json()["upload_id"])
 
 
-def start_api(stack: Stack, profile: Path | None) -> Process:
-    """The API as `Stack.start_api` runs it, or the same under `bench.profile_api`."""
-    port = int(stack.env["API_PORT"])
-    if profile is None:
-        return stack.start_api("api", port)
-    argv = [sys.executable, "-m", "bench.profile_api", str(profile), "api.app:create_app",
-            "--factory", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]  # fmt: skip
-    api = Process("api", argv, stack.logs / "api.log", env=stack.env)
-    stack.apps.append(api.start())
-    url = f"http://127.0.0.1:{port}/healthz"
-    wait_until(lambda: api.check_alive() and httpx.get(url).is_success, timeout=60, what="api")
-    return api
-
-
 def run(options: argparse.Namespace) -> dict[str, Any]:
     root = options.root or Path(tempfile.mkdtemp(prefix="kling-bench-api-"))
     stack = Stack(root, environ=dict(os.environ))
     try:
         # The API alone: no worker or beat competing for the cores.
         info = stack.up(apps=False)
-        api = start_api(stack, options.profile)
+        api = stack.start_api("api", int(stack.env["API_PORT"]))
         assert api.pid is not None
         upload_id = upload(info)
         auth = {"Authorization": f"Bearer {info['api_key']}"}
@@ -164,7 +150,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             return client.build_request("POST", "/v1/generations", json=body, headers=auth)
 
         base = measure("healthz", info, api.pid, healthz, 200, options.baseline_requests, options)
-        post = measure("generations", info, api.pid, generation, 201, options.requests, options)
+        with pyspy.record({"api": api.pid}, options.profile):
+            post = measure("generations", info, api.pid, generation, 201, options.requests, options)
     finally:
         stack.down()
     return report(options, base, post)
@@ -198,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per phase")
     parser.add_argument("--root", type=Path, default=None)
-    parser.add_argument("--profile", type=Path, default=None, help="cProfile stats file")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR", help="py-spy, POSTs")
     options = parser.parse_args(argv)
     result = run(options)
     post, base = result["post_generations"], result["healthz"]
@@ -212,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| x{result['ratio_rps_post_to_healthz']} req/s "
         f"| {post['requests']} + {base['requests']} requests, {options.concurrency} concurrent |",
     )
+    if options.profile:
+        print(pyspy.summary(options.profile / "api.txt"))
     return 1 if post["errors"] or base["errors"] else 0
 
 

@@ -18,7 +18,8 @@ two processes, each calling `wavespeed.Client.run()` (submit, then `GET /result`
 until done) for `--baseline-jobs` jobs between them.
 
 `--set KEY=VALUE` passes a setting to every process of the stack (a what-if);
-`--profile-dir` runs the worker under `bench.profile_worker` (cProfile in every process).
+`--profile-dir DIR` samples the worker host (pool children included) with py-spy during the run
+and prints where its Python CPU went (`bench.pyspy`).
 At the default size the run takes about 30 minutes as the product ships (docs/benchmarks.md),
 hence the 40-minute bound.
 """
@@ -40,6 +41,7 @@ from typing import Any
 import httpx
 
 from bench import jobs as job_store
+from bench import pyspy
 from bench.counting_simulator import CountingSimulator
 from bench.harness import (
     PRODUCTION_CADENCE,
@@ -223,12 +225,7 @@ def run(options: Options) -> dict[str, Any]:
     try:
         stack.up(apps=False)
         stack.start_api("api", int(stack.env["API_PORT"]))
-        profiling = options.profile_dir is not None
-        worker = stack.start_worker(
-            "worker", queues=QUEUES, concurrency=options.concurrency,
-            app="bench.profile_worker" if profiling else "workers.celery_app",
-            env={"BENCH_PROFILE_DIR": str(options.profile_dir)} if profiling else None,
-        )  # fmt: skip
+        worker = stack.start_worker("worker", queues=QUEUES, concurrency=options.concurrency)
         assert worker.pid is not None
         return measure(options, stack, worker.pid, simulator, baseline_sim)
     finally:
@@ -258,7 +255,8 @@ def measure(
     idle = probe(stack, worker_pid, simulator)
     named = stack_pids(stack, *(s.process for s in (simulator, baseline_sim) if s.process))
     cpu_before = cpu_by_process(named)
-    with Sampler(lambda: probe(stack, worker_pid, simulator), interval=1.0) as sampler:
+    profile = pyspy.record({"worker": worker_pid}, options.profile_dir)
+    with Sampler(lambda: probe(stack, worker_pid, simulator), interval=1.0) as sampler, profile:
         started = time.monotonic()
         baseline.start()
         job_store.publish(settings)
@@ -382,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| {options.jobs} jobs, {options.inference_seconds:g} s inference, "
         f"run {result['run_seconds']} s |",
     )
+    if options.profile_dir:
+        print(pyspy.summary(options.profile_dir / "worker.txt"))
     ok = result["jobs_done_upstream"] == options.jobs and base["errors"] == 0
     return 0 if ok else 1
 

@@ -38,10 +38,14 @@ def _spy(pid: int, output: Path, rate: int, wall: bool) -> subprocess.Popen[byte
 
 @contextlib.contextmanager
 def record(
-    pids: Mapping[str, int], out_dir: Path, *, rate: int = 100, wall: bool = False
+    pids: Mapping[str, int], out_dir: Path | None, *, rate: int = 100, wall: bool = False
 ) -> Iterator[None]:
     """Sample each named process tree while the block runs: where its Python CPU goes, or
-    with `wall` where its threads spend their time, waiting included."""
+    with `wall` where its threads spend their time, waiting included. No `out_dir`: no
+    profile, the block just runs."""
+    if out_dir is None:
+        yield
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     spies = [_spy(pid, out_dir / f"{name}.txt", rate, wall) for name, pid in pids.items()]
     try:

@@ -19,7 +19,6 @@ time went, waiting included) (`bench.pyspy`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import sys
@@ -83,8 +82,7 @@ def throughput(
 ) -> dict[str, Any]:
     named = stack_pids(stack).items()
     pids = {name: pid for name, pid in named if name in ("api", "worker") and pid}
-    spying = pyspy.record(pids, profile, wall=wall) if profile else contextlib.nullcontext()
-    with serve(Receiver()) as receiver, spying:
+    with serve(Receiver()) as receiver, pyspy.record(pids, profile, wall=wall):
         started = time.time()
         run_jobs(api, upload_id, receiver, jobs)
         wait_callbacks(receiver, jobs, timeout=600)

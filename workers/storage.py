@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -102,10 +103,6 @@ class _PartWindow:
         self._harvest(None, FIRST_EXCEPTION)
         return [{"PartNumber": n, "ETag": etag} for n, etag in sorted(self._etags.items())]
 
-    @property
-    def empty(self) -> bool:
-        return not self._pending and not self._etags
-
     def _harvest(self, timeout: float | None, return_when: str) -> None:
         done, self._pending = wait(self._pending, timeout=timeout, return_when=return_when)
         for future in done:
@@ -154,11 +151,24 @@ class Storage:
     def put_stream(
         self, key: str, chunks: Iterable[bytes], content_type: str, *, tee: IO[bytes] | None = None
     ) -> StoredObject:
-        """Stream chunks into a multipart upload, hashing as they pass, with up to
-        `max_concurrency` parts uploading while the next one is read: memory stays about
-        (max_concurrency + 1) x part size. `tee` receives a copy of every byte, in order (e.g. a
-        temp file to probe). The upload is aborted on any failure, so a half-written object never
+        """Stream chunks into S3 in bounded memory, hashing as they pass. `tee` receives a copy
+        of every byte, in order (e.g. a temp file to probe). A half-written object never
         appears; S3 failures raise `StorageError`, the reader's own errors pass through."""
+        parts = _parts(chunks, self._part_size)
+        head = list(itertools.islice(parts, 2))
+        if len(head) < 2:
+            # One part's worth or less (most clips): one PUT instead of three multipart calls.
+            body = head[0] if head else b""
+            if tee is not None:
+                tee.write(body)
+            return self.put_bytes(key, body, content_type)
+        return self._put_multipart(key, itertools.chain(head, parts), content_type, tee)
+
+    def _put_multipart(
+        self, key: str, parts: Iterable[bytes], content_type: str, tee: IO[bytes] | None
+    ) -> StoredObject:
+        """A multipart upload with up to `max_concurrency` parts uploading while the next one is
+        read: memory stays about (max_concurrency + 2) x part size. Aborted on any failure."""
         started = self._call(
             key,
             "start",
@@ -172,7 +182,7 @@ class Storage:
         with ThreadPoolExecutor(self._max_concurrency, thread_name_prefix="s3-part") as pool:
             window = _PartWindow(pool, upload, self._max_concurrency)
             try:
-                size, sha256 = self._read_into(window, chunks, tee)
+                size, sha256 = self._read_into(window, parts, tee)
                 self._complete(key, upload_id, window.finish())
             except BaseException:
                 # A part still running after the abort could land and leave a pending upload
@@ -183,18 +193,16 @@ class Storage:
         return StoredObject(self.bucket, key, size, sha256)
 
     def _read_into(
-        self, window: _PartWindow, chunks: Iterable[bytes], tee: IO[bytes] | None
+        self, window: _PartWindow, parts: Iterable[bytes], tee: IO[bytes] | None
     ) -> tuple[int, str]:
         """The one reader: hash, count and tee each part in order, then hand it to the pool."""
         digest, size = hashlib.sha256(), 0
-        for number, part in enumerate(_parts(chunks, self._part_size), start=1):
+        for number, part in enumerate(parts, start=1):
             digest.update(part)
             size += len(part)
             if tee is not None:
                 tee.write(part)
             window.submit(number, part)
-        if window.empty:  # S3 needs at least one part, even for an empty body.
-            window.submit(1, b"")
         return size, digest.hexdigest()
 
     def _upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> tuple[int, str]:

@@ -32,7 +32,7 @@ class CountingS3:
     def __init__(self, s3: Any, hold: float = 0.0, bad_part: int | None = None) -> None:
         self._s3, self._hold, self._bad_part = s3, hold, bad_part
         self._lock = threading.Lock()
-        self.in_flight = self.peak = self.calls = 0
+        self.in_flight = self.peak = self.calls = self.multipart_started = 0
         self.in_flight_at_abort: int | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -51,6 +51,10 @@ class CountingS3:
         finally:
             with self._lock:
                 self.in_flight -= 1
+
+    def create_multipart_upload(self, **params: Any) -> Any:
+        self.multipart_started += 1
+        return self._s3.create_multipart_upload(**params)
 
     def abort_multipart_upload(self, **params: Any) -> Any:
         self.in_flight_at_abort = self.in_flight
@@ -172,3 +176,19 @@ def test_an_empty_body_stores_an_empty_object(storage: Storage, key: str, tmp_pa
     assert stored.sha256 == hashlib.sha256(b"").hexdigest()
     assert storage.get_bytes(key) == b""
     assert copy.read_bytes() == b""
+
+
+@pytest.mark.parametrize("size", [1, MIN_PART_SIZE], ids=["tiny", "exactly-one-part"])
+def test_a_body_within_one_part_is_one_put(
+    storage: Storage, s3: Any, key: str, tmp_path: Path, size: int
+) -> None:
+    single, counting = counted(s3, storage.bucket)
+    body = random.Random(size).randbytes(size)
+    copy = tmp_path / "copy.bin"
+    with copy.open("wb") as tee:
+        stored = single.put_stream(key, chunked(body), "video/mp4", tee=tee)
+    assert (counting.multipart_started, counting.calls) == (0, 0)
+    assert stored.sha256 == hashlib.sha256(body).hexdigest() and stored.bytes == size
+    assert storage.get_bytes(key) == body and copy.read_bytes() == body
+    head = storage.head(key)
+    assert head is not None and head["ContentType"] == "video/mp4"
