@@ -20,8 +20,8 @@ until done) for `--baseline-jobs` jobs between them.
 `--set KEY=VALUE` passes a setting to every process of the stack (a what-if);
 `--profile-dir DIR` samples the worker host (pool children included) with py-spy during the run
 and prints where its Python CPU went (`bench.pyspy`).
-At the default size the run takes about 30 minutes as the product ships (docs/benchmarks.md),
-hence the 40-minute bound.
+At the default size the run takes about 7 minutes (docs/benchmarks.md); the 40-minute bound
+leaves room for a slower machine or a what-if that makes the host fall behind.
 """
 
 from __future__ import annotations
