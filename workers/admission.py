@@ -105,13 +105,12 @@ def admit(session: Session, gate: Gate, now: datetime, minute_ago: datetime) -> 
     return [Admitted(job_id, parked[job_id]) for job_id in ids]
 
 
-def park(session: Session, job_id: uuid.UUID, now: datetime) -> bool:
+def park(session: Session, job_id: uuid.UUID, now: datetime) -> None:
     """Record that a queued, unadmitted job has no submit message on its way any more."""
-    row = session.execute(
+    session.execute(
         text(
-            "UPDATE jobs SET parked_at = :now WHERE id = :id AND status = 'queued' "
-            "AND admitted_at IS NULL RETURNING id"
+            "UPDATE jobs SET parked_at = :now "
+            "WHERE id = :id AND status = 'queued' AND admitted_at IS NULL"
         ),
         {"now": now, "id": job_id},
-    ).first()
-    return row is not None
+    )

@@ -514,10 +514,14 @@ REPORTED_FIELDS = ("id", "status", "outputs", "error", "code", "timings")
 
 
 def _finished_report(reported: dict[str, Any] | None, prediction_id: str) -> Prediction | None:
+    """The reported prediction if it settles the job; None means ask WaveSpeed."""
     if not reported or reported.get("id") != prediction_id:
         return None
     prediction = Prediction.from_data(reported)
-    return prediction if prediction.terminal else None
+    # A "completed" without outputs would fail the job: let `/result` have the last word.
+    if not prediction.terminal or (prediction.status == "completed" and not prediction.outputs):
+        return None
+    return prediction
 
 
 def poll_now(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -255,11 +256,15 @@ def test_a_finished_prediction_reported_by_the_webhook_needs_no_poll(
 
 @pytest.mark.parametrize(
     "reported",
-    [{"status": "processing"}, {"status": "completed", "id": "someone-else"}],
-    ids=["not-finished", "another-prediction"],
+    [
+        {"status": "processing"},
+        {"status": "completed", "id": "someone-else"},
+        {"status": "completed", "outputs": []},
+    ],
+    ids=["not-finished", "another-prediction", "completed-without-output"],
 )
 def test_a_report_that_does_not_settle_the_job_falls_back_to_a_real_poll(
-    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, reported: dict[str, str]
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, reported: dict[str, Any]
 ) -> None:
     simulator.set_faults(inference_seconds=[30, 30])
     job_id = new_job(pipeline, portrait)
@@ -267,4 +272,5 @@ def test_a_report_that_does_not_settle_the_job_falls_back_to_a_real_poll(
     prediction_id = status(pipeline, job_id).prediction_id
     pipeline.poll(job_id, reported={"id": prediction_id, "outputs": ["https://x/o.mp4"]} | reported)
     job = status(pipeline, job_id)
-    assert job.status == JobState.PROCESSING and job.output_url is None  # WaveSpeed was asked
+    # WaveSpeed was asked, and says the 30 s inference is still running.
+    assert job.status == JobState.PROCESSING and job.output_url is None
