@@ -47,7 +47,7 @@ from workers.intake import (
     store_upload,
 )
 from workers.models import IdempotencyKey, Job, Tenant, WebhookDelivery
-from workers.pipeline import poll_now, utcnow
+from workers.pipeline import utcnow
 from workers.representation import Generation
 from workers.webhook_in import WebhookRejected, verify
 
@@ -353,7 +353,7 @@ def _secret(tenant: Tenant) -> SigningSecret:
 @hooks.post("/wavespeed/webhook", status_code=204, tags=["wavespeed"], responses={401: PROBLEM})
 async def wavespeed_webhook(request: Request, res: Res) -> Response:
     """WaveSpeed's completion push: verified, deduplicated, then the job is settled at once
-    from the prediction it carries (or polled, if it does not settle it)."""
+    from the prediction it carries (or polled at once, if that does not settle it)."""
     secret = res.settings.wavespeed_webhook_secret
     body = await request.body()
     try:
@@ -367,12 +367,12 @@ async def wavespeed_webhook(request: Request, res: Res) -> Response:
 
 
 def _take_webhook(res: Res, prediction_id: str, body: bytes) -> None:
-    """Poll the job now unless this webhook was already taken (WaveSpeed retries deliveries),
-    handing the poll the verified prediction so a finished one needs no `/result` call."""
+    """Settle the job from the verified prediction unless this webhook was already taken
+    (WaveSpeed retries deliveries): a finished one needs no `/result` call and no worker."""
     with res.sessions() as db, db.begin():
         first = jobs.first_delivery(db, prediction_id)
     if first:
-        poll_now(res.sessions, res.dispatch, prediction_id, _prediction_of(body))
+        res.pipeline.take_webhook(prediction_id, _prediction_of(body))
     else:
         log.info("wavespeed.webhook.duplicate", prediction_id=prediction_id)
 

@@ -103,11 +103,9 @@ def sdk_loop(base_url: str, image_url: str, go: Any, todo: Any, done: Any) -> No
     client = wavespeed.Client(api_key=DEFAULT_API_KEY, base_url=base_url)
     body = {"image": image_url, "prompt": "slow push-in", "duration": 5}
     go.wait()  # start-up (imports) is not part of the measured time
-    while True:
-        try:
-            todo.get_nowait()
-        except queue.Empty:
-            return
+    # Blocking get until the sentinel: `get_nowait` can find the pipe empty while the parent's
+    # feeder thread, starved by a busy parent, has not written the jobs yet.
+    while todo.get() is not None:
         try:
             client.run(MODEL_ID, body, poll_interval=1.0)
             done.put((True, time.time()))
@@ -129,7 +127,7 @@ class SdkBaseline:
         image_url = upload.raise_for_status().json()["data"]["download_url"]
         context = multiprocessing.get_context("spawn")
         self.go, self.todo, self.done = context.Event(), context.Queue(), context.Queue()
-        for n in range(jobs):
+        for n in [*range(jobs), *[None] * concurrency]:  # then one stop sentinel each
             self.todo.put(n)
         args = (simulator.url, image_url, self.go, self.todo, self.done)
         self.processes = [context.Process(target=sdk_loop, args=args) for _ in range(concurrency)]

@@ -274,8 +274,8 @@ class Pipeline:
 
         Never sleeps. `seq` ties a message to one poll chain: a webhook or the reconciler
         (seq None) takes the chain over and the older message finds itself stale. `reported`
-        is the prediction a verified WaveSpeed webhook carried: a finished one is taken as
-        the result without asking WaveSpeed again.
+        is the prediction a verified WaveSpeed webhook carried (`take_webhook`): a finished
+        one is taken as the result without asking WaveSpeed again.
         """
         with unit_of_work(self.sessions) as session:
             job = jobs.claim_poll(session, job_id, seq)
@@ -294,6 +294,21 @@ class Pipeline:
                 self._reschedule(job, exc.retry_after)
                 return
         self._on_prediction(job, prediction)
+
+    def take_webhook(self, prediction_id: str, reported: dict[str, Any] | None) -> bool:
+        """WaveSpeed's verified webhook says a prediction finished. Settle its job here and
+        now from the prediction it carried, so a busy `poll` queue does not delay it; if the
+        body does not settle it, ask for a poll at once. The poll takes the job's chain over,
+        so duplicates of the webhook, and the scheduled poll arriving later, are harmless."""
+        with unit_of_work(self.sessions) as session:
+            job = jobs.by_prediction(session, prediction_id)
+        if job is None or job.status != JobState.PROCESSING:
+            return False
+        if _finished_report(reported, prediction_id) is None:
+            self.dispatch(dispatch.POLL, job.id)
+        else:
+            self.poll(job.id, reported=reported)
+        return True
 
     def _on_prediction(self, job: Job, prediction: Prediction) -> None:
         if prediction.status == "completed":
@@ -508,11 +523,6 @@ def _rejection_code(exc: WaveSpeedError) -> ErrorCode:
     return ErrorCode.INVALID_INPUT
 
 
-# What a poll message carries of a webhook's prediction: enough to act on, and not its
-# `input`, whose presigned image URL has no business sitting in the broker.
-REPORTED_FIELDS = ("id", "status", "outputs", "error", "code", "timings")
-
-
 def _finished_report(reported: dict[str, Any] | None, prediction_id: str) -> Prediction | None:
     """The reported prediction if it settles the job; None means ask WaveSpeed."""
     if not reported or reported.get("id") != prediction_id:
@@ -522,21 +532,3 @@ def _finished_report(reported: dict[str, Any] | None, prediction_id: str) -> Pre
     if not prediction.terminal or (prediction.status == "completed" and not prediction.outputs):
         return None
     return prediction
-
-
-def poll_now(
-    sessions: sessionmaker[Session],
-    send: dispatch.Dispatcher,
-    prediction_id: str,
-    reported: dict[str, Any] | None = None,
-) -> bool:
-    """WaveSpeed says a prediction finished: poll its job now instead of at the next tick,
-    handing over what the webhook reported. The poll takes the job's chain over, so
-    duplicates of the webhook are harmless."""
-    with unit_of_work(sessions) as session:
-        job = jobs.by_prediction(session, prediction_id)
-    if job is None or job.status != JobState.PROCESSING:
-        return False
-    report = {k: reported[k] for k in REPORTED_FIELDS if k in reported} if reported else None
-    send(dispatch.POLL, job.id, reported=report)
-    return True

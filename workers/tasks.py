@@ -63,10 +63,9 @@ def recover(job_id: str) -> None:
 
 
 @task(name=dispatch.POLL)
-def poll(job_id: str, seq: int | None = None, reported: dict[str, Any] | None = None) -> None:
-    """Check a prediction once (or take what WaveSpeed's webhook `reported`); reschedules
-    itself with a countdown, never sleeps."""
-    pipeline().poll(uuid.UUID(job_id), seq, reported)
+def poll(job_id: str, seq: int | None = None) -> None:
+    """Check a prediction once; reschedules itself with a countdown, never sleeps."""
+    pipeline().poll(uuid.UUID(job_id), seq)
 
 
 @task(name=dispatch.STORE, bind=True)

@@ -240,18 +240,34 @@ def test_a_job_waiting_for_the_gate_gets_its_message_when_a_slot_frees(
     assert status(gated, second).status == JobState.PROCESSING
 
 
-def test_a_finished_prediction_reported_by_the_webhook_needs_no_poll(
-    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+def test_a_finished_prediction_reported_by_the_webhook_settles_the_job_at_once(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
 ) -> None:
     job_id = new_job(pipeline, portrait)
     submit(pipeline, job_id)
     prediction_id = status(pipeline, job_id).prediction_id
     assert prediction_id
+    dispatcher.take()
     reported = {"id": prediction_id, "status": "completed", "outputs": ["https://cdn.test/o.mp4"]}
-    pipeline.poll(job_id, reported=reported)
+    assert pipeline.take_webhook(prediction_id, reported)
     job = status(pipeline, job_id)
-    # The output URL is the reported one, so no `/result` was asked for.
+    # The output URL is the reported one, so no `/result` was asked for; and no poll task.
     assert job.status == JobState.STORING and job.output_url == "https://cdn.test/o.mp4"
+    assert [t for t, *_ in dispatcher.take()] == [dispatch.STORE]
+    assert not pipeline.take_webhook(prediction_id, reported)  # WaveSpeed's retry: nothing
+
+
+def test_a_webhook_that_does_not_settle_the_job_asks_for_a_poll_now(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    prediction_id = status(pipeline, job_id).prediction_id
+    assert prediction_id
+    dispatcher.take()
+    assert pipeline.take_webhook(prediction_id, None)  # a body that was not a prediction
+    assert [(t, j, c) for t, j, c, _ in dispatcher.take()] == [(dispatch.POLL, job_id, None)]
+    assert status(pipeline, job_id).status == JobState.PROCESSING
 
 
 @pytest.mark.parametrize(
