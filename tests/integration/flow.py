@@ -40,6 +40,18 @@ def submit(pipeline: Pipeline, job_id: uuid.UUID) -> None:
     assert job_id not in again
 
 
+def submitted(pipeline: Pipeline, image: bytes) -> tuple[uuid.UUID, str]:
+    """A new job, submitted, its messages so far consumed: its id and its prediction's."""
+    job_id = new_job(pipeline, image)
+    submit(pipeline, job_id)
+    prediction_id = status(pipeline, job_id).prediction_id
+    assert prediction_id
+    dispatcher = pipeline.dispatch
+    assert isinstance(dispatcher, RecordingDispatcher)
+    dispatcher.take()
+    return job_id, prediction_id
+
+
 def status(pipeline: Pipeline, job_id: uuid.UUID) -> Job:
     with pipeline.sessions() as session:
         return jobs.get(session, job_id)

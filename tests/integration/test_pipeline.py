@@ -11,7 +11,13 @@ import pytest
 from sqlalchemy import func, select
 
 from config import Settings
-from tests.integration.flow import new_job, poll_until_left_processing, status, submit
+from tests.integration.flow import (
+    new_job,
+    poll_until_left_processing,
+    status,
+    submit,
+    submitted,
+)
 from tests.support import RecordingDispatcher, SimulatorAdmin, wait_for
 from workers import dispatch, jobs
 from workers.db import unit_of_work
@@ -243,11 +249,7 @@ def test_a_job_waiting_for_the_gate_gets_its_message_when_a_slot_frees(
 def test_a_finished_prediction_reported_by_the_webhook_settles_the_job_at_once(
     pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
 ) -> None:
-    job_id = new_job(pipeline, portrait)
-    submit(pipeline, job_id)
-    prediction_id = status(pipeline, job_id).prediction_id
-    assert prediction_id
-    dispatcher.take()
+    job_id, prediction_id = submitted(pipeline, portrait)
     reported = {"id": prediction_id, "status": "completed", "outputs": ["https://cdn.test/o.mp4"]}
     assert pipeline.take_webhook(prediction_id, reported)
     job = status(pipeline, job_id)
@@ -260,11 +262,7 @@ def test_a_finished_prediction_reported_by_the_webhook_settles_the_job_at_once(
 def test_a_webhook_that_does_not_settle_the_job_asks_for_a_poll_now(
     pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
 ) -> None:
-    job_id = new_job(pipeline, portrait)
-    submit(pipeline, job_id)
-    prediction_id = status(pipeline, job_id).prediction_id
-    assert prediction_id
-    dispatcher.take()
+    job_id, prediction_id = submitted(pipeline, portrait)
     assert pipeline.take_webhook(prediction_id, None)  # a body that was not a prediction
     assert [(t, j, c) for t, j, c, _ in dispatcher.take()] == [(dispatch.POLL, job_id, None)]
     assert status(pipeline, job_id).status == JobState.PROCESSING
@@ -283,9 +281,7 @@ def test_a_report_that_does_not_settle_the_job_falls_back_to_a_real_poll(
     pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, reported: dict[str, Any]
 ) -> None:
     simulator.set_faults(inference_seconds=[30, 30])
-    job_id = new_job(pipeline, portrait)
-    submit(pipeline, job_id)
-    prediction_id = status(pipeline, job_id).prediction_id
+    job_id, prediction_id = submitted(pipeline, portrait)
     pipeline.poll(job_id, reported={"id": prediction_id, "outputs": ["https://x/o.mp4"]} | reported)
     job = status(pipeline, job_id)
     # WaveSpeed was asked, and says the 30 s inference is still running.
