@@ -51,7 +51,7 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
         # Admitted, but the submit message never arrived.
         (JobState.QUEUED, Job.admitted_at, settings.outbox_grace_seconds, dispatch.SUBMIT),
     ]
-    backlog = _backlog(send, {dispatch.ROUTES[task] for *_, task in sweeps})
+    backlog = {q: send.waiting(q) for q in sorted({dispatch.ROUTES[t] for *_, t in sweeps})}
     for state, column, grace, task in sweeps:
         if backlog[dispatch.ROUTES[task]]:
             metrics.RECONCILER_DEFERRED.labels(str(state)).inc()
@@ -71,10 +71,6 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
     if any(counts.values()):
         log.info("reconcile.resent", **counts, backlog={q: n for q, n in backlog.items() if n})
     return counts
-
-
-def _backlog(send: dispatch.Dispatcher, queues: set[str]) -> dict[str, int]:
-    return {queue: send.waiting(queue) for queue in sorted(queues)}
 
 
 def _sweep(

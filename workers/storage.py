@@ -121,8 +121,6 @@ class Storage:
         part_size: int = 8 * 1024 * 1024,
         max_concurrency: int = 4,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
         self._s3 = s3
         self.bucket = bucket
         self._part_size = max(part_size, MIN_PART_SIZE)
@@ -142,10 +140,7 @@ class Storage:
             self._s3.create_bucket(Bucket=self.bucket)
 
     def put_bytes(self, key: str, body: bytes, content_type: str) -> StoredObject:
-        try:
-            self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"put {key}: {exc}") from exc
+        self._call(f"put {key}", self._s3.put_object, Key=key, Body=body, ContentType=content_type)
         return StoredObject(self.bucket, key, len(body), hashlib.sha256(body).hexdigest())
 
     def put_stream(
@@ -169,14 +164,8 @@ class Storage:
     ) -> StoredObject:
         """A multipart upload with up to `max_concurrency` parts uploading while the next one is
         read: memory stays about (max_concurrency + 2) x part size. Aborted on any failure."""
-        started = self._call(
-            key,
-            "start",
-            self._s3.create_multipart_upload,
-            Bucket=self.bucket,
-            Key=key,
-            ContentType=content_type,
-        )
+        start = self._s3.create_multipart_upload
+        started = self._call(f"put {key} (start)", start, Key=key, ContentType=content_type)
         upload_id = started["UploadId"]
         upload = partial(self._upload_part, key, upload_id)
         with ThreadPoolExecutor(self._max_concurrency, thread_name_prefix="s3-part") as pool:
@@ -207,33 +196,23 @@ class Storage:
 
     def _upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> tuple[int, str]:
         answer = self._call(
-            key,
-            f"part {number}",
-            self._s3.upload_part,
-            Bucket=self.bucket,
-            Key=key,
-            UploadId=upload_id,
-            PartNumber=number,
-            Body=body,
-        )
+            f"put {key} (part {number})", self._s3.upload_part,
+            Key=key, UploadId=upload_id, PartNumber=number, Body=body,
+        )  # fmt: skip
         return number, str(answer["ETag"])
 
     def _complete(self, key: str, upload_id: str, parts: list[dict[str, Any]]) -> None:
         self._call(
-            key,
-            "complete",
-            self._s3.complete_multipart_upload,
-            Bucket=self.bucket,
-            Key=key,
-            UploadId=upload_id,
-            MultipartUpload={"Parts": parts},
-        )
+            f"put {key} (complete)", self._s3.complete_multipart_upload,
+            Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts},
+        )  # fmt: skip
 
-    def _call(self, key: str, step: str, method: Callable[..., Any], **params: Any) -> Any:
+    def _call(self, what: str, method: Callable[..., Any], **params: Any) -> Any:
+        """One S3 call on this bucket; its failure becomes a `StorageError` saying `what`."""
         try:
-            return method(**params)
+            return method(Bucket=self.bucket, **params)
         except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"put {key} ({step}): {exc}") from exc
+            raise StorageError(f"{what}: {exc}") from exc
 
     def _abort(self, key: str, upload_id: str) -> None:
         # Swallowed so the failure that caused the abort is the one the caller sees; S3's
@@ -244,12 +223,8 @@ class Storage:
             log.warning("s3.upload.abort_failed", key=key, error=str(exc))
 
     def copy(self, source_key: str, key: str) -> None:
-        try:
-            self._s3.copy_object(
-                Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": source_key}
-            )
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"copy {source_key} -> {key}: {exc}") from exc
+        source = {"Bucket": self.bucket, "Key": source_key}
+        self._call(f"copy {source_key} -> {key}", self._s3.copy_object, Key=key, CopySource=source)
 
     def head(self, key: str) -> dict[str, Any] | None:
         try:
