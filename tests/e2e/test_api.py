@@ -261,9 +261,8 @@ def test_callback_is_signed_retried_with_the_same_id_and_replayable(
             r for r in receiver.received if verify(secret, r)["type"] == "generation.completed"
         ]
         assert verify(secret, completed[-1])["data"]["video"]["sha256"]
-        history = producer.api.get(f"/v1/generations/{job['id']}/events").json()
-        delivery = next(d for d in history["deliveries"] if d["event"] == "generation.completed")
-        assert delivery["status"] == "succeeded"
+        # The receiver answers before the worker records the outcome: wait for the record.
+        delivery = wait_for(lambda: completed_delivery(producer, job["id"], "succeeded"))
         ids = {
             r.headers["webhook-id"]
             for r in receiver.received
@@ -271,14 +270,21 @@ def test_callback_is_signed_retried_with_the_same_id_and_replayable(
         }
         assert ids == {delivery["webhook_id"]}
 
+        # Counted before the replay: its callback may arrive before the POST returns.
+        count = len(receiver.bodies_for(delivery["webhook_id"]))
         replayed = producer.api.post(f"/v1/webhook-deliveries/{delivery['id']}/replay")
         assert replayed.status_code == 200
-        count = len(receiver.bodies_for(delivery["webhook_id"]))
         wait_for(lambda: len(receiver.bodies_for(delivery["webhook_id"])) > count, timeout=30)
         assert all(
             verify(secret, r)["data"]["id"] == job["id"]
             for r in receiver.bodies_for(delivery["webhook_id"])
         )
+
+
+def completed_delivery(producer: Producer, job_id: str, status: str) -> dict[str, Any] | None:
+    history = producer.api.get(f"/v1/generations/{job_id}/events").json()
+    delivery = next(d for d in history["deliveries"] if d["event"] == "generation.completed")
+    return delivery if delivery["status"] == status else None
 
 
 def test_callbacks_verify_with_either_secret_during_rotation(producer: Producer) -> None:
