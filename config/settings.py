@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     outbox_grace_seconds: float = 10.0
     poll_overdue_grace_seconds: float = 30.0
     store_stall_seconds: float = 600.0
+    # While a sweep's queue still holds messages, work counts as lost only once it is this much
+    # later than its grace: it is probably queued behind the backlog, not gone.
+    reconcile_backlog_grace_seconds: float = 600.0
 
     @property
     def webhook_url(self) -> str:

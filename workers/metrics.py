@@ -88,8 +88,8 @@ RECONCILER_RESENT = Counter(
 )
 RECONCILER_DEFERRED = Counter(
     "kling_reconciler_deferred",
-    "Reconciler sweeps skipped, by job state, because the queue they would send to still "
-    "held messages",
+    "Reconciler sweeps run with the longer backlog grace, by job state, because the queue "
+    "they would send to still held messages",
     ["state"],
 )
 

@@ -4,11 +4,12 @@ Run by beat every few seconds, possibly on several hosts at once: rows are claim
 SKIP LOCKED and every task it sends is idempotent, so overlap costs a duplicate message at most.
 
 A job that looks overdue may only be waiting behind a backlog. While its queue still holds
-messages the sweep for that queue is deferred: its consumers are busy, and re-sending would
-only lengthen the queue that made the job late (measured in docs/benchmarks.md: as many
-re-sends as jobs, many times over, once a backlog outgrew the grace). A flushed or restarted
-broker empties the queues, so a lost message is still found at the first sweep after its
-queue drained.
+messages the sweep for that queue allows `reconcile_backlog_grace_seconds` more lateness: its
+consumers are busy, and re-sending would only lengthen the queue that made the job late
+(measured in docs/benchmarks.md: as many re-sends as jobs, many times over, once a backlog
+outgrew the grace). A flushed or restarted broker empties the queues, so a lost message is
+found at the first sweep after its queue drained; under a backlog that never drains, within
+the longer grace.
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
     for state, column, grace, task in sweeps:
         if backlog[dispatch.ROUTES[task]]:
             metrics.RECONCILER_DEFERRED.labels(str(state)).inc()
-            counts[str(state)] = 0
-            continue
+            grace += settings.reconcile_backlog_grace_seconds
         counts[str(state)] = _sweep(
             sessions, send, state, column, now - timedelta(seconds=grace), task
         )

@@ -140,10 +140,30 @@ def test_sweeps_wait_while_their_queue_still_holds_messages(
     submit(pipeline, late)
     submit(pipeline, behind)
     dispatcher.take()
-    age(pipeline, late, 3600, "next_poll_at")
+    grace = pipeline.settings.poll_overdue_grace_seconds
+    age(pipeline, late, grace + 60, "next_poll_at")
     dispatcher(dispatch.POLL, behind)  # a backlog: a poll still waiting in the queue
     # The late job may just be queued behind it: re-sending would only lengthen the queue.
     assert reconcile(pipeline)["processing"] == 0
     dispatcher.take()  # the queue drained (or was flushed): now the late job is re-sent
     assert reconcile(pipeline)["processing"] == 1
     assert (dispatch.POLL, late) in sent(dispatcher)
+
+
+def test_a_backlog_that_never_drains_hides_lost_work_only_for_a_while(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[30, 30])
+    late, behind = new_job(pipeline, portrait), new_job(pipeline, portrait)
+    submit(pipeline, late)
+    submit(pipeline, behind)
+    dispatcher.take()
+    settings = pipeline.settings
+    lateness = settings.poll_overdue_grace_seconds + settings.reconcile_backlog_grace_seconds
+    age(pipeline, late, lateness + 60, "next_poll_at")
+    dispatcher(dispatch.POLL, behind)  # the poll queue is never empty
+    assert reconcile(pipeline)["processing"] == 1
+    assert (dispatch.POLL, late) in sent(dispatcher)
+    dispatcher(dispatch.POLL, behind)
+    # Re-sent once: the next sweep gives that message the same long grace before trying again.
+    assert reconcile(pipeline)["processing"] == 0
