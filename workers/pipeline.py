@@ -528,7 +528,12 @@ def _finished_report(reported: dict[str, Any] | None, prediction_id: str) -> Pre
     if not reported or reported.get("id") != prediction_id:
         return None
     prediction = Prediction.from_data(reported)
-    # A "completed" without outputs would fail the job: let `/result` have the last word.
-    if not prediction.terminal or (prediction.status == "completed" and not prediction.outputs):
+    # A "completed" without outputs would fail the job, and a "failed" without a code could not
+    # tell a retryable failure from a permanent one: let `/result` have the last word.
+    if not prediction.terminal:
+        return None
+    if prediction.status == "completed" and not prediction.outputs:
+        return None
+    if prediction.status == "failed" and prediction.code is None:
         return None
     return prediction

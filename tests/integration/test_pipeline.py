@@ -268,14 +268,26 @@ def test_a_webhook_that_does_not_settle_the_job_asks_for_a_poll_now(
     assert status(pipeline, job_id).status == JobState.PROCESSING
 
 
+def test_a_failure_reported_with_its_code_settles_the_job_without_asking_wavespeed(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[30, 30])  # `/result` would still say processing
+    job_id, prediction_id = submitted(pipeline, portrait)
+    reported = {"id": prediction_id, "status": "failed", "code": 1200, "error": "moderated"}
+    assert pipeline.take_webhook(prediction_id, reported)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.FAILED and job.error_code == "content_moderated"
+
+
 @pytest.mark.parametrize(
     "reported",
     [
         {"status": "processing"},
         {"status": "completed", "id": "someone-else"},
         {"status": "completed", "outputs": []},
+        {"status": "failed", "error": "internal error"},
     ],
-    ids=["not-finished", "another-prediction", "completed-without-output"],
+    ids=["not-finished", "another-prediction", "completed-without-output", "failed-without-code"],
 )
 def test_a_report_that_does_not_settle_the_job_falls_back_to_a_real_poll(
     pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, reported: dict[str, Any]
