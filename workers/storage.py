@@ -60,6 +60,14 @@ def make_s3_client(
     )
 
 
+def _handing_on(head: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
+    """`head`, then `rest`. Pops rather than iterates, so a part handed on is no longer held
+    by the list (which the caller's frame keeps alive for the whole upload)."""
+    while head:
+        yield head.pop(0)
+    yield from rest
+
+
 def _parts(chunks: Iterable[bytes], part_size: int) -> Iterator[bytes]:
     """Regroup arbitrary chunks into parts of exactly `part_size` (the last may be shorter)."""
     buffer = bytearray()
@@ -157,7 +165,7 @@ class Storage:
             if tee is not None:
                 tee.write(body)
             return self.put_bytes(key, body, content_type)
-        return self._put_multipart(key, itertools.chain(head, parts), content_type, tee)
+        return self._put_multipart(key, _handing_on(head, parts), content_type, tee)
 
     def _put_multipart(
         self, key: str, parts: Iterable[bytes], content_type: str, tee: IO[bytes] | None
