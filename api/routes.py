@@ -362,19 +362,8 @@ async def wavespeed_webhook(request: Request, res: Res) -> Response:
         log.warning("wavespeed.webhook.rejected", reason=str(exc))
         raise HTTPException(401, str(exc)) from exc
     # Reading the body needs the event loop; the database work would block it for every request.
-    await run_in_threadpool(_take_webhook, res, prediction_id, body)
+    await run_in_threadpool(res.pipeline.take_webhook, prediction_id, _prediction_of(body))
     return Response(status_code=204)
-
-
-def _take_webhook(res: Res, prediction_id: str, body: bytes) -> None:
-    """Settle the job from the verified prediction unless this webhook was already taken
-    (WaveSpeed retries deliveries): a finished one needs no `/result` call and no worker."""
-    with res.sessions() as db, db.begin():
-        first = jobs.first_delivery(db, prediction_id)
-    if first:
-        res.pipeline.take_webhook(prediction_id, _prediction_of(body))
-    else:
-        log.info("wavespeed.webhook.duplicate", prediction_id=prediction_id)
 
 
 def _prediction_of(body: bytes) -> dict[str, Any] | None:

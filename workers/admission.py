@@ -68,6 +68,12 @@ RETURNING jobs.id, before.parked_at IS NOT NULL AS parked
 """)
 
 
+# Records that a queued, unadmitted job has no submit message on its way any more.
+_PARK = text("""
+UPDATE jobs SET parked_at = :now WHERE id = :id AND status = 'queued' AND admitted_at IS NULL
+""")
+
+
 @dataclass(frozen=True)
 class Admitted:
     job_id: uuid.UUID
@@ -82,12 +88,26 @@ class Gate:
     tenant_max_in_flight: int
 
 
-def admit(session: Session, gate: Gate, now: datetime, minute_ago: datetime) -> list[Admitted]:
+def admit(
+    session: Session,
+    gate: Gate,
+    now: datetime,
+    minute_ago: datetime,
+    park: uuid.UUID | None = None,
+) -> list[Admitted]:
     """Mark the next fair batch of queued jobs admitted (within the caller's transaction) and
-    answer them; the caller sends the submit tasks the parked ones need after commit."""
-    if not session.scalar(_ANY_WAITING, {"now": now}):
+    answer them; the caller sends the submit tasks the parked ones need after commit.
+
+    `park` is a queued job whose own submit message just found it unadmitted: it is parked
+    first, under the gate's lock, so the gate sends it a message whenever it admits it later.
+    """
+    if park is None and not session.scalar(_ANY_WAITING, {"now": now}):
         return []
+    # The lock comes before any job row: admitting locks its candidates' rows under it, so a
+    # row locked first (by parking) would invert the order and deadlock with another gate pass.
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK})
+    if park is not None:
+        session.execute(_PARK, {"now": now, "id": park})
     usage = session.execute(_USAGE, {"minute_ago": minute_ago}).one()
     # `last_submit_at` keeps only a job's latest attempt, so a job retried within the minute
     # counts once: the rate is a close lower bound, which WaveSpeed's 429 backs up.
@@ -103,14 +123,3 @@ def admit(session: Session, gate: Gate, now: datetime, minute_ago: datetime) -> 
     parked = {row.id: row.parked for row in rows}
     # In the gate's fair order, which the UPDATE's RETURNING does not keep.
     return [Admitted(job_id, parked[job_id]) for job_id in ids]
-
-
-def park(session: Session, job_id: uuid.UUID, now: datetime) -> None:
-    """Record that a queued, unadmitted job has no submit message on its way any more."""
-    session.execute(
-        text(
-            "UPDATE jobs SET parked_at = :now "
-            "WHERE id = :id AND status = 'queued' AND admitted_at IS NULL"
-        ),
-        {"now": now, "id": job_id},
-    )

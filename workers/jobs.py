@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, tuple_, update
+from sqlalchemy import delete, func, insert, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
@@ -203,6 +203,11 @@ def first_delivery(session: Session, webhook_id: str) -> bool:
         .returning(WaveSpeedWebhook.id)
     ).first()
     return row is not None
+
+
+def forget_delivery(session: Session, webhook_id: str) -> None:
+    """Undo `first_delivery` for a webhook that could not be taken, so its retry is."""
+    session.execute(delete(WaveSpeedWebhook).where(WaveSpeedWebhook.id == webhook_id))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import structlog
+from sqlalchemy import ColumnElement
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
@@ -82,7 +83,11 @@ class Pipeline:
         history instead of paying for a second prediction.
         """
         job, inputs = self._claim(job_id)
-        if inputs is None and self._wait_for_gate(job):
+        if inputs is None and job.status == JobState.QUEUED and job.admitted_at is None:
+            # Not admitted yet: park the job and let the gate pick the fairest jobs. Claim
+            # again whatever it picked: if this gate pass, or another one since the claim
+            # above, admitted this job, no other message is coming for it.
+            self._admit(park=job.id)
             job, inputs = self._claim(job_id)
         if inputs is None:
             return
@@ -112,13 +117,6 @@ class Pipeline:
             )
             return job, self._inputs(job) if claimed else None
 
-    def _wait_for_gate(self, job: Job) -> bool:
-        """This job's message found it unadmitted: park it and let the gate pick the fairest
-        jobs. True if the gate picked this one, which the calling task then submits itself."""
-        if job.status != JobState.QUEUED or job.admitted_at is not None:
-            return False
-        return job.id in self._admit(park=job.id)
-
     def admit(self) -> int:
         """Admit as many queued jobs as the gate allows and send the submit tasks they need."""
         return len(self._admit())
@@ -126,9 +124,9 @@ class Pipeline:
     def _admit(self, park: uuid.UUID | None = None) -> list[uuid.UUID]:
         now = self.clock()
         with unit_of_work(self.sessions) as session:
-            if park is not None:
-                admission.park(session, park, now)
-            admitted = admission.admit(session, self.gate, now, now - timedelta(minutes=1))
+            admitted = admission.admit(
+                session, self.gate, now, now - timedelta(minutes=1), park=park
+            )
         for entry in admitted:
             if entry.needs_message and entry.job_id != park:
                 self.dispatch(dispatch.SUBMIT, entry.job_id)
@@ -243,7 +241,13 @@ class Pipeline:
         self.fail(job_id, JobState.SUBMITTING, code, exc.message)
 
     def _requeue(
-        self, job_id: uuid.UUID, src: JobState, attempt: int, retry_after: float | None, why: str
+        self,
+        job_id: uuid.UUID,
+        src: JobState,
+        attempt: int,
+        retry_after: float | None,
+        why: str,
+        when: ColumnElement[bool] | None = None,
     ) -> None:
         delay = backoff(
             attempt, self.settings.retry_base_seconds, self.settings.retry_max_seconds, retry_after
@@ -255,15 +259,17 @@ class Pipeline:
                 src,
                 JobState.QUEUED,
                 reason=f"retry in {delay:.1f}s: {why}",
+                when=when,
                 prediction_id=None,
                 admitted_at=None,
                 not_before=self.clock() + timedelta(seconds=delay),
                 parked_at=None,  # the countdown message below is on its way
             )
         if moved:
-            self.admit()  # its slot is free for another job meanwhile
+            # The message first: nothing else would send it, and admitting can fail.
             # The gate is asked again when the wait is over (beat asks too, if this is lost).
             self.dispatch(dispatch.SUBMIT, job_id, countdown=delay)
+            self.admit()  # its slot is free for another job meanwhile
 
     # -- poll -----------------------------------------------------------------------------
 
@@ -288,7 +294,10 @@ class Pipeline:
                 prediction = self.wavespeed.result(job.prediction_id)
             except WaveSpeedError as exc:
                 if not exc.retryable and exc.status_code in (401, 403):
-                    self.fail(job_id, JobState.PROCESSING, ErrorCode.UPSTREAM_AUTH, exc.message)
+                    self.fail(
+                        job_id, JobState.PROCESSING, ErrorCode.UPSTREAM_AUTH, exc.message,
+                        when=_tracks(job),
+                    )  # fmt: skip
                     return
                 log.warning("poll.failed", job_id=str(job_id), error=str(exc))
                 self._reschedule(job, exc.retry_after)
@@ -299,7 +308,21 @@ class Pipeline:
         """WaveSpeed's verified webhook says a prediction finished. Settle its job here and
         now from the prediction it carried, so a busy `poll` queue does not delay it; if the
         body does not settle it, ask for a poll at once. The poll takes the job's chain over,
-        so duplicates of the webhook, and the scheduled poll arriving later, are harmless."""
+        so the scheduled poll arriving later is harmless; WaveSpeed's retries of a webhook
+        already taken change nothing. False when there was nothing to do."""
+        with unit_of_work(self.sessions) as session:
+            if not jobs.first_delivery(session, prediction_id):
+                log.info("wavespeed.webhook.duplicate", prediction_id=prediction_id)
+                return False
+        try:
+            return self._settle_reported(prediction_id, reported)
+        except BaseException:
+            # Not taken after all (the broker or Postgres failed): let WaveSpeed's retry in.
+            with unit_of_work(self.sessions) as session:
+                jobs.forget_delivery(session, prediction_id)
+            raise
+
+    def _settle_reported(self, prediction_id: str, reported: dict[str, Any] | None) -> bool:
         with unit_of_work(self.sessions) as session:
             job = jobs.by_prediction(session, prediction_id)
         if job is None or job.status != JobState.PROCESSING:
@@ -321,6 +344,7 @@ class Pipeline:
                 JobState.PROCESSING,
                 ErrorCode.UPSTREAM_CANCELLED,
                 f"WaveSpeed reports the prediction {prediction.status}",
+                when=_tracks(job),
             )
         elif self._timed_out(job):
             self.fail(
@@ -328,13 +352,17 @@ class Pipeline:
                 JobState.PROCESSING,
                 ErrorCode.PROCESSING_TIMEOUT,
                 f"still {prediction.status} after {self.settings.processing_timeout_seconds:.0f}s",
+                when=_tracks(job),
             )
         else:
             self._reschedule(job, None)
 
     def _completed_upstream(self, job: Job, prediction: Prediction) -> None:
         if not prediction.outputs:
-            self.fail(job.id, JobState.PROCESSING, ErrorCode.OUTPUT_INVALID, "completed, no output")
+            self.fail(
+                job.id, JobState.PROCESSING, ErrorCode.OUTPUT_INVALID, "completed, no output",
+                when=_tracks(job),
+            )  # fmt: skip
             return
         with unit_of_work(self.sessions) as session:
             moved = jobs.transition(
@@ -343,6 +371,7 @@ class Pipeline:
                 JobState.PROCESSING,
                 JobState.STORING,
                 reason="completed upstream",
+                when=_tracks(job),
                 output_url=prediction.outputs[0],
                 inference_ms=prediction.inference_ms,
                 next_poll_at=None,
@@ -355,9 +384,11 @@ class Pipeline:
         code, retryable = task_failure(prediction.code)
         message = f"WaveSpeed task failed ({prediction.code}): {prediction.error}"
         if retryable and job.submit_attempts < self.settings.submit_max_attempts:
-            self._requeue(job.id, JobState.PROCESSING, job.submit_attempts, None, message)
+            self._requeue(
+                job.id, JobState.PROCESSING, job.submit_attempts, None, message, when=_tracks(job)
+            )
         else:
-            self.fail(job.id, JobState.PROCESSING, code, message)
+            self.fail(job.id, JobState.PROCESSING, code, message, when=_tracks(job))
 
     def _timed_out(self, job: Job) -> bool:
         started = job.submitted_at or job.created_at
@@ -468,8 +499,16 @@ class Pipeline:
             url, content=body, headers=headers, timeout=self.settings.callback_timeout_seconds
         )
 
-    def fail(self, job_id: uuid.UUID, src: JobState, code: ErrorCode, message: str) -> bool:
-        """Fail a job still in `src` with a stable code and a human message."""
+    def fail(
+        self,
+        job_id: uuid.UUID,
+        src: JobState,
+        code: ErrorCode,
+        message: str,
+        when: ColumnElement[bool] | None = None,
+    ) -> bool:
+        """Fail a job still in `src` (and matching `when`) with a stable code and a human
+        message."""
         with unit_of_work(self.sessions) as session:
             moved = jobs.transition(
                 session,
@@ -477,6 +516,7 @@ class Pipeline:
                 src,
                 JobState.FAILED,
                 reason=f"{code}: {message}",
+                when=when,
                 error_code=code,
                 error_message=message[:2000],
                 next_poll_at=None,
@@ -523,11 +563,20 @@ def _rejection_code(exc: WaveSpeedError) -> ErrorCode:
     return ErrorCode.INVALID_INPUT
 
 
+def _tracks(job: Job) -> ColumnElement[bool]:
+    """The job still waits on the prediction this worker checked. A poll that stalled while
+    the job was retried and resubmitted must not settle, requeue (and pay for) the new one."""
+    return Job.prediction_id == job.prediction_id
+
+
 def _finished_report(reported: dict[str, Any] | None, prediction_id: str) -> Prediction | None:
     """The reported prediction if it settles the job; None means ask WaveSpeed."""
     if not reported or reported.get("id") != prediction_id:
         return None
-    prediction = Prediction.from_data(reported)
+    try:
+        prediction = Prediction.from_data(reported)
+    except (AttributeError, TypeError, ValueError):
+        return None  # signed, but not shaped like a prediction: a cue to poll, no more
     # A "completed" without outputs would fail the job, and a "failed" without a code could not
     # tell a retryable failure from a permanent one: let `/result` have the last word.
     if not prediction.terminal:

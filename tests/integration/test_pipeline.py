@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import replace
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text, update
 
 from config import Settings
 from tests.integration.flow import (
@@ -20,11 +21,13 @@ from tests.integration.flow import (
 )
 from tests.support import RecordingDispatcher, SimulatorAdmin, wait_for
 from workers import dispatch, jobs
+from workers.admission import ADMISSION_LOCK
 from workers.db import unit_of_work
 from workers.models import Job, OutboxMessage
 from workers.outbox import relay
 from workers.pipeline import OutputIncomplete, Pipeline, video_key
 from workers.states import JobState
+from workers.wavespeed import Prediction
 
 pytestmark = pytest.mark.integration
 
@@ -246,6 +249,53 @@ def test_a_job_waiting_for_the_gate_gets_its_message_when_a_slot_frees(
     assert status(gated, second).status == JobState.PROCESSING
 
 
+def test_a_job_admitted_by_another_gate_pass_while_its_message_waited_is_still_submitted(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, monkeypatch: Any
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    claim = pipeline._claim
+
+    def claim_then_another_worker_admits(job: Any) -> Any:
+        found = claim(job)
+        # Between this message's failed claim and its parking, another worker's gate pass
+        # admits the job; as it was not parked, that pass sends it no message.
+        monkeypatch.setattr(pipeline, "_claim", claim)
+        assert pipeline.admit() == 1
+        return found
+
+    monkeypatch.setattr(pipeline, "_claim", claim_then_another_worker_admits)
+    pipeline.submit(job_id)
+    # No message is coming for it, so this one must submit it.
+    assert status(pipeline, job_id).status == JobState.PROCESSING
+    assert [t for t, *_ in dispatcher.take()] == [dispatch.POLL]
+
+
+def test_a_job_waiting_for_the_gate_holds_no_row_lock_another_gate_pass_needs(
+    pipeline: Pipeline, portrait: bytes
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    with pipeline.sessions() as gate, gate.begin():
+        # Another worker's gate pass holds the gate's lock...
+        gate.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK})
+        own_message = threading.Thread(target=pipeline.submit, args=(job_id,))
+        own_message.start()
+        wait_for(lambda: waiting_for_advisory_lock(pipeline), timeout=30, interval=0.05)
+        # ...and, to admit this job, locks its row: parking must not have taken it first
+        # (the two passes would deadlock).
+        locked = gate.execute(
+            select(Job.id).where(Job.id == job_id).with_for_update(nowait=True)
+        ).scalar_one()
+        assert locked == job_id
+    own_message.join(timeout=30)
+    assert status(pipeline, job_id).status == JobState.PROCESSING
+
+
+def waiting_for_advisory_lock(pipeline: Pipeline) -> bool:
+    with pipeline.sessions() as session:
+        query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        return bool(session.scalar(text(query)))
+
+
 def test_a_finished_prediction_reported_by_the_webhook_settles_the_job_at_once(
     pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
 ) -> None:
@@ -277,6 +327,46 @@ def test_a_failure_reported_with_its_code_settles_the_job_without_asking_wavespe
     assert pipeline.take_webhook(prediction_id, reported)
     job = status(pipeline, job_id)
     assert job.status == JobState.FAILED and job.error_code == "content_moderated"
+
+
+def test_a_poll_that_stalled_past_a_resubmission_changes_nothing(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[30, 30])
+    job_id, first = submitted(pipeline, portrait)
+    stalled = status(pipeline, job_id)  # what a poll holds while it waits on `/result`
+    failure = {"id": first, "status": "failed", "code": 5000, "error": "internal"}
+    # Meanwhile WaveSpeed reports the first prediction failed, retryably; once its backoff
+    # is over the job is submitted again.
+    assert pipeline.take_webhook(first, failure)
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(not_before=None))
+    submit(pipeline, job_id)
+    second = status(pipeline, job_id).prediction_id
+    assert second and second != first
+    # The stalled poll gets the first prediction's failure back, late: it must neither fail
+    # the job nor requeue it (which would abandon, and pay again for, the second prediction).
+    pipeline._on_prediction(stalled, Prediction.from_data(failure))
+    job = status(pipeline, job_id)
+    assert job.status == JobState.PROCESSING and job.prediction_id == second
+    # Two predictions for this job (the image URL carries its id), not a third.
+    ours = [e for e in simulator.ledger()["predictions"] if str(job_id) in e["input"]["image"]]
+    assert [e["id"] for e in ours] == [first, second]
+
+
+def test_a_webhook_that_could_not_be_taken_is_taken_when_wavespeed_retries_it(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    job_id, prediction_id = submitted(pipeline, portrait)
+
+    def broker_down(*_: Any, **__: Any) -> None:
+        raise ConnectionError("redis is restarting")
+
+    with pytest.raises(ConnectionError):  # the API answers 500, so WaveSpeed retries
+        replace(pipeline, dispatch=broker_down).take_webhook(prediction_id, None)
+    assert pipeline.take_webhook(prediction_id, None)  # the retry is not a duplicate
+    assert [(t, j) for t, j, *_ in dispatcher.take()] == [(dispatch.POLL, job_id)]
+    assert not pipeline.take_webhook(prediction_id, None)  # but once taken, it is
 
 
 @pytest.mark.parametrize(
