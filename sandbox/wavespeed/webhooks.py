@@ -53,6 +53,7 @@ class WebhookSender:
         retries: int,
         backoff_seconds: Callable[[], float],
         timeout_seconds: float,
+        max_in_flight: int = 32,
     ) -> None:
         self._http = http
         self._faults = faults
@@ -60,6 +61,11 @@ class WebhookSender:
         self._retries = retries
         self._backoff_seconds = backoff_seconds
         self._timeout = timeout_seconds
+        # A burst of completions waits here rather than inside httpx's pool, which scans
+        # every waiting request against every connection whenever one frees: with thousands
+        # waiting (10,000 predictions finishing within minutes) the loop spent all its time
+        # there and stopped answering the API.
+        self._slots = asyncio.Semaphore(max_in_flight)
 
     async def deliver(self, prediction: Prediction, body: bytes) -> None:
         """Send `body` (the prediction object) until a 2xx or the retries run out."""
@@ -88,11 +94,12 @@ class WebhookSender:
 
     async def _attempt(self, prediction: Prediction, body: bytes) -> bool:
         assert prediction.webhook_url is not None
-        headers = signed_headers(self._secret, prediction.id, body, time.time())
         try:
-            response = await self._http.post(
-                prediction.webhook_url, content=body, headers=headers, timeout=self._timeout
-            )
+            async with self._slots:
+                headers = signed_headers(self._secret, prediction.id, body, time.time())
+                response = await self._http.post(
+                    prediction.webhook_url, content=body, headers=headers, timeout=self._timeout
+                )
         except httpx.HTTPError as exc:
             self._record(prediction, None, f"{type(exc).__name__}: {exc}")
             return False
