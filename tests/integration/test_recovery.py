@@ -132,17 +132,28 @@ def test_cancel_leaves_finished_jobs_alone(pipeline: Pipeline, portrait: bytes) 
     assert pipeline.cancel(job_id).status == JobState.COMPLETED
 
 
-def test_sweeps_wait_while_their_queue_still_holds_messages(
-    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
-) -> None:
+def late_behind_a_backlog(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, late_by: float
+) -> tuple[object, object]:
+    """Two jobs at WaveSpeed: one whose poll is `late_by` seconds overdue, and one whose poll
+    still waits in the queue (a backlog the late one may be stuck behind)."""
     simulator.set_faults(inference_seconds=[30, 30])
     late, behind = new_job(pipeline, portrait), new_job(pipeline, portrait)
     submit(pipeline, late)
     submit(pipeline, behind)
+    dispatcher = pipeline.dispatch
+    assert isinstance(dispatcher, RecordingDispatcher)
     dispatcher.take()
+    age(pipeline, late, late_by, "next_poll_at")
+    dispatcher(dispatch.POLL, behind)
+    return late, behind
+
+
+def test_sweeps_wait_while_their_queue_still_holds_messages(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
     grace = pipeline.settings.poll_overdue_grace_seconds
-    age(pipeline, late, grace + 60, "next_poll_at")
-    dispatcher(dispatch.POLL, behind)  # a backlog: a poll still waiting in the queue
+    late, _ = late_behind_a_backlog(pipeline, portrait, simulator, grace + 60)
     # The late job may just be queued behind it: re-sending would only lengthen the queue.
     assert reconcile(pipeline)["processing"] == 0
     dispatcher.take()  # the queue drained (or was flushed): now the late job is re-sent
@@ -153,16 +164,10 @@ def test_sweeps_wait_while_their_queue_still_holds_messages(
 def test_a_backlog_that_never_drains_hides_lost_work_only_for_a_while(
     pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
 ) -> None:
-    simulator.set_faults(inference_seconds=[30, 30])
-    late, behind = new_job(pipeline, portrait), new_job(pipeline, portrait)
-    submit(pipeline, late)
-    submit(pipeline, behind)
-    dispatcher.take()
     settings = pipeline.settings
     lateness = settings.poll_overdue_grace_seconds + settings.reconcile_backlog_grace_seconds
-    age(pipeline, late, lateness + 60, "next_poll_at")
-    dispatcher(dispatch.POLL, behind)  # the poll queue is never empty
-    assert reconcile(pipeline)["processing"] == 1
+    late, behind = late_behind_a_backlog(pipeline, portrait, simulator, lateness + 60)
+    assert reconcile(pipeline)["processing"] == 1  # the poll queue is never empty, yet...
     assert (dispatch.POLL, late) in sent(dispatcher)
     dispatcher(dispatch.POLL, behind)
     # Re-sent once: the next sweep gives that message the same long grace before trying again.
