@@ -87,7 +87,7 @@ class Pipeline:
             # Not admitted yet: park the job and let the gate pick the fairest jobs. Claim
             # again whatever it picked: if this gate pass, or another one since the claim
             # above, admitted this job, no other message is coming for it.
-            self._admit(park=job.id)
+            self.admit(park=job.id)
             job, inputs = self._claim(job_id)
         if inputs is None:
             return
@@ -117,11 +117,10 @@ class Pipeline:
             )
             return job, self._inputs(job) if claimed else None
 
-    def admit(self) -> int:
-        """Admit as many queued jobs as the gate allows and send the submit tasks they need."""
-        return len(self._admit())
-
-    def _admit(self, park: uuid.UUID | None = None) -> list[uuid.UUID]:
+    def admit(self, park: uuid.UUID | None = None) -> int:
+        """Admit as many queued jobs as the gate allows and send the submit tasks they need;
+        answers how many it admitted. `park` is a job whose own message found it unadmitted
+        (`admission.admit`): it gets no message from here, its caller claims it itself."""
         now = self.clock()
         with unit_of_work(self.sessions) as session:
             admitted = admission.admit(
@@ -130,7 +129,7 @@ class Pipeline:
         for entry in admitted:
             if entry.needs_message and entry.job_id != park:
                 self.dispatch(dispatch.SUBMIT, entry.job_id)
-        return [entry.job_id for entry in admitted]
+        return len(admitted)
 
     @property
     def gate(self) -> admission.Gate:
