@@ -6,6 +6,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import anyio
 import redis
 import structlog
 from fastapi import FastAPI, Request, Response
@@ -13,11 +14,15 @@ from fastapi import FastAPI, Request, Response
 from api import problems
 from api.deps import Resources
 from api.routes import hooks, router, v1
+from api.throttle import KeyRateLimit, TenantSlots
 from config import Settings
 from config.logging import configure_logging
 from workers.celery_app import create_celery
 from workers.metrics import BacklogCollector, scrape_registry
 from workers.runtime import build_pipeline, close_pipeline
+
+# Threads (and database connections) kept for WaveSpeed's webhook alone.
+WEBHOOK_THREADS = 4
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -26,7 +31,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pipeline = build_pipeline(settings, create_celery(settings))
+        celery = create_celery(settings)
+        # A request never waits on the broker for long: one try, then the outbox's job.
+        pipeline = build_pipeline(settings, celery, publish_retry=False)
+        webhook_pipeline = build_pipeline(
+            settings, celery, pool_size=WEBHOOK_THREADS, publish_retry=False
+        )
         broker = redis.Redis.from_url(
             settings.redis_url, socket_timeout=2, socket_connect_timeout=2
         )
@@ -38,9 +48,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             dispatch=pipeline.dispatch,
             pipeline=pipeline,
             metrics=scrape_registry(BacklogCollector(pipeline.sessions, broker)),
-        )
+            rate_limit=KeyRateLimit(
+                settings.redis_url, settings.rate_limit, settings.broker_timeout_seconds
+            ),
+            batches=TenantSlots(
+                settings.tenant_max_batches, 1.0, field="items", code="too_many_batches",
+                what="batches",
+            ),
+            fetches=TenantSlots(
+                settings.tenant_max_image_fetches, settings.image_fetch_timeout_seconds,
+                field="image_url", code="too_many_image_fetches", what="image fetches",
+            ),
+            webhook_pipeline=webhook_pipeline,
+            webhook_threads=anyio.CapacityLimiter(WEBHOOK_THREADS),
+        )  # fmt: skip
         yield
         broker.close()
+        close_pipeline(webhook_pipeline)
         close_pipeline(pipeline)
 
     app = FastAPI(

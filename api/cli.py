@@ -26,7 +26,14 @@ stack_app = typer.Typer(
 )
 tenants_app = typer.Typer(help="Producers that use the API.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of tenants.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Operator actions on jobs.", no_args_is_help=True)
+quarantine_app = typer.Typer(
+    help="Tasks put aside: they kept killing their worker, or were resent past the cap.",
+    no_args_is_help=True,
+)
 app.add_typer(stack_app, name="stack")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 console = Console(stderr=True)
@@ -136,6 +143,78 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id")]) -> 
             console.print("no live key with this id")
             raise typer.Exit(1)
     console.print("revoked")
+
+
+def _pipeline() -> Any:
+    from config import Settings
+    from workers.celery_app import create_celery
+    from workers.runtime import build_pipeline
+
+    settings = Settings()
+    return build_pipeline(settings, create_celery(settings), pool_size=1)
+
+
+@jobs_app.command("restore")
+def jobs_restore(
+    job_ids: Annotated[list[str] | None, typer.Argument(help="Jobs to store again")] = None,
+    all_failed: Annotated[bool, typer.Option("--all", help="Every job whose store failed")] = False,
+) -> None:
+    """Store again the paid-for videos of jobs whose store failed (storage_failed, or
+    output_expired while WaveSpeed may still keep them), with a fresh deadline."""
+    import uuid
+
+    from sqlalchemy import select
+
+    from workers.errors import ErrorCode
+    from workers.models import Job
+
+    pipeline = _pipeline()
+    ids = [uuid.UUID(j) for j in job_ids or []]
+    if all_failed:
+        with pipeline.sessions() as session:
+            ids += session.scalars(
+                select(Job.id).where(
+                    Job.status == "failed",
+                    Job.error_code.in_([ErrorCode.STORAGE_FAILED, ErrorCode.OUTPUT_EXPIRED]),
+                )
+            ).all()
+    restored = [str(job_id) for job_id in ids if pipeline.restore(job_id)]
+    typer.echo(json.dumps({"restored": restored, "not_restorable": len(ids) - len(restored)}))
+
+
+@quarantine_app.command("list")
+def quarantine_list() -> None:
+    """What waits for an operator, oldest first."""
+    from workers import quarantine
+
+    with _sessions()() as session:
+        rows = [
+            {"id": q.id, "task": q.task, "subject_id": str(q.subject_id), "reason": q.reason,
+             "deliveries": q.deliveries, "at": q.created_at.isoformat()}
+            for q in quarantine.active(session)
+        ]  # fmt: skip
+    typer.echo(json.dumps(rows, indent=2))
+
+
+@quarantine_app.command("release")
+def quarantine_release(entry_id: Annotated[int, typer.Argument(help="Its id in the list")]) -> None:
+    """Let a put-aside task run again, and send it now."""
+    import redis
+
+    from config import Settings
+    from workers import poison, quarantine
+    from workers.db import unit_of_work
+    from workers.pipeline import utcnow
+
+    pipeline = _pipeline()
+    with unit_of_work(pipeline.sessions) as session:
+        entry = quarantine.release(session, entry_id, utcnow())
+    if entry is None:
+        console.print("nothing put aside with this id")
+        raise typer.Exit(1)
+    redis.Redis.from_url(Settings().redis_url).delete(poison.key(entry.task, str(entry.subject_id)))
+    pipeline.dispatch(entry.task, entry.subject_id)
+    console.print(f"released; {entry.task} sent for {entry.subject_id}")
 
 
 def _tenant(session: Any, name_or_id: str) -> Any:

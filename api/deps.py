@@ -6,15 +6,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
+import anyio
 import structlog
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.throttle import KeyRateLimit, TenantSlots
 from config import Settings
 from workers import tenants
 from workers.dispatch import Dispatcher
+from workers.intake import Refusal
 from workers.models import Tenant
 from workers.pipeline import Pipeline
 from workers.storage import Storage
@@ -30,9 +33,18 @@ class Resources:
     dispatch: Dispatcher
     pipeline: Pipeline
     metrics: CollectorRegistry
+    rate_limit: KeyRateLimit
+    batches: TenantSlots
+    fetches: TenantSlots
+    # WaveSpeed's webhook has threads and a database pool of its own, so producer traffic,
+    # however heavy, never queues it.
+    webhook_pipeline: Pipeline
+    webhook_threads: anyio.CapacityLimiter
 
 
-def resources(request: Request) -> Resources:
+async def resources(request: Request) -> Resources:
+    # Async, so FastAPI runs it on the event loop: a sync dependency would take a thread of
+    # the shared pool, and WaveSpeed's webhook would queue behind producer requests for it.
     return request.app.state.resources
 
 
@@ -58,6 +70,37 @@ def tenant(
         raise HTTPException(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
     structlog.contextvars.bind_contextvars(tenant_id=found.id)
     return found
+
+
+def rate_limit_key(credentials: HTTPAuthorizationCredentials | None) -> str:
+    # The key's hash: the limit is per key, and the token itself never reaches Redis.
+    return tenants.hash_key(credentials.credentials) if credentials else "anonymous"
+
+
+def spend(res: Resources, request: Request, cost: int, response: Response | None = None) -> None:
+    """Spend `cost` of the calling key's rate limit, or refuse with 429 and `Retry-After`."""
+    verdict = res.rate_limit.hit(request.state.rate_limit_key, cost)
+    if not verdict.allowed:
+        raise Refusal(
+            429, "Authorization", "rate_limited",
+            f"this API key is over its limit of {res.settings.rate_limit}; retry after the "
+            "time in Retry-After", headers=verdict.headers,
+        )  # fmt: skip
+    if response is not None:
+        response.headers.update(verdict.headers)
+
+
+def rate_limited(
+    request: Request,
+    response: Response,
+    res: Annotated[Resources, Depends(resources)],
+    _: Annotated[Tenant, Depends(tenant)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Every authenticated request spends one of its key's allowance (a batch, one per item:
+    see `spend`)."""
+    request.state.rate_limit_key = rate_limit_key(credentials)
+    spend(res, request, 1, response)
 
 
 Res = Annotated[Resources, Depends(resources)]

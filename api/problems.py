@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy.exc
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -12,6 +14,18 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.intake import Refusal
+from workers.storage import StorageError
+
+log = structlog.get_logger(__name__)
+
+# Failures of what we depend on, not of what the caller sent: 503, try again shortly.
+UNAVAILABLE = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,  # no pooled connection came free in time
+    StorageError,
+)
+RETRY_AFTER_SECONDS = 5
 
 MEDIA_TYPE = "application/problem+json"
 
@@ -95,6 +109,20 @@ def refusal_problem(exc: Refusal) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def failure_problem(exc: Exception) -> dict[str, Any]:
+    """The problem for a request we could not carry out: 503 when a dependency failed (Postgres,
+    S3), 500 for anything else (a bug: logged with its traceback). Nothing was created."""
+    if isinstance(exc, UNAVAILABLE):
+        log.warning("request.unavailable", error=type(exc).__name__)
+        return problem(
+            503, "unavailable", "Temporarily unavailable",
+            f"a service this request needs is unavailable ({type(exc).__name__}); nothing "
+            f"was created, retry in {RETRY_AFTER_SECONDS} seconds",
+        )  # fmt: skip
+    log.error("request.failed", exc_info=exc)
+    return problem(500, "internal_error", "Internal error", "nothing was created; retry later")
+
+
 def _respond(body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=body["status"], media_type=MEDIA_TYPE, headers=headers)
 
@@ -106,7 +134,12 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
 
 async def _refusal(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Refusal)
-    return _respond(refusal_problem(exc))
+    return _respond(refusal_problem(exc), exc.headers)
+
+
+async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Exception)
+    return _respond(failure_problem(exc), {"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 async def _http(_: Request, exc: Exception) -> JSONResponse:
@@ -122,3 +155,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(Refusal, _refusal)
     app.add_exception_handler(StarletteHTTPException, _http)
+    for kind in UNAVAILABLE:
+        app.add_exception_handler(kind, _unavailable)

@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
+import anyio
 import redis
 import structlog
-from fastapi import APIRouter, File, Header, HTTPException, Query, Request, Response, UploadFile
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Header,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+)
 from fastapi.responses import JSONResponse, RedirectResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
-from starlette.concurrency import run_in_threadpool
 
 from api import problems
-from api.deps import CurrentTenant, Db, Res
+from api.deps import CurrentTenant, Db, Res, rate_limited, spend
 from api.schemas import (
     BatchCreate,
     BatchItem,
@@ -44,7 +55,9 @@ from workers.intake import (
     check_budget,
     check_callback_url,
     load_image,
+    stage,
     store_upload,
+    unstage,
 )
 from workers.models import IdempotencyKey, Job, Tenant, WebhookDelivery
 from workers.pipeline import utcnow
@@ -54,10 +67,15 @@ from workers.webhook_in import WebhookRejected, verify
 log = structlog.get_logger(__name__)
 
 router = APIRouter()
-v1 = APIRouter(prefix="/v1")
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(rate_limited)])
 hooks = APIRouter(prefix="/v1")
 
 PROBLEM = {"model": problems.Problem, "content": {"application/problem+json": {}}}
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+IdempotencyHeader = Annotated[str | None, Header(max_length=255, pattern=r"^[\x21-\x7e]+$")]
+# Items of one batch created at once: each holds an API thread and, for an `image_url`, one
+# of its tenant's image fetches.
+BATCH_THREADS = 8
 ERRORS: dict[int | str, dict[str, Any]] = {400: PROBLEM, 401: PROBLEM, 404: PROBLEM, 422: PROBLEM}
 
 
@@ -110,28 +128,40 @@ def _request_of(body: GenerationCreate) -> GenerationInput:
 def _create(
     res: Res, tenant: Tenant, body: GenerationCreate, idempotency: tuple[str, str] | None = None
 ) -> Job:
-    """Everything checked before the job exists; the job, its first task and the idempotency
-    key committed together; the task published after commit."""
+    """Everything checked before the job exists; the image staged in S3; the job, its first
+    task and the idempotency key committed together; the task published after commit."""
     request = _request_of(body)
     settings = res.settings
     if request.webhook_url:
         check_callback_url(res.guard, request.webhook_url)
-    with res.sessions() as db:
+    with res.fetches.slot(tenant.id), res.sessions() as db:
         image = load_image(db, res.guard, tenant, request, settings)
-    with res.sessions() as db, db.begin():
-        check_budget(db, tenant, settings.price_usd[request.duration], utcnow(), settings)
-        job = accept(db, res.storage, settings, tenant, request, image)
-        if idempotency:
-            key, digest = idempotency
-            db.add(IdempotencyKey(tenant_id=tenant.id, key=key, request_hash=digest, job_id=job.id))
-    outbox.relay(res.sessions, res.dispatch, job_id=job.id)
+    staged = stage(res.storage, settings, request, image)
+    try:
+        with res.sessions() as db, db.begin():
+            check_budget(db, tenant, settings.price_usd[request.duration], utcnow(), settings)
+            job = accept(db, tenant, request, staged)
+            if idempotency:
+                key, digest = idempotency
+                db.add(
+                    IdempotencyKey(tenant_id=tenant.id, key=key, request_hash=digest, job_id=job.id)
+                )
+    except BaseException:
+        unstage(res.storage, staged)
+        raise
+    _publish(res, job.id)
     log.info("generation.accepted", job_id=str(job.id))
     return job
 
 
-def _resource(res: Res, job_id: uuid.UUID) -> Generation:
-    with res.sessions() as db:
-        return Generation.of(jobs.get(db, job_id))
+def _publish(res: Res, job_id: uuid.UUID) -> None:
+    """Publish a committed job's first task, best effort and briefly: its outbox row is the
+    durable record, and the reconciler publishes it if this cannot. The job exists either way,
+    so the caller is answered 201 whatever the broker does."""
+    try:
+        outbox.relay(res.sessions, res.dispatch, job_id=job_id)
+    except Exception as exc:  # Postgres failing after the commit: still the outbox's job
+        log.warning("generation.publish_deferred", job_id=str(job_id), error=type(exc).__name__)
 
 
 @v1.post(
@@ -144,29 +174,35 @@ def create_generation(
     res: Res,
     tenant: CurrentTenant,
     response: Response,
-    idempotency_key: Annotated[
-        str | None, Header(max_length=255, pattern=r"^[\x21-\x7e]+$")
-    ] = None,
+    idempotency_key: IdempotencyHeader = None,
 ) -> Generation:
     """Validate as WaveSpeed would (the image fetched and opened for real), check the budget,
     store the job and its first task in one transaction, publish after commit. Refusals
     enqueue nothing. With `Idempotency-Key`, a retry of the same body answers the same job
-    (200); the same key with another body is a 409."""
-    if not idempotency_key:
-        return _resource(res, _create(res, tenant, body).id)
+    (200); the same key with another body is a 409. A job that was committed is answered 201
+    whatever the broker does; a failure before the commit answers 503 and leaves nothing."""
+    generation, response.status_code = _create_once(res, tenant, body, idempotency_key)
+    return generation
+
+
+def _create_once(
+    res: Res, tenant: Tenant, body: GenerationCreate, key: str | None
+) -> tuple[Generation, int]:
+    """The job for `body`, created (201) or, for an `Idempotency-Key` seen before with the
+    same body, the one it made then (200)."""
+    if not key:
+        return Generation.of(_create(res, tenant, body)), 201
     digest = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode())
-    idempotency = (idempotency_key, digest.hexdigest())
+    idempotency = (key, digest.hexdigest())
     replayed = _replay(res, tenant, idempotency)
     if replayed is not None:
-        response.status_code = 200
-        return replayed
+        return replayed, 200
     try:
-        return _resource(res, _create(res, tenant, body, idempotency).id)
+        return Generation.of(_create(res, tenant, body, idempotency)), 201
     except IntegrityError:  # the same key raced in from another request: answer its job
         replayed = _replay(res, tenant, idempotency)
         assert replayed is not None
-        response.status_code = 200
-        return replayed
+        return replayed, 200
 
 
 def _replay(res: Res, tenant: Tenant, idempotency: tuple[str, str]) -> Generation | None:
@@ -183,25 +219,58 @@ def _replay(res: Res, tenant: Tenant, idempotency: tuple[str, str]) -> Generatio
         return Generation.of(jobs.get(db, seen.job_id))
 
 
-@v1.post("/generations/batch", response_model=BatchResult, tags=["generations"], responses=ERRORS)
-def create_batch(body: BatchCreate, res: Res, tenant: CurrentTenant) -> BatchResult:
-    """Up to 500 generations in one call, each accepted (201) or refused on its own."""
-    with ThreadPoolExecutor(8) as pool:
-        items = list(pool.map(lambda p: _batch_item(res, tenant, *p), enumerate(body.items)))
-    accepted = sum(1 for item in items if item.status == 201)
+@v1.post(
+    "/generations/batch", response_model=BatchResult, tags=["generations"],
+    responses={**ERRORS, 429: PROBLEM},
+)  # fmt: skip
+def create_batch(
+    body: BatchCreate,
+    res: Res,
+    tenant: CurrentTenant,
+    request: Request,
+    idempotency_key: IdempotencyHeader = None,
+) -> BatchResult:
+    """Up to 500 generations in one call, each with its own outcome: accepted (201), replayed
+    (200), refused (4xx) or not done for now (503; retry the item). With `Idempotency-Key`,
+    item `i` is keyed `<key>/<i>`, unless it carries an `idempotency_key` of its own: a retry
+    of the whole batch creates nothing twice."""
+    spend(res, request, len(body.items) - 1)  # the request itself spent one already
+    with res.batches.slot(tenant.id), ThreadPoolExecutor(BATCH_THREADS) as pool:
+        items = list(
+            pool.map(lambda p: _batch_item(res, tenant, idempotency_key, *p), enumerate(body.items))
+        )
+    accepted = sum(1 for item in items if item.status in (200, 201))
     return BatchResult(accepted=accepted, refused=len(items) - accepted, items=items)
 
 
-def _batch_item(res: Res, tenant: Tenant, index: int, raw: dict[str, Any]) -> BatchItem:
+def _batch_item(
+    res: Res, tenant: Tenant, batch_key: str | None, index: int, raw: dict[str, Any]
+) -> BatchItem:
     try:
-        body = GenerationCreate.model_validate(raw)
-        job = _create(res, tenant, body)
+        fields = dict(raw)
+        key = _item_key(fields.pop("idempotency_key", None), batch_key, index)
+        body = GenerationCreate.model_validate(fields)
+        generation, status = _create_once(res, tenant, body, key)
     except ValidationError as exc:
         problem = problems.validation_problem(exc.errors(include_url=False))
         return BatchItem(index=index, status=422, problem=problem)
     except Refusal as exc:
         return BatchItem(index=index, status=exc.status, problem=problems.refusal_problem(exc))
-    return BatchItem(index=index, status=201, generation=_resource(res, job.id))
+    except Exception as exc:  # every item gets its own outcome, whatever went wrong
+        problem = problems.failure_problem(exc)
+        return BatchItem(index=index, status=problem["status"], problem=problem)
+    return BatchItem(index=index, status=status, generation=generation)
+
+
+def _item_key(own: Any, batch_key: str | None, index: int) -> str | None:
+    if own is None:
+        return f"{batch_key}/{index}" if batch_key else None
+    if not isinstance(own, str) or not IDEMPOTENCY_KEY.fullmatch(own):
+        raise Refusal(
+            422, "idempotency_key", "invalid",
+            "an item's idempotency_key is 1 to 255 printable ASCII characters",
+        )  # fmt: skip
+    return own
 
 
 @v1.get("/generations", response_model=GenerationPage, tags=["generations"], responses=ERRORS)
@@ -262,6 +331,28 @@ def cancel_generation(job_id: uuid.UUID, db: Db, res: Res, tenant: CurrentTenant
     they are."""
     _owned(db, tenant, job_id)
     return Generation.of(res.pipeline.cancel(job_id))
+
+
+@v1.post(
+    "/generations/{job_id}/restore", response_model=Generation, tags=["generations"],
+    responses={**ERRORS, 409: PROBLEM},
+)  # fmt: skip
+def restore_generation(job_id: uuid.UUID, db: Db, res: Res, tenant: CurrentTenant) -> Generation:
+    """Store again the paid-for video of a job whose store failed (`storage_failed`, or
+    `output_expired` while WaveSpeed may still keep it), with a fresh deadline; it goes back
+    to `storing`. Any other job answers 409 and is left alone."""
+    _owned(db, tenant, job_id)
+    if not res.pipeline.restore(job_id):
+        raise Refusal(
+            409, "job_id", "not_restorable",
+            "only a job that failed as storage_failed or output_expired can be restored",
+        )  # fmt: skip
+    return _generation(res, job_id)
+
+
+def _generation(res: Res, job_id: uuid.UUID) -> Generation:
+    with res.sessions() as db:
+        return Generation.of(jobs.get(db, job_id))
 
 
 @v1.get(
@@ -361,8 +452,12 @@ async def wavespeed_webhook(request: Request, res: Res) -> Response:
     except WebhookRejected as exc:
         log.warning("wavespeed.webhook.rejected", reason=str(exc))
         raise HTTPException(401, str(exc)) from exc
-    # Reading the body needs the event loop; the database work would block it for every request.
-    await run_in_threadpool(res.pipeline.take_webhook, prediction_id, _prediction_of(body))
+    # Reading the body needs the event loop; the database work would block it for every
+    # request. Its threads and pool are its own: producer traffic never queues it.
+    await anyio.to_thread.run_sync(
+        res.webhook_pipeline.take_webhook, prediction_id, _prediction_of(body),
+        limiter=res.webhook_threads,
+    )  # fmt: skip
     return Response(status_code=204)
 
 

@@ -15,6 +15,7 @@ import psycopg
 from sqlalchemy.orm import Session
 
 from config import Settings
+from workers import intake
 from workers.celery_app import create_celery
 from workers.db import make_engine, make_session_factory, unit_of_work
 from workers.dispatch import POLL, CeleryDispatcher
@@ -42,13 +43,21 @@ def create(
     request = GenerationInput(
         prompt="slow push-in, hair in the wind", guidance_scale=0.5, duration=5
     )
-    call: Any = accept  # its arguments gained the tenant with the product's tenants
+    call: Any = accept  # its arguments gained the tenant, then lost the storage to `stage`
+    staging = getattr(intake, "stage", None)
 
     def batch(size: int) -> None:
+        # Copies first, outside the transaction, where the product has `stage` for it.
+        staged = (
+            [staging(storage, settings, request, image) for _ in range(size)] if staging else []
+        )
         with unit_of_work(sessions) as session:
             owner = () if tenant_id is None else (_tenant(session, tenant_id),)
-            for _ in range(size):
-                call(session, storage, settings, *owner, request, image)
+            for item in staged or [image] * size:
+                if staging is None:
+                    call(session, storage, settings, *owner, request, item)
+                else:
+                    call(session, *owner, request, item)
 
     sizes = [BATCH] * (count // BATCH) + ([count % BATCH] if count % BATCH else [])
     try:

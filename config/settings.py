@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from limits import parse
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODEL_ID = "kwaivgi/kling-v2.1-i2v-pro"
@@ -73,6 +74,13 @@ class Settings(BaseSettings):
         default_factory=lambda: [0.0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
     )
     callback_timeout_seconds: float = 15.0
+    # One receiver cannot hold up the others: attempts to one host at a time, and its circuit
+    # breaker (opens after that many failures in a row, for a cool-down that doubles with
+    # each further failure up to the max; then one attempt probes it).
+    callback_host_concurrency: int = Field(default=4, ge=1)
+    callback_breaker_failures: int = Field(default=5, ge=1)
+    callback_breaker_seconds: float = Field(default=30.0, gt=0.0)
+    callback_breaker_max_seconds: float = Field(default=1800.0, gt=0.0)
     secret_rotation_overlap_seconds: float = 24 * 3600.0
     # Waits up to this long are Celery countdowns; longer ones are rows the reconciler finds.
     max_countdown_seconds: float = 300.0
@@ -80,6 +88,16 @@ class Settings(BaseSettings):
     # Untrusted URLs (images we fetch, callbacks we call) must resolve to public addresses;
     # hosts or CIDRs listed here are let through for local development.
     url_allow_hosts: list[str] = Field(default_factory=list)
+    # A DNS lookup of an untrusted host gives up after this long (the system resolver has no
+    # timeout of its own that we control).
+    url_dns_timeout_seconds: float = Field(default=5.0, gt=0.0)
+
+    # Load bounds of the API: requests per API key (`limits` notation, counted in Redis across
+    # every API process; a batch counts each item), and per tenant and API process, batches
+    # and image fetches running at once.
+    rate_limit: str = "1200/minute"
+    tenant_max_batches: int = Field(default=2, ge=1)
+    tenant_max_image_fetches: int = Field(default=8, ge=1)
 
     image_max_bytes: int = 10 * 1024 * 1024
     image_min_side: int = 300
@@ -98,10 +116,56 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = 5.0
     outbox_grace_seconds: float = 10.0
     poll_overdue_grace_seconds: float = 30.0
-    store_stall_seconds: float = 600.0
+    # The lease of one store try: a `storing` job whose try has run this long without ending
+    # is tried again (the store task's hard time limit ends the old try first: 60 s before,
+    # or a quarter of the lease if that is shorter).
+    store_stall_seconds: float = Field(default=900.0, ge=10.0)
     # While a sweep's queue still holds messages, work counts as lost only once it is this much
     # later than its grace: it is probably queued behind the backlog, not gone.
     reconcile_backlog_grace_seconds: float = 600.0
+    # A step the reconciler had to resend this many times is put aside for an operator
+    # (`kling quarantine`), and so is a task whose worker died this many times running it.
+    reconcile_max_resends: int = Field(default=50, ge=1)
+    poison_max_deliveries: int = Field(default=5, ge=1)
+    # Soft and hard time limit of one task (the store's are derived from `store_stall_seconds`):
+    # the soft one lets the task clean up, the hard one kills the process.
+    task_time_limit_seconds: float = Field(default=300.0, ge=10.0)
+
+    # Outages that last minutes. An unanswered submit is looked up in WaveSpeed's history in a
+    # window around the POST, widened by the clocks' possible disagreement, reading at most
+    # `history_max_pages` pages of 100 (a fuller window can prove nothing missing); lookups
+    # back off to `recover_max_interval_seconds` and end after `recover_deadline_seconds`,
+    # when the job fails as `submit_unconfirmed` (it may be charged).
+    history_clock_skew_seconds: float = Field(default=60.0, ge=0.0)
+    history_max_pages: int = Field(default=200, ge=1)
+    recover_max_interval_seconds: float = Field(default=300.0, gt=0.0)
+    recover_deadline_seconds: float = Field(default=24 * 3600.0, gt=0.0)
+    # Polls WaveSpeed refuses in a row (404, 400) before the job fails as `prediction_lost`.
+    poll_max_rejections: int = Field(default=3, ge=1)
+    # WaveSpeed keeps outputs 7 days: a 403/404 before then is a CDN hiccup and is retried,
+    # as is any failed store, backing off to `store_retry_max_seconds`, until
+    # `store_deadline_seconds` after the output was reported.
+    output_retention_seconds: float = Field(default=7 * 86400.0, gt=0.0)
+    store_deadline_seconds: float = Field(default=24 * 3600.0, gt=0.0)
+    store_retry_max_seconds: float = Field(default=600.0, gt=0.0)
+    # Every Retry-After anybody sends us is clamped to this.
+    retry_after_max_seconds: float = Field(default=3600.0, gt=0.0)
+
+    # Connection pools and timeouts of every process: a request or task waits at most
+    # `db_pool_timeout_seconds` for a connection, and a dead server is noticed within seconds.
+    # (A prefork worker process opens only what it uses at once, one or two; the API serves
+    # many requests at once.)
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=20, ge=0)
+    db_pool_timeout_seconds: float = Field(default=5.0, gt=0.0)
+    db_connect_timeout_seconds: int = Field(default=5, ge=1)
+    broker_timeout_seconds: float = Field(default=3.0, gt=0.0)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _readable_rate(cls, value: str) -> str:
+        parse(value)  # raises ValueError on anything `limits` cannot read, naming it
+        return value
 
     @property
     def webhook_url(self) -> str:

@@ -40,6 +40,8 @@ SANDBOX_SETTINGS = {
     "LOG_FORMAT": "json",
     # The simulator has no account tier; gate at a generous one.
     "MAX_IN_FLIGHT": "200",
+    # Benchmarks and the chaos run drive thousands of jobs through one development key.
+    "RATE_LIMIT": "100000/minute",
     "SUBMITS_PER_MINUTE": "6000",
 }
 

@@ -4,6 +4,12 @@ A delivery row is written in the same transaction as the job's transition, so an
 never lost between the change and its callback. Every attempt is recorded. Retries hours apart
 live in `next_attempt_at` and the reconciler turns due rows into tasks; only short waits use
 a Celery countdown.
+
+An attempt is made in three steps so that no transaction stays open across the POST: claim
+the delivery under a lease (`sending_until`), POST, record the outcome. One receiver cannot
+hold up the others: at most `callback_host_concurrency` attempts go to one host at a time, and
+after `callback_breaker_failures` failures in a row its circuit opens: nothing is sent there
+until a backed-off cool-down ends, and then a single attempt probes it.
 """
 
 from __future__ import annotations
@@ -18,13 +24,17 @@ from enum import StrEnum
 
 import httpx
 import structlog
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook
 
+from config import Settings
 from workers import jobs, metrics
-from workers.models import Tenant, WebhookAttempt, WebhookDelivery
+from workers.db import unit_of_work
+from workers.models import CallbackHost, Tenant, WebhookAttempt, WebhookDelivery
 from workers.representation import Generation
+from workers.retry import parse_retry_after
 from workers.tenants import signing_secrets
 
 log = structlog.get_logger(__name__)
@@ -33,7 +43,6 @@ COMPLETED = "generation.completed"
 FAILED = "generation.failed"
 CANCELLED = "generation.cancelled"
 PROCESSING = "generation.processing"
-EVENTS = (COMPLETED, FAILED, CANCELLED, PROCESSING)
 DEFAULT_EVENTS = (COMPLETED, FAILED, CANCELLED)
 
 
@@ -53,8 +62,58 @@ class Outcome:
     retry_in: float | None = None
 
 
+@dataclass(frozen=True)
+class Policy:
+    """How callbacks are retried and how hard one host may be pushed."""
+
+    schedule: Sequence[float]
+    timeout: float
+    host_concurrency: int
+    breaker_failures: int
+    breaker_seconds: float
+    breaker_max_seconds: float
+    retry_after_max: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> Policy:
+        return cls(
+            schedule=tuple(settings.callback_schedule_seconds),
+            timeout=settings.callback_timeout_seconds,
+            host_concurrency=settings.callback_host_concurrency,
+            breaker_failures=settings.callback_breaker_failures,
+            breaker_seconds=settings.callback_breaker_seconds,
+            breaker_max_seconds=settings.callback_breaker_max_seconds,
+            retry_after_max=settings.retry_after_max_seconds,
+        )
+
+    @property
+    def lease(self) -> timedelta:
+        # The attempt's own timeout bounds the POST; the rest covers recording it.
+        return timedelta(seconds=self.timeout + 10)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A claimed attempt: everything the POST needs, and the lease that proves it is ours."""
+
+    delivery_id: uuid.UUID
+    job_id: uuid.UUID
+    url: str
+    host: str
+    body: bytes
+    headers: dict[str, str]
+    lease: datetime
+
+
 def webhook_id(delivery_id: uuid.UUID) -> str:
     return f"msg_{delivery_id.hex}"
+
+
+def host_of(url: str) -> str:
+    """scheme://host:port: one receiver, as far as limits and the breaker are concerned."""
+    parsed = httpx.URL(url)
+    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme, 0)
+    return f"{parsed.scheme}://{parsed.host}:{port}"
 
 
 def record(session: Session, job_id: uuid.UUID, event: str, now: datetime) -> uuid.UUID | None:
@@ -77,7 +136,8 @@ def record(session: Session, job_id: uuid.UUID, event: str, now: datetime) -> uu
     }
     delivery = WebhookDelivery(
         job_id=job.id, tenant_id=job.tenant_id, event=event, url=job.webhook_url,
-        payload=payload, status=DeliveryStatus.GONE if gone else DeliveryStatus.PENDING,
+        host=host_of(job.webhook_url), payload=payload,
+        status=DeliveryStatus.GONE if gone else DeliveryStatus.PENDING,
         next_attempt_at=None if gone else now,
     )  # fmt: skip
     session.add(delivery)
@@ -85,11 +145,43 @@ def record(session: Session, job_id: uuid.UUID, event: str, now: datetime) -> uu
     return None if gone else delivery.id
 
 
-def deliver(
-    session: Session, delivery_id: uuid.UUID, post: Post, now: datetime, schedule: Sequence[float]
-) -> Outcome | None:
-    """Make the attempt that is due, record it, and decide what comes next. None when the
-    delivery is not due (already delivered, stopped, or a duplicate message)."""
+@dataclass
+class Callbacks:
+    """Makes the callback attempts that are due: claim, POST with no transaction open,
+    record. Collaborators are passed in."""
+
+    sessions: sessionmaker[Session]
+    post: Post
+    policy: Policy
+    clock: Callable[[], datetime]
+
+    def deliver(self, delivery_id: uuid.UUID) -> Outcome | None:
+        """Make the attempt that is due and decide what comes next. None when there is
+        nothing to do (delivered, stopped, not due, another attempt running); a pending
+        outcome without an attempt when the receiver's host must be left alone for now."""
+        with unit_of_work(self.sessions) as session:
+            claimed = _claim(session, delivery_id, self.clock(), self.policy)
+        if not isinstance(claimed, Attempt):
+            return claimed
+        started = time.monotonic()
+        status_code, error, retry_after = _attempt(self.post, claimed)
+        duration_ms = int((time.monotonic() - started) * 1000)
+        retry_after = min(retry_after, self.policy.retry_after_max) if retry_after else None
+        with unit_of_work(self.sessions) as session:
+            outcome = _record(
+                session, claimed, (status_code, error, retry_after), duration_ms, self.clock(),
+                self.policy,
+            )  # fmt: skip
+        log.info(
+            "callback.attempt", delivery_id=str(delivery_id), job_id=str(claimed.job_id),
+            status_code=status_code, error=error, outcome=outcome and outcome.status,
+        )  # fmt: skip
+        return outcome
+
+
+def _claim(
+    session: Session, delivery_id: uuid.UUID, now: datetime, policy: Policy
+) -> Attempt | Outcome | None:
     delivery = session.scalar(
         select(WebhookDelivery)
         .where(WebhookDelivery.id == delivery_id)
@@ -99,25 +191,89 @@ def deliver(
         return None
     if delivery.next_attempt_at and delivery.next_attempt_at > now + timedelta(seconds=1):
         return None
+    if delivery.sending_until and delivery.sending_until > now:
+        return None  # an attempt is running; a duplicate message must not make another
+    wait = _host_wait(session, delivery.host, now, policy)
+    if wait:
+        delivery.next_attempt_at = now + timedelta(seconds=wait)
+        return Outcome(DeliveryStatus.PENDING, wait)
     tenant = session.get_one(Tenant, delivery.tenant_id)
     body = json.dumps(delivery.payload, separators=(",", ":")).encode()
     headers = sign(signing_secrets(tenant, now), webhook_id(delivery.id), now, body)
-    started = time.monotonic()
-    status_code, error, retry_after = _attempt(post, delivery.url, body, headers)
+    delivery.sending_until = now + policy.lease
+    return Attempt(
+        delivery.id, delivery.job_id, delivery.url, delivery.host, body, headers,
+        delivery.sending_until,
+    )  # fmt: skip
+
+
+def _host_wait(session: Session, host: str, now: datetime, policy: Policy) -> float:
+    """Seconds to leave `host` alone (0: go ahead). Holds the host's row until commit, so
+    concurrent claims for one host count each other."""
+    session.execute(pg_insert(CallbackHost).values(host=host).on_conflict_do_nothing())
+    row = session.scalar(select(CallbackHost).where(CallbackHost.host == host).with_for_update())
+    assert row is not None
+    if row.open_until is not None and row.open_until > now:
+        return (row.open_until - now).total_seconds()
+    busy = session.scalar(
+        select(func.count()).where(
+            WebhookDelivery.host == host, WebhookDelivery.sending_until > now
+        )
+    )
+    if (busy or 0) >= policy.host_concurrency:
+        return policy.timeout / 2  # about when one of those attempts has ended
+    if row.failures >= policy.breaker_failures:
+        # Half open: this attempt probes the host; the others wait for what it finds.
+        row.open_until = now + policy.lease
+    return 0.0
+
+
+def _record(
+    session: Session,
+    attempt: Attempt,
+    result: tuple[int | None, str | None, float | None],
+    duration_ms: int,
+    now: datetime,
+    policy: Policy,
+) -> Outcome | None:
+    status_code, error, retry_after = result
     session.add(
         WebhookAttempt(
-            delivery_id=delivery.id, status_code=status_code, error=error,
-            duration_ms=int((time.monotonic() - started) * 1000),
+            delivery_id=attempt.delivery_id, status_code=status_code, error=error,
+            duration_ms=duration_ms,
         )
     )  # fmt: skip
-    outcome = _next(delivery.attempts + 1, status_code, retry_after, schedule)
+    _host_outcome(session, attempt.host, status_code, now, policy)
+    delivery = session.scalar(
+        select(WebhookDelivery).where(WebhookDelivery.id == attempt.delivery_id).with_for_update()
+    )
+    if delivery is None or delivery.sending_until != attempt.lease:
+        return None  # the lease ran out and another attempt took over: it decides
+    outcome = _next(delivery.attempts + 1, status_code, retry_after, policy.schedule)
     _apply(session, delivery, outcome, status_code, error, now)
     metrics.CALLBACK_ATTEMPTS.labels(outcome.status).inc()
-    log.info(
-        "callback.attempt", delivery_id=str(delivery.id), job_id=str(delivery.job_id),
-        status_code=status_code, error=error, outcome=outcome.status,
-    )  # fmt: skip
     return outcome
+
+
+def _host_outcome(
+    session: Session, host: str, status_code: int | None, now: datetime, policy: Policy
+) -> None:
+    """Close the host's circuit on an answer; count a failure towards opening it otherwise,
+    the cool-down doubling with each failure past the threshold. Only signs of a receiver in
+    trouble count: no answer, 429 or 5xx."""
+    row = session.get(CallbackHost, host, with_for_update=True)
+    if row is None:
+        return
+    if status_code is not None and status_code != 429 and status_code < 500:
+        row.failures, row.open_until, row.last_success_at = 0, None, now
+        return
+    row.failures += 1
+    row.last_failure_at = now
+    over = row.failures - policy.breaker_failures
+    if over >= 0:
+        cooldown = min(policy.breaker_max_seconds, policy.breaker_seconds * 2 ** min(over, 32))
+        row.open_until = now + timedelta(seconds=cooldown)
+        log.warning("callback.circuit_open", host=host, failures=row.failures, seconds=cooldown)
 
 
 def sign(secrets: Sequence[str], msg_id: str, now: datetime, body: bytes) -> dict[str, str]:
@@ -131,17 +287,14 @@ def sign(secrets: Sequence[str], msg_id: str, now: datetime, body: bytes) -> dic
     }
 
 
-def _attempt(
-    post: Post, url: str, body: bytes, headers: dict[str, str]
-) -> tuple[int | None, str | None, float | None]:
+def _attempt(post: Post, attempt: Attempt) -> tuple[int | None, str | None, float | None]:
     try:
-        response = post(url, body, headers)
+        response = post(attempt.url, attempt.body, attempt.headers)
     except Exception as exc:  # any failure to get an answer is one failed attempt
         return None, f"{type(exc).__name__}: {exc}"[:500], None
     retry_after = None
     if response.status_code in (429, 503):
-        value = response.headers.get("retry-after", "")
-        retry_after = float(value) if value.strip().isdigit() else None
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
     error = None if response.is_success else f"HTTP {response.status_code}"
     return response.status_code, error, retry_after
 
@@ -167,6 +320,7 @@ def _apply(
     now: datetime,
 ) -> None:
     delivery.attempts += 1
+    delivery.sending_until = None
     delivery.status = outcome.status
     delivery.last_status_code = status_code
     delivery.last_error = error
@@ -196,22 +350,31 @@ def replay(session: Session, delivery: WebhookDelivery, now: datetime) -> None:
 
 
 def due(session: Session, now: datetime, limit: int = 500) -> Sequence[uuid.UUID]:
-    """Pending deliveries whose next attempt is due and that no sweep sent in the last minute
-    (marked now, so a concurrent reconciler or the next sweep skips them)."""
+    """Pending deliveries whose next attempt is due, that no attempt holds, whose host's
+    circuit is not open, and that no sweep sent in the last minute (marked now and counted,
+    so a concurrent reconciler or the next sweep skips them)."""
     recently = now - timedelta(seconds=60)
+    host_open = exists().where(
+        CallbackHost.host == WebhookDelivery.host, CallbackHost.open_until > now
+    )
     ids = session.scalars(
         select(WebhookDelivery.id)
         .where(
             WebhookDelivery.status == DeliveryStatus.PENDING,
             WebhookDelivery.next_attempt_at <= now,
             (WebhookDelivery.claimed_at.is_(None)) | (WebhookDelivery.claimed_at < recently),
+            (WebhookDelivery.sending_until.is_(None)) | (WebhookDelivery.sending_until < now),
+            ~host_open,
+            ~jobs.quarantined(WebhookDelivery.id),
         )
         .order_by(WebhookDelivery.next_attempt_at)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(of=WebhookDelivery, skip_locked=True)
     ).all()
     if ids:
         session.execute(
-            update(WebhookDelivery).where(WebhookDelivery.id.in_(ids)).values(claimed_at=now)
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id.in_(ids))
+            .values(claimed_at=now, resends=WebhookDelivery.resends + 1)
         )
     return ids

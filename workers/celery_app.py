@@ -15,7 +15,7 @@ from kombu import Exchange, Queue
 from config import Settings
 from config.logging import configure_logging
 from workers import metrics
-from workers.dispatch import NOTIFY, QUEUES, RECONCILE, ROUTES
+from workers.dispatch import NOTIFY, QUEUES, RECONCILE, ROUTES, STORE
 
 # The message header that carries the API's request id into tasks.
 REQUEST_ID_HEADER = "request_id"
@@ -23,7 +23,25 @@ REQUEST_ID_HEADER = "request_id"
 
 def create_celery(settings: Settings) -> Celery:
     celery = Celery("kling", broker=settings.redis_url, include=["workers.tasks"])
+    broker_timeout = settings.broker_timeout_seconds
+    limit = settings.task_time_limit_seconds
+    lease = settings.store_stall_seconds
+    store_limit = lease - min(60.0, lease / 4)
     celery.conf.update(
+        # A broker that is gone is noticed within seconds, not at the kernel's TCP timeout.
+        broker_connection_timeout=broker_timeout,
+        task_publish_retry_policy={"max_retries": 2, "interval_step": 0.5, "interval_max": 1},
+        # Soft: the task gets an exception and cleans up; hard: its process is killed (and,
+        # if that keeps happening, the message is put aside: workers.poison).
+        task_soft_time_limit=limit,
+        task_time_limit=limit + 30,
+        task_annotations={
+            # A store holds its job for `store_stall_seconds`; it ends before another try may.
+            STORE: {
+                "soft_time_limit": store_limit - min(30.0, lease / 8),
+                "time_limit": store_limit,
+            },
+        },
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -40,7 +58,12 @@ def create_celery(settings: Settings) -> Celery:
             name: {"queue": queue, "routing_key": queue} for name, queue in ROUTES.items()
         },
         # Countdowns stay far below this, so ETA messages are not redelivered while waiting.
-        broker_transport_options={"visibility_timeout": 1800},
+        broker_transport_options={
+            "visibility_timeout": 1800,
+            "socket_timeout": broker_timeout,
+            "socket_connect_timeout": broker_timeout,
+            "socket_keepalive": True,
+        },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

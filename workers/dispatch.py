@@ -39,17 +39,27 @@ class Dispatcher(Protocol):
 
 
 class CeleryDispatcher:
-    """Sends by name, so the API can publish without importing the worker's task modules."""
+    """Sends by name, so the API can publish without importing the worker's task modules.
 
-    def __init__(self, celery: Any) -> None:
+    Countdowns are clamped to `max_countdown` (Celery on Redis holds ETA messages in worker
+    memory; a longer wait belongs in a row the reconciler reads). With `retry` off a publish
+    is tried once, bounded by the broker's socket timeouts: what a request waiting on it
+    wants, since the outbox publishes it later anyway."""
+
+    def __init__(self, celery: Any, *, max_countdown: float = 300.0, retry: bool = True) -> None:
         self._celery = celery
+        self._max_countdown = max_countdown
+        self._retry = retry
 
     def __call__(
         self, task: str, job_id: uuid.UUID, *, countdown: float | None = None, **kwargs: Any
     ) -> None:
+        if countdown is not None:
+            countdown = min(max(0.0, countdown), self._max_countdown)
         self._celery.send_task(
-            task, args=[str(job_id)], kwargs=kwargs, countdown=countdown, queue=ROUTES[task]
-        )
+            task, args=[str(job_id)], kwargs=kwargs, countdown=countdown, queue=ROUTES[task],
+            retry=self._retry,
+        )  # fmt: skip
 
     def waiting(self, queue: str) -> int:
         # A non-passive declare answers the message count on any kombu transport (on Redis:

@@ -14,9 +14,16 @@ class ErrorCode(StrEnum):
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_CANCELLED = "upstream_cancelled"
     PROCESSING_TIMEOUT = "processing_timeout"
+    # WaveSpeed answered a prediction's polls with 404/400 again and again: it lost it.
+    PREDICTION_LOST = "prediction_lost"
+    # A submit got no answer and WaveSpeed's history could not say, until the deadline,
+    # whether it arrived: it may be charged.
+    SUBMIT_UNCONFIRMED = "submit_unconfirmed"
     OUTPUT_EXPIRED = "output_expired"
     OUTPUT_INVALID = "output_invalid"
     STORAGE_FAILED = "storage_failed"
+    # Put aside for an operator (see `kling quarantine`).
+    QUARANTINED = "quarantined"
     CANCELLED = "cancelled"  # not a failure: a cancelled job says why it ended
 
 

@@ -1,6 +1,8 @@
 """Accepting a generation: the image fetched (through the URL guard) and opened for real, or an
-upload found, the budget checked, the image copied to our bucket, and the job stored with its
-first task in one transaction. Nothing is stored, enqueued or charged for a refused request."""
+upload found; the image copied to our bucket under the new job's id (no transaction open
+across the copy); then the budget checked and the job stored with its first task in one
+transaction. Nothing is stored, enqueued or charged for a refused request: a copy whose job
+is never created is removed again."""
 
 from __future__ import annotations
 
@@ -10,27 +12,39 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import structlog
 from sqlalchemy import func, select, text
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
 from workers import callbacks, dispatch, jobs
+from workers.db import unit_of_work
 from workers.media import IMAGE_TYPES, ImageInfo, InvalidMedia, inspect_image
 from workers.models import Job, Tenant, Upload
 from workers.states import JobState
-from workers.storage import Storage
+from workers.storage import Storage, StorageError
 from workers.urlguard import UrlGuard, UrlRefused
+
+log = structlog.get_logger(__name__)
 
 
 class Refusal(Exception):
     """A request we will not accept: which field, which rule (stable code), why."""
 
-    def __init__(self, status: int, field: str, code: str, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        field: str,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.field = field
         self.code = code
         self.message = message
+        self.headers = headers or {}
 
 
 @dataclass(frozen=True)
@@ -189,30 +203,48 @@ def check_budget(
         )  # fmt: skip
 
 
-def accept(
-    session: Session,
-    storage: Storage,
-    settings: Settings,
-    tenant: Tenant,
-    request: GenerationInput,
-    image: InputImage | bytes,
-) -> Job:
-    """Copy the image under the job's id (the URL WaveSpeed gets then names the job, which is
-    how an unanswered submit is found in its history) and add the queued job and its outbox row
-    to the session; the caller commits. Raw bytes (service-layer callers) are checked here, as
-    `load_image` checks a fetched URL. A failing S3 call raises `StorageError`."""
+@dataclass(frozen=True)
+class StagedInput:
+    """The input image copied under the id of a job about to be created."""
+
+    job_id: uuid.UUID
+    key: str
+    content_type: str
+
+
+def stage(
+    storage: Storage, settings: Settings, request: GenerationInput, image: InputImage | bytes
+) -> StagedInput:
+    """Copy the image under a new job's id, before (and outside) the transaction that creates
+    the job: the URL WaveSpeed gets then names the job, which is how an unanswered submit is
+    found in its history. Raw bytes (service-layer callers) are checked here, as `load_image`
+    checks a fetched URL. A failing S3 call raises `StorageError`."""
     if isinstance(image, bytes):
         named = "upload_id" if request.upload_id else "image_url"
         image = InputImage.fetched(image, check_image(image, settings, named))
     job_id = uuid.uuid4()
     key = f"inputs/{job_id}/image.{image.extension}"
     image.store(storage, key)
+    return StagedInput(job_id, key, image.content_type)
+
+
+def unstage(storage: Storage, staged: StagedInput) -> None:
+    """Remove the copy of a job that was never created (best effort: S3 may be what failed;
+    the bucket's lifecycle rule for `inputs/` is the backstop)."""
+    try:
+        storage.delete(staged.key)
+    except StorageError as exc:
+        log.warning("intake.unstage_failed", key=staged.key, error=str(exc))
+
+
+def accept(session: Session, tenant: Tenant, request: GenerationInput, staged: StagedInput) -> Job:
+    """Add the queued job and its outbox row to the session; the caller commits."""
     job = Job(
-        id=job_id,
+        id=staged.job_id,
         tenant_id=tenant.id,
         image_url=request.image_url,
-        input_key=key,
-        input_content_type=image.content_type,
+        input_key=staged.key,
+        input_content_type=staged.content_type,
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         guidance_scale=request.guidance_scale,
@@ -222,3 +254,21 @@ def accept(
         metadata_=request.metadata,
     )
     return jobs.create(session, job, first_task=dispatch.SUBMIT)
+
+
+def create_job(
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    settings: Settings,
+    tenant: Tenant,
+    request: GenerationInput,
+    image: InputImage | bytes,
+) -> Job:
+    """Stage the image and commit the job (for service-layer callers: tests, benchmarks)."""
+    staged = stage(storage, settings, request, image)
+    try:
+        with unit_of_work(sessions) as session:
+            return accept(session, tenant, request, staged)
+    except BaseException:
+        unstage(storage, staged)
+        raise

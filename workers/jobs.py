@@ -7,10 +7,10 @@ import base64
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, tuple_, update
+from sqlalchemy import Row, delete, exists, func, insert, literal, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
@@ -20,6 +20,7 @@ from workers.models import (
     Job,
     JobEvent,
     OutboxMessage,
+    QuarantinedTask,
     WaveSpeedWebhook,
     WebhookAttempt,
     WebhookDelivery,
@@ -29,6 +30,12 @@ from workers.states import JobState, can_transition
 
 class JobNotFound(LookupError):
     """A task or request named a job id that is not in the database."""
+
+
+def db_in(seconds: float) -> ColumnElement[datetime]:
+    """The database's `now()` plus `seconds`. Due times and cutoffs are all on the database's
+    clock, so workers whose clocks disagree still agree on what is due."""
+    return func.now() + timedelta(seconds=seconds)
 
 
 def get(session: Session, job_id: uuid.UUID) -> Job:
@@ -70,6 +77,8 @@ def transition(
     """
     sources = [src] if isinstance(src, JobState) else list(src)
     assert all(can_transition(s, dst) for s in sources), (sources, dst)
+    # A new step starts with no failures and no resends of its own.
+    values = {"step_failures": 0, "resends": 0, **values}
     # Lock the row and read its current state in the same statement, so the event records
     # the state the job really left.
     locked = select(Job.id, Job.status).where(Job.id == job_id)
@@ -92,21 +101,40 @@ def transition(
     return True
 
 
-def update_fields(session: Session, job_id: uuid.UUID, state: JobState, **values: Any) -> bool:
-    """Change fields of a job that is still in `state`, without a transition."""
+def update_fields(
+    session: Session,
+    job_id: uuid.UUID,
+    state: JobState,
+    *,
+    when: ColumnElement[bool] | None = None,
+    note: str | None = None,
+    **values: Any,
+) -> bool:
+    """Change fields of a job that is still in `state` (and matches `when`), without a
+    transition; `note` records why in the job's history (a retry of its step, say)."""
+    query = update(Job).where(Job.id == job_id, Job.status == state)
+    if when is not None:
+        query = query.where(when)
     result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == state)
-        .values(updated_at=func.now(), **values)
+        query.values(updated_at=func.now(), **values)
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     ).first()
+    if result is not None and note:
+        session.execute(
+            insert(JobEvent).values(job_id=job_id, from_state=state, to_state=state, reason=note)
+        )
     return result is not None
 
 
-def enqueue(session: Session, job_id: uuid.UUID, task: str) -> None:
-    """Record a task to publish once the surrounding transaction commits."""
-    session.add(OutboxMessage(task=task, job_id=job_id))
+def note(session: Session, job_id: uuid.UUID, reason: str) -> None:
+    """Add `reason` to the job's history without changing it (nothing if there is no job)."""
+    session.execute(
+        insert(JobEvent).from_select(
+            ["job_id", "from_state", "to_state", "reason"],
+            select(Job.id, Job.status, Job.status, literal(reason)).where(Job.id == job_id),
+        )
+    )
 
 
 def events(session: Session, job_id: uuid.UUID) -> Sequence[JobEvent]:
@@ -115,42 +143,105 @@ def events(session: Session, job_id: uuid.UUID) -> Sequence[JobEvent]:
     ).all()
 
 
-def unpublished(
+def claim_unpublished(
     session: Session,
     *,
-    older_than: datetime | None = None,
+    lease_seconds: float,
+    older_than: float | None = None,
     job_id: uuid.UUID | None = None,
     limit: int = 500,
-) -> Sequence[OutboxMessage]:
-    """Outbox rows nobody published, claimed so that concurrent relays skip each other's."""
-    conditions: list[ColumnElement[bool]] = [OutboxMessage.published_at.is_(None)]
+) -> Sequence[Row[int, str, uuid.UUID]]:
+    """Outbox rows nobody published (all of one job's, or those `older_than` seconds old)
+    and no other relay holds: taken for `lease_seconds`, their attempts counted. Answers
+    their id, task and job; the caller publishes them after this commits."""
+    conditions: list[ColumnElement[bool]] = [
+        OutboxMessage.published_at.is_(None),
+        OutboxMessage.claimed_until.is_(None) | (OutboxMessage.claimed_until < func.now()),
+    ]
     if older_than is not None:
-        conditions.append(OutboxMessage.created_at <= older_than)
+        conditions.append(OutboxMessage.created_at <= func.now() - timedelta(seconds=older_than))
     if job_id is not None:
         conditions.append(OutboxMessage.job_id == job_id)
-    return session.scalars(
-        select(OutboxMessage)
+    free = (
+        select(OutboxMessage.id)
         .where(*conditions)
         .order_by(OutboxMessage.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
+    )
+    return session.execute(
+        update(OutboxMessage)
+        .where(OutboxMessage.id.in_(free.scalar_subquery()))
+        .values(claimed_until=db_in(lease_seconds), attempts=OutboxMessage.attempts + 1)
+        .returning(OutboxMessage.id, OutboxMessage.task, OutboxMessage.job_id)
     ).all()
 
 
-def claim_poll(session: Session, job_id: uuid.UUID, seq: int | None) -> Job | None:
+def mark_published(session: Session, outbox_ids: Sequence[int]) -> None:
+    if outbox_ids:
+        session.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.id.in_(outbox_ids))
+            .values(published_at=func.now(), claimed_until=None)
+        )
+
+
+def claim_poll(session: Session, job_id: uuid.UUID, seq: int | None) -> tuple[Job, datetime] | None:
     """Take the poll chain of a processing job: bump `poll_seq` if the caller's `seq` is
-    current (or `None`, which takes over from any chain). Answers the row, or None when the
-    job moved on or another chain owns it."""
+    current (or `None`, which takes over from any chain). Answers the row and the database's
+    time, or None when the job moved on or another chain owns it."""
     condition: list[ColumnElement[bool]] = [Job.id == job_id, Job.status == JobState.PROCESSING]
     if seq is not None:
         condition.append(Job.poll_seq == seq)
-    return session.scalars(
+    return _claimed(session, update(Job).where(*condition).values(poll_seq=Job.poll_seq + 1))
+
+
+def claim_store(
+    session: Session, job_id: uuid.UUID, lease_seconds: float
+) -> tuple[Job, datetime] | None:
+    """Take a storing job whose try is due, for `lease_seconds`: a duplicate message, or one
+    that comes before a retry is due, finds nothing to do. Answers the row and the
+    database's time."""
+    claim = (
         update(Job)
-        .where(*condition)
-        .values(poll_seq=Job.poll_seq + 1, updated_at=func.now())
-        .returning(Job)
+        .where(Job.id == job_id, Job.status == JobState.STORING, Job.due_at <= func.now())
+        .values(due_at=db_in(lease_seconds))
+    )
+    return _claimed(session, claim)
+
+
+def _claimed(session: Session, claim: Any) -> tuple[Job, datetime] | None:
+    row = session.execute(
+        claim.values(updated_at=func.now())
+        .returning(Job, func.now())
         .execution_options(synchronize_session=False, populate_existing=True)
     ).first()
+    return (row[0], row[1]) if row is not None else None
+
+
+def record_miss(
+    session: Session, job_id: uuid.UUID, attempt: int, settle_seconds: float
+) -> int | None:
+    """Count a history lookup of submit `attempt` that did not find it, if it proves
+    something: the POST can no longer be in flight, and the last miss is `settle_seconds`
+    old. Answers the misses so far, or None when this lookup came too early to count."""
+    settled = func.now() - timedelta(seconds=settle_seconds)
+    row = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status == JobState.SUBMITTING,
+            Job.submit_attempts == attempt,
+            Job.last_submit_at <= settled,
+            Job.last_miss_at.is_(None) | (Job.last_miss_at <= settled),
+        )
+        .values(
+            recover_misses=Job.recover_misses + 1, last_miss_at=func.now(), updated_at=func.now()
+        )
+        .returning(Job.recover_misses)
+        .execution_options(synchronize_session=False)
+    ).first()
+    return int(row[0]) if row is not None else None
 
 
 def by_prediction(session: Session, prediction_id: str) -> Job | None:
@@ -158,25 +249,42 @@ def by_prediction(session: Session, prediction_id: str) -> Job | None:
 
 
 def overdue(
-    session: Session, state: JobState, column: Any, before: datetime, limit: int = 500
-) -> Sequence[uuid.UUID]:
-    """Ids of jobs in `state` whose `column` and last touch are both older than `before`,
-    skipping rows another reconciler holds."""
-    return session.scalars(
-        select(Job.id)
-        .where(Job.status == state, column < before, Job.updated_at < before)
+    session: Session, state: JobState, column: Any, grace_seconds: float, limit: int = 500
+) -> Sequence[Row[uuid.UUID, int, int]]:
+    """Jobs in `state` whose `column` and last touch are both more than `grace_seconds` in
+    the past (by the database's clock), skipping rows another reconciler holds and jobs put
+    aside for an operator: their id, submit attempt and resends so far."""
+    before = func.now() - timedelta(seconds=grace_seconds)
+    return session.execute(
+        select(Job.id, Job.submit_attempts, Job.resends)
+        .where(
+            Job.status == state,
+            column < before,
+            Job.updated_at < before,
+            ~quarantined(Job.id),
+        )
         .order_by(column)
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
 
 
-def set_next_poll(session: Session, job_id: uuid.UUID, seq: int, at: datetime) -> bool:
-    """Record when the chain `seq` checks next; False if the job moved on or the chain died."""
+def quarantined(subject: Any) -> ColumnElement[bool]:
+    """Whether a task for `subject` (a job or delivery id) is put aside, unreleased."""
+    return exists().where(
+        QuarantinedTask.subject_id == subject, QuarantinedTask.released_at.is_(None)
+    )
+
+
+def set_next_poll(
+    session: Session, job_id: uuid.UUID, seq: int, delay: float, failures: int = 0
+) -> bool:
+    """Record when the chain `seq` checks next, and the refusals in a row so far; False if the
+    job moved on or the chain died."""
     row = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobState.PROCESSING, Job.poll_seq == seq)
-        .values(next_poll_at=at, updated_at=func.now())
+        .values(due_at=db_in(delay), step_failures=failures, updated_at=func.now())
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     ).first()
@@ -184,12 +292,13 @@ def set_next_poll(session: Session, job_id: uuid.UUID, seq: int, at: datetime) -
 
 
 def touch(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
-    """Mark jobs as just looked at, so a sweep does not resend the same work every tick."""
+    """Mark jobs as just resent, counting it, so a sweep does not resend the same work every
+    tick and a step resent for ever is noticed."""
     if job_ids:
         session.execute(
             update(Job)
             .where(Job.id.in_(job_ids))
-            .values(updated_at=func.now())
+            .values(updated_at=func.now(), resends=Job.resends + 1)
             .execution_options(synchronize_session=False)
         )
 
@@ -208,6 +317,15 @@ def first_delivery(session: Session, webhook_id: str) -> bool:
 def forget_delivery(session: Session, webhook_id: str) -> None:
     """Undo `first_delivery` for a webhook that could not be taken, so its retry is."""
     session.execute(delete(WaveSpeedWebhook).where(WaveSpeedWebhook.id == webhook_id))
+
+
+def prune_deliveries(session: Session, older_than_seconds: float, limit: int = 5000) -> int:
+    """Forget webhook ids old enough that WaveSpeed no longer retries them (a bounded batch,
+    so one sweep never holds the table for long)."""
+    before = func.now() - timedelta(seconds=older_than_seconds)
+    oldest = select(WaveSpeedWebhook.id).where(WaveSpeedWebhook.received_at < before).limit(limit)
+    result = session.execute(delete(WaveSpeedWebhook).where(WaveSpeedWebhook.id.in_(oldest)))
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,12 @@ RECONCILER_RESENT = Counter(
     "state, callbacks)",
     ["kind"],
 )
+QUARANTINED = Counter(
+    "kling_quarantined",
+    "Tasks put aside for an operator (they kept killing their worker, or were resent past "
+    "the cap), by task",
+    ["task"],
+)
 RECONCILER_DEFERRED = Counter(
     "kling_reconciler_deferred",
     "Reconciler sweeps run with the longer backlog grace, by job state, because the queue "

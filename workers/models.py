@@ -120,11 +120,26 @@ class Job(Base):
     submit_attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_submit_at: Mapped[datetime | None]
     submitted_at: Mapped[datetime | None]
-    next_poll_at: Mapped[datetime | None]
+    # When the job's current step is next due: the next poll of a processing job, the next
+    # history lookup of an unanswered submit, the next try (or the end of the lease of a
+    # running try) of a store. The reconciler resends the step's message once it is overdue.
+    due_at: Mapped[datetime | None]
+    # Failures in a row of the current step (history lookups, polls WaveSpeed refused, store
+    # tries), and how often the reconciler resent it; both start again at every transition.
+    step_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # History lookups of the current submit attempt that did not find it, and when the last
+    # one ran: two misses far enough apart prove the POST never arrived.
+    recover_misses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_miss_at: Mapped[datetime | None]
     # Bumped by every poll; a poll message carrying an older value belongs to a dead chain.
     poll_seq: Mapped[int] = mapped_column(Integer, default=0)
     inference_ms: Mapped[int | None] = mapped_column(Integer)
     output_url: Mapped[str | None] = mapped_column(Text)
+    # When WaveSpeed reported the output (it keeps outputs 7 days), and until when a store
+    # that keeps failing is tried again.
+    output_at: Mapped[datetime | None]
+    store_deadline_at: Mapped[datetime | None]
 
     # The stored video.
     s3_bucket: Mapped[str | None] = mapped_column(Text)
@@ -141,8 +156,11 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
 
+    # Server defaults (created_at) come back with the INSERT, so a job just created can be
+    # answered from memory, without another round trip that a failing database could refuse.
+    __mapper_args__ = {"eager_defaults": True}
     __table_args__ = (
-        Index("ix_jobs_status_next_poll_at", "status", "next_poll_at"),
+        Index("ix_jobs_status_due_at", "status", "due_at"),
         Index("ix_jobs_last_submit_at", "last_submit_at"),
     )
 
@@ -170,6 +188,9 @@ class OutboxMessage(Base):
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     published_at: Mapped[datetime | None]
+    # A relay that took the row publishes it before this; then another relay may try again.
+    claimed_until: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         Index(
@@ -186,7 +207,7 @@ class WaveSpeedWebhook(Base):
     __tablename__ = "wavespeed_webhooks"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    received_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    received_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
 
 
 class IdempotencyKey(Base):
@@ -213,11 +234,17 @@ class WebhookDelivery(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     event: Mapped[str] = mapped_column(String(40))
     url: Mapped[str] = mapped_column(Text)
+    # scheme://host:port of `url`: what per-host limits and the circuit breaker count by.
+    host: Mapped[str] = mapped_column(Text, default="", server_default="", index=True)
     payload: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None]
     claimed_at: Mapped[datetime | None]  # last sent to the queue by a reconciler sweep
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # An attempt is being made until then (its POST runs outside any transaction): another
+    # message for the delivery waits, and a worker that died mid-attempt is retried after it.
+    sending_until: Mapped[datetime | None]
     last_status_code: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
@@ -239,3 +266,32 @@ class WebhookAttempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     duration_ms: Mapped[int] = mapped_column(Integer)
+
+
+class CallbackHost(Base):
+    """A producer's callback host (scheme, host and port) and its circuit breaker: after
+    failures in a row nothing is sent to it until `open_until`, then one attempt probes it."""
+
+    __tablename__ = "callback_hosts"
+
+    host: Mapped[str] = mapped_column(Text, primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    open_until: Mapped[datetime | None]
+    last_failure_at: Mapped[datetime | None]
+    last_success_at: Mapped[datetime | None]
+
+
+class QuarantinedTask(Base):
+    """A task put aside for an operator: it killed its worker again and again, or the
+    reconciler resent it past its cap. Nothing runs it until it is released."""
+
+    __tablename__ = "quarantined_tasks"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    task: Mapped[str] = mapped_column(String(64))
+    # The job or delivery the task was for.
+    subject_id: Mapped[uuid.UUID] = mapped_column(index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    deliveries: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    released_at: Mapped[datetime | None]

@@ -7,7 +7,6 @@ Duplicate, late or replayed messages therefore change nothing.
 
 from __future__ import annotations
 
-import random
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from typing import Any
 
 import httpx
 import structlog
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, func
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
@@ -27,6 +26,7 @@ from workers.db import unit_of_work
 from workers.errors import ErrorCode, task_failure
 from workers.media import InvalidMedia, probe_video
 from workers.models import Job
+from workers.retry import backoff
 from workers.states import JobState
 from workers.storage import Storage, StorageError
 from workers.urlguard import UrlGuard
@@ -36,15 +36,11 @@ log = structlog.get_logger(__name__)
 
 Clock = Callable[[], datetime]
 
+HISTORY_PAGE_SIZE = 100
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def backoff(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
-    """Exponential backoff with jitter; never sooner than the server's `Retry-After`."""
-    delay = min(cap, base * 2 ** max(0, attempt - 1)) * random.uniform(0.5, 1.0)
-    return max(delay, retry_after or 0.0)
 
 
 def video_key(job_id: uuid.UUID) -> str:
@@ -52,12 +48,31 @@ def video_key(job_id: uuid.UUID) -> str:
     return f"videos/{job_id}.mp4"
 
 
+def attempt_key(job: Job, attempt: int) -> str:
+    """The input image WaveSpeed is given for submit `attempt`. Its URL names the job and the
+    attempt, so a history lookup finds this attempt's prediction and never an earlier one's:
+    the first attempt uses the copy made at accept, later ones a copy of it of their own."""
+    if attempt == 1:
+        return job.input_key
+    extension = job.input_key.rpartition(".")[2]
+    return f"inputs/{job.id}/attempt-{attempt}.{extension}"
+
+
+def history_marker(job: Job, attempt: int) -> str:
+    """What the image URL of `attempt`'s prediction contains, and no other attempt's does."""
+    return attempt_key(job, attempt).rpartition(".")[0] + "."
+
+
 class OutputGone(Exception):
-    """WaveSpeed no longer serves the output (it keeps them 7 days)."""
+    """The CDN answered 403/404/410 for the output: expired, or a hiccup just after completion."""
 
 
 class OutputIncomplete(Exception):
     """The download ended short of its declared length, or broke: worth another try."""
+
+
+class HistoryInconclusive(Exception):
+    """The history window held more predictions than one lookup reads: it proves nothing."""
 
 
 @dataclass
@@ -79,30 +94,43 @@ class Pipeline:
         """Claim a queued job, POST it to WaveSpeed once, record the prediction.
 
         The claim (with the attempt count) commits *before* the POST: a crash after sending
-        leaves the job `submitting`, which the reconciler resolves through WaveSpeed's
-        history instead of paying for a second prediction.
+        leaves the job `submitting`, which `recover` resolves through WaveSpeed's history
+        instead of paying for a second prediction.
         """
-        job, inputs = self._claim(job_id)
-        if inputs is None and job.status == JobState.QUEUED and job.admitted_at is None:
+        job, claimed = self._claim(job_id)
+        if not claimed and job.status == JobState.QUEUED and job.admitted_at is None:
             # Not admitted yet: park the job and let the gate pick the fairest jobs. Claim
             # again whatever it picked: if this gate pass, or another one since the claim
             # above, admitted this job, no other message is coming for it.
             self.admit(park=job.id)
-            job, inputs = self._claim(job_id)
-        if inputs is None:
+            job, claimed = self._claim(job_id)
+        if not claimed:
+            return
+        attempt = job.submit_attempts + 1
+        try:
+            inputs = self._inputs(job, attempt)
+        except StorageError as exc:
+            # Nothing was sent, so nothing can be charged: a plain retry.
+            self._retry_submit(job_id, attempt, None, f"input copy failed: {exc}")
             return
         try:
             prediction = self.wavespeed.submit(
                 self.settings.wavespeed_model, inputs, webhook=self.settings.webhook_url
             )
         except WaveSpeedError as exc:
-            self._submit_failed(job_id, job.submit_attempts + 1, exc)
+            self._submit_failed(job_id, attempt, exc)
             return
-        self._adopt(job_id, job.duration, prediction, reason="submitted")
+        self._adopt(job_id, attempt, job.duration, prediction, reason="submitted")
 
-    def _claim(self, job_id: uuid.UUID) -> tuple[Job, dict[str, Any] | None]:
-        """`queued -> submitting` if the gate admitted the job; answers the job as it was and,
-        when claimed, the inputs to POST."""
+    @property
+    def _settle(self) -> float:
+        """The longest a submit POST can be in flight: after this, no answer is coming."""
+        return self.settings.wavespeed_connect_timeout + self.settings.wavespeed_read_timeout
+
+    def _claim(self, job_id: uuid.UUID) -> tuple[Job, bool]:
+        """`queued -> submitting` if the gate admitted the job; answers the job as it was
+        before, and whether it was claimed. The claim's due time is when the POST must have
+        answered: past it (plus the sweep's grace) the reconciler sends `recover`."""
         with unit_of_work(self.sessions) as session:
             job = _bind(jobs.get(session, job_id))
             claimed = jobs.transition(
@@ -113,9 +141,12 @@ class Pipeline:
                 reason=f"attempt {job.submit_attempts + 1}",
                 when=Job.admitted_at.is_not(None),
                 submit_attempts=Job.submit_attempts + 1,
-                last_submit_at=self.clock(),
+                last_submit_at=func.now(),
+                due_at=jobs.db_in(self._settle),
+                recover_misses=0,
+                last_miss_at=None,
             )
-            return job, self._inputs(job) if claimed else None
+            return job, claimed
 
     def admit(self, park: uuid.UUID | None = None) -> int:
         """Admit as many queued jobs as the gate allows and send the submit tasks they need;
@@ -140,35 +171,99 @@ class Pipeline:
             tenant_max_in_flight=settings.tenant_max_in_flight or settings.max_in_flight,
         )
 
-    def recover(self, job_id: uuid.UUID) -> None:
+    def recover(self, job_id: uuid.UUID, attempt: int | None = None) -> None:
         """Resolve a `submitting` job whose POST got no answer: adopt the prediction if
-        WaveSpeed's history has it, resubmit only once the history proves it never arrived."""
+        WaveSpeed's history has it; resubmit only once two lookups, `_settle` apart and both
+        after the POST ended, missed it. `attempt` ties the message to one submit attempt:
+        a message of an earlier attempt changes nothing (that attempt was settled)."""
         with unit_of_work(self.sessions) as session:
             job = _bind(jobs.get(session, job_id))
         if job.status != JobState.SUBMITTING or job.last_submit_at is None:
             return
+        if attempt is not None and attempt != job.submit_attempts:
+            return
+        attempt = job.submit_attempts
         try:
-            found = self._find_in_history(job)
-        except WaveSpeedError as exc:
-            log.warning("recover.history_failed", job_id=str(job_id), error=str(exc))
-            self.dispatch(dispatch.RECOVER, job_id, countdown=self.settings.retry_base_seconds)
+            found = self._find_in_history(job, attempt)
+        except (WaveSpeedError, HistoryInconclusive) as exc:
+            self._recover_failed(job, attempt, str(exc))
             return
         if found is not None:
-            self._adopt(job_id, job.duration, found, reason="adopted from history")
-            return
-        with unit_of_work(self.sessions) as session:
-            # Parked: no submit message is on its way; the gate sends one when it admits it.
-            requeued = jobs.transition(
-                session, job_id, JobState.SUBMITTING, JobState.QUEUED, reason="not in history",
-                admitted_at=None, parked_at=self.clock(),
-            )  # fmt: skip
-        if requeued:
-            self.admit()
+            self._adopt(job_id, attempt, job.duration, found, reason="adopted from history")
+        else:
+            self._missed(job_id, attempt)
 
-    def _inputs(self, job: Job) -> dict[str, Any]:
-        # The presigned URL names `inputs/<job id>/...`, so the job can be found in history.
+    def _missed(self, job_id: uuid.UUID, attempt: int) -> None:
+        settle = self._settle
+        requeued = False
+        with unit_of_work(self.sessions) as session:
+            misses = jobs.record_miss(session, job_id, attempt, settle)
+            if misses is not None and misses >= 2:
+                # Parked: no submit message is on its way; the gate sends one when it admits it.
+                requeued = jobs.transition(
+                    session, job_id, JobState.SUBMITTING, JobState.QUEUED,
+                    reason=f"attempt {attempt} not in WaveSpeed's history, twice",
+                    when=Job.submit_attempts == attempt,
+                    admitted_at=None, parked_at=func.now(), due_at=None,
+                )  # fmt: skip
+        if misses is not None and misses >= 2:
+            if requeued:
+                self.admit()
+            return
+        # A first miss, or a lookup too early to count: look again once it can count (the
+        # margin keeps a countdown that fires a little early from missing the mark).
+        note = f"attempt {attempt} not in WaveSpeed's history yet" if misses else None
+        self._recover_in(job_id, attempt, settle + 1.0, note=note)
+
+    def _recover_failed(self, job: Job, attempt: int, why: str) -> None:
+        """A history lookup failed: back off and look again, until the deadline."""
+        settings = self.settings
+        deadline = func.now() - timedelta(seconds=settings.recover_deadline_seconds)
+        message = (
+            f"WaveSpeed's history could not say whether attempt {attempt} arrived within "
+            f"{settings.recover_deadline_seconds:.0f}s; it may be charged ({why})"
+        )
+        attempt_matches = Job.submit_attempts == attempt
+        if self.fail(
+            job.id, JobState.SUBMITTING, ErrorCode.SUBMIT_UNCONFIRMED, message,
+            when=attempt_matches & (Job.last_submit_at < deadline),
+        ):  # fmt: skip
+            return
+        failures = job.step_failures + 1
+        cap = settings.recover_max_interval_seconds
+        delay = backoff(failures, settings.retry_base_seconds, cap)
+        log.warning("recover.history_failed", job_id=str(job.id), failures=failures, error=why)
+        note = f"history lookup {failures} failed, again in {delay:.0f}s: {why}"[:500]
+        self._recover_in(job.id, attempt, delay, failures=failures, note=note)
+
+    def _recover_in(
+        self,
+        job_id: uuid.UUID,
+        attempt: int,
+        delay: float,
+        *,
+        failures: int | None = None,
+        note: str | None = None,
+    ) -> None:
+        """Schedule the next history lookup of `attempt`, and only that one."""
+        values: dict[str, Any] = {"due_at": jobs.db_in(delay)}
+        if failures is not None:
+            values["step_failures"] = failures
+        with unit_of_work(self.sessions) as session:
+            ours = jobs.update_fields(
+                session, job_id, JobState.SUBMITTING, when=Job.submit_attempts == attempt,
+                note=note, **values,
+            )  # fmt: skip
+        if ours:
+            self.later(dispatch.RECOVER, job_id, delay, attempt=attempt)
+
+    def _inputs(self, job: Job, attempt: int) -> dict[str, Any]:
+        """The body of submit `attempt` (copying the input image for a later attempt)."""
+        key = attempt_key(job, attempt)
+        if key != job.input_key:
+            self.storage.copy(job.input_key, key)
         inputs: dict[str, Any] = {
-            "image": self.storage.presign_get(job.input_key, self.settings.input_url_ttl_seconds),
+            "image": self.storage.presign_get(key, self.settings.input_url_ttl_seconds),
             "prompt": job.prompt,
             "guidance_scale": job.guidance_scale,
             "duration": job.duration,
@@ -177,24 +272,34 @@ class Pipeline:
             inputs["negative_prompt"] = job.negative_prompt
         return inputs
 
-    def _find_in_history(self, job: Job) -> Prediction | None:
+    def _find_in_history(self, job: Job, attempt: int) -> Prediction | None:
+        """The prediction of submit `attempt`, from a bounded window of WaveSpeed's history
+        around the POST (WaveSpeed's clock may disagree with ours by the skew setting)."""
         assert job.last_submit_at is not None
-        since = job.last_submit_at - timedelta(minutes=5)
-        marker = f"inputs/{job.id}/"
-        for page in range(1, 51):
+        settings = self.settings
+        skew = timedelta(seconds=settings.history_clock_skew_seconds)
+        since = job.last_submit_at - skew
+        until = job.last_submit_at + timedelta(seconds=2 * self._settle) + skew
+        marker = history_marker(job, attempt)
+        for page in range(1, settings.history_max_pages + 1):
             batch = self.wavespeed.history(
-                model=self.settings.wavespeed_model, created_after=since, page=page
-            )
+                model=settings.wavespeed_model, created_after=since, created_before=until,
+                page=page, page_size=HISTORY_PAGE_SIZE,
+            )  # fmt: skip
             for prediction in batch:
                 if marker in str(prediction.input.get("image", "")):
                     return prediction
-            if len(batch) < 100:
+            if len(batch) < HISTORY_PAGE_SIZE:
                 return None
-        return None
+        raise HistoryInconclusive(
+            f"more than {settings.history_max_pages * HISTORY_PAGE_SIZE} predictions between "
+            f"{since.isoformat()} and {until.isoformat()}"
+        )
 
     def _adopt(
-        self, job_id: uuid.UUID, duration: int, prediction: Prediction, *, reason: str
-    ) -> None:
+        self, job_id: uuid.UUID, attempt: int, duration: int, prediction: Prediction, *,
+        reason: str,
+    ) -> None:  # fmt: skip
         now = self.clock()
         first = self.settings.poll_first_delay_seconds.get(duration, 60.0)
         with unit_of_work(self.sessions) as session:
@@ -204,17 +309,25 @@ class Pipeline:
                 JobState.SUBMITTING,
                 JobState.PROCESSING,
                 reason=f"{reason}: prediction {prediction.id}",
+                when=Job.submit_attempts == attempt,
                 prediction_id=prediction.id,
                 submitted_at=now,
-                next_poll_at=now + timedelta(seconds=first),
+                due_at=jobs.db_in(first),
                 cost_usd=self.settings.price_usd.get(duration),
             )
-            if not moved:
+            kept = moved or jobs.update_fields(
                 # Cancelled while the POST was in flight: keep the id of what may be charged.
-                jobs.update_fields(session, job_id, JobState.CANCELLED, prediction_id=prediction.id)
+                session, job_id, JobState.CANCELLED, when=Job.prediction_id.is_(None),
+                prediction_id=prediction.id,
+            )  # fmt: skip
             delivery = self._event(session, job_id, callbacks.PROCESSING) if moved else None
             job = jobs.get(session, job_id)
         self._notify(delivery)
+        if not kept:
+            log.error(
+                "submit.orphaned", job_id=str(job_id), attempt=attempt,
+                prediction_id=prediction.id, status=job.status,
+            )  # fmt: skip
         if moved:
             metrics.adopted(job.created_at, now, job.cost_usd)
             log.info("submit.done", job_id=str(job_id), prediction_id=prediction.id)
@@ -231,13 +344,28 @@ class Pipeline:
         )
         if exc.ambiguous:
             # Stay `submitting`: only WaveSpeed's history can say whether we already paid.
-            self.dispatch(dispatch.RECOVER, job_id, countdown=self.settings.retry_base_seconds)
-            return
-        if exc.retryable and attempt < self.settings.submit_max_attempts:
-            self._requeue(job_id, JobState.SUBMITTING, attempt, exc.retry_after, str(exc))
-            return
-        code = ErrorCode.UPSTREAM_UNAVAILABLE if exc.retryable else _rejection_code(exc)
-        self.fail(job_id, JobState.SUBMITTING, code, exc.message)
+            self._recover_in(job_id, attempt, self.settings.retry_base_seconds)
+        elif exc.retryable:
+            self._retry_submit(job_id, attempt, exc.retry_after, str(exc))
+        else:
+            self.fail(
+                job_id, JobState.SUBMITTING, _rejection_code(exc), exc.message,
+                when=Job.submit_attempts == attempt,
+            )  # fmt: skip
+
+    def _retry_submit(
+        self, job_id: uuid.UUID, attempt: int, retry_after: float | None, why: str
+    ) -> None:
+        """Submit `attempt` surely created nothing: queue the job again, or fail it once its
+        attempts are used up."""
+        attempt_matches = Job.submit_attempts == attempt
+        if attempt < self.settings.submit_max_attempts:
+            self._requeue(job_id, JobState.SUBMITTING, attempt, retry_after, why, attempt_matches)
+        else:
+            self.fail(
+                job_id, JobState.SUBMITTING, ErrorCode.UPSTREAM_UNAVAILABLE, why,
+                when=attempt_matches,
+            )  # fmt: skip
 
     def _requeue(
         self,
@@ -248,26 +376,31 @@ class Pipeline:
         why: str,
         when: ColumnElement[bool] | None = None,
     ) -> None:
+        settings = self.settings
         delay = backoff(
-            attempt, self.settings.retry_base_seconds, self.settings.retry_max_seconds, retry_after
-        )
+            attempt, settings.retry_base_seconds, settings.retry_max_seconds, retry_after,
+            settings.retry_after_max_seconds,
+        )  # fmt: skip
         with unit_of_work(self.sessions) as session:
             moved = jobs.transition(
                 session,
                 job_id,
                 src,
                 JobState.QUEUED,
-                reason=f"retry in {delay:.1f}s: {why}",
+                reason=f"retry in {delay:.1f}s: {why}"[:2000],
                 when=when,
                 prediction_id=None,
                 admitted_at=None,
+                due_at=None,
                 not_before=self.clock() + timedelta(seconds=delay),
-                parked_at=None,  # the countdown message below is on its way
+                # Unparked when the countdown message below is on its way; a wait too long for
+                # a countdown parks the job, and the gate sends it a message once admitted.
+                parked_at=None if self._countdown(delay) else func.now(),
             )
         if moved:
             # The message first: nothing else would send it, and admitting can fail.
             # The gate is asked again when the wait is over (beat asks too, if this is lost).
-            self.dispatch(dispatch.SUBMIT, job_id, countdown=delay)
+            self.later(dispatch.SUBMIT, job_id, delay)
             self.admit()  # its slot is free for another job meanwhile
 
     # -- poll -----------------------------------------------------------------------------
@@ -283,56 +416,67 @@ class Pipeline:
         one is taken as the result without asking WaveSpeed again.
         """
         with unit_of_work(self.sessions) as session:
-            job = jobs.claim_poll(session, job_id, seq)
-        if job is None or job.prediction_id is None:
+            claimed = jobs.claim_poll(session, job_id, seq)
+        if claimed is None or claimed[0].prediction_id is None:
             return
+        job, now = claimed
+        prediction_id = job.prediction_id
+        assert prediction_id is not None
         _bind(job)
-        prediction = _finished_report(reported, job.prediction_id)
+        prediction = _finished_report(reported, prediction_id)
         if prediction is None:
             try:
-                prediction = self.wavespeed.result(job.prediction_id)
+                prediction = self.wavespeed.result(prediction_id)
             except WaveSpeedError as exc:
-                if not exc.retryable and exc.status_code in (401, 403):
-                    self.fail(
-                        job_id, JobState.PROCESSING, ErrorCode.UPSTREAM_AUTH, exc.message,
-                        when=_tracks(job),
-                    )  # fmt: skip
-                    return
-                log.warning("poll.failed", job_id=str(job_id), error=str(exc))
-                self._reschedule(job, exc.retry_after)
+                self._poll_failed(job, now, exc)
                 return
-        self._on_prediction(job, prediction)
+        self._on_prediction(job, now, prediction)
+
+    def _poll_failed(self, job: Job, now: datetime, exc: WaveSpeedError) -> None:
+        """`/result` answered an error: the timeout still counts, and a prediction WaveSpeed
+        keeps refusing (404, 400) ends the job after a few tries rather than never."""
+        log.warning("poll.failed", job_id=str(job.id), error=str(exc))
+        refusals = job.step_failures
+        if exc.status_code in (401, 403):
+            self.fail(job.id, JobState.PROCESSING, ErrorCode.UPSTREAM_AUTH, exc.message,
+                      when=_tracks(job))  # fmt: skip
+        elif self._timed_out(job, now):
+            self._fail_timed_out(job, f"{exc.message}")
+        elif not exc.retryable and refusals + 1 >= self.settings.poll_max_rejections:
+            message = f"WaveSpeed refused {refusals + 1} polls in a row: {exc.message}"
+            self.fail(job.id, JobState.PROCESSING, ErrorCode.PREDICTION_LOST, message,
+                      when=_tracks(job))  # fmt: skip
+        else:
+            # A transient error keeps the count of refusals in a row; a refusal adds one.
+            self._reschedule(job, exc.retry_after, refusals + (0 if exc.retryable else 1))
 
     def take_webhook(self, prediction_id: str, reported: dict[str, Any] | None) -> bool:
         """WaveSpeed's verified webhook says a prediction finished. Settle its job here and
         now from the prediction it carried, so a busy `poll` queue does not delay it; if the
         body does not settle it, ask for a poll at once. The poll takes the job's chain over,
         so the scheduled poll arriving later is harmless; WaveSpeed's retries of a webhook
-        already taken change nothing. False when there was nothing to do."""
+        already taken change nothing. False when there was nothing to do: no job of ours
+        waits on the prediction (nothing is recorded then), or it was taken already."""
         with unit_of_work(self.sessions) as session:
+            job = jobs.by_prediction(session, prediction_id)
+            if job is None or job.status != JobState.PROCESSING:
+                return False
             if not jobs.first_delivery(session, prediction_id):
                 log.info("wavespeed.webhook.duplicate", prediction_id=prediction_id)
                 return False
         try:
-            return self._settle_reported(prediction_id, reported)
+            if _finished_report(reported, prediction_id) is None:
+                self.dispatch(dispatch.POLL, job.id)
+            else:
+                self.poll(job.id, reported=reported)
         except BaseException:
             # Not taken after all (the broker or Postgres failed): let WaveSpeed's retry in.
             with unit_of_work(self.sessions) as session:
                 jobs.forget_delivery(session, prediction_id)
             raise
-
-    def _settle_reported(self, prediction_id: str, reported: dict[str, Any] | None) -> bool:
-        with unit_of_work(self.sessions) as session:
-            job = jobs.by_prediction(session, prediction_id)
-        if job is None or job.status != JobState.PROCESSING:
-            return False
-        if _finished_report(reported, prediction_id) is None:
-            self.dispatch(dispatch.POLL, job.id)
-        else:
-            self.poll(job.id, reported=reported)
         return True
 
-    def _on_prediction(self, job: Job, prediction: Prediction) -> None:
+    def _on_prediction(self, job: Job, now: datetime, prediction: Prediction) -> None:
         if prediction.status == "completed":
             self._completed_upstream(job, prediction)
         elif prediction.status == "failed":
@@ -345,14 +489,8 @@ class Pipeline:
                 f"WaveSpeed reports the prediction {prediction.status}",
                 when=_tracks(job),
             )
-        elif self._timed_out(job):
-            self.fail(
-                job.id,
-                JobState.PROCESSING,
-                ErrorCode.PROCESSING_TIMEOUT,
-                f"still {prediction.status} after {self.settings.processing_timeout_seconds:.0f}s",
-                when=_tracks(job),
-            )
+        elif self._timed_out(job, now):
+            self._fail_timed_out(job, f"still {prediction.status}")
         else:
             self._reschedule(job, None)
 
@@ -373,7 +511,9 @@ class Pipeline:
                 when=_tracks(job),
                 output_url=prediction.outputs[0],
                 inference_ms=prediction.inference_ms,
-                next_poll_at=None,
+                output_at=func.now(),
+                store_deadline_at=jobs.db_in(self.settings.store_deadline_seconds),
+                due_at=func.now(),
             )
         if moved:
             self.dispatch(dispatch.STORE, job.id)
@@ -389,48 +529,51 @@ class Pipeline:
         else:
             self.fail(job.id, JobState.PROCESSING, code, message, when=_tracks(job))
 
-    def _timed_out(self, job: Job) -> bool:
+    def _timed_out(self, job: Job, now: datetime) -> bool:
+        """Whether the prediction has run past the processing timeout, by the database's
+        clock (`now` came back with the poll's claim)."""
         started = job.submitted_at or job.created_at
-        elapsed = (self.clock() - started).total_seconds()
-        return elapsed > self.settings.processing_timeout_seconds
+        return (now - started).total_seconds() > self.settings.processing_timeout_seconds
 
-    def poll_delay(self, polls: int) -> float:
-        """Seconds to the next check after `polls` checks: tight just after the expected
-        finish, relaxing geometrically so a late clip does not cost a request a second."""
+    def _fail_timed_out(self, job: Job, why: str) -> None:
+        timeout = self.settings.processing_timeout_seconds
+        self.fail(job.id, JobState.PROCESSING, ErrorCode.PROCESSING_TIMEOUT,
+                  f"{why} after {timeout:.0f}s", when=_tracks(job))  # fmt: skip
+
+    def _reschedule(self, job: Job, retry_after: float | None, failures: int = 0) -> None:
         settings = self.settings
-        grown = settings.poll_min_interval_seconds * settings.poll_backoff_factor ** max(
-            0, polls - 1
-        )
-        return min(settings.poll_max_interval_seconds, grown)
-
-    def _reschedule(self, job: Job, retry_after: float | None) -> None:
-        delay = max(self.poll_delay(job.poll_seq), retry_after or 0.0)
+        retry_after = min(retry_after or 0.0, settings.retry_after_max_seconds)
+        delay = max(poll_delay(settings, job.poll_seq), retry_after)
         with unit_of_work(self.sessions) as session:
-            still_ours = jobs.set_next_poll(
-                session, job.id, job.poll_seq, self.clock() + timedelta(seconds=delay)
-            )
+            still_ours = jobs.set_next_poll(session, job.id, job.poll_seq, delay, failures)
         if still_ours:
-            self.dispatch(dispatch.POLL, job.id, countdown=delay, seq=job.poll_seq)
+            self.later(dispatch.POLL, job.id, delay, seq=job.poll_seq)
 
     # -- store ----------------------------------------------------------------------------
 
     def store(self, job_id: uuid.UUID) -> None:
-        """Stream the output into S3 in constant memory, verify it, probe it, complete."""
+        """Stream the output into S3 in constant memory, verify it, probe it, complete.
+
+        A try that fails is retried, backing off, by the reconciler (`due_at`) until the
+        store deadline: the prediction is paid for and WaveSpeed keeps it for days. A 403 or
+        404 from the CDN is retried too while the output is younger than its retention."""
         with unit_of_work(self.sessions) as session:
-            job = _bind(jobs.get(session, job_id))
-        if job.status != JobState.STORING or not job.output_url:
+            claimed = jobs.claim_store(session, job_id, self.settings.store_stall_seconds)
+        if claimed is None or not claimed[0].output_url:
             return
+        job, now = claimed
+        _bind(job)
         key = video_key(job_id)
         with tempfile.TemporaryDirectory(prefix="kling-store-") as workdir:
             copy = Path(workdir) / "output.mp4"
             try:
-                stored = self._copy_output(job.output_url, key, copy)
+                stored = self._copy_output(str(job.output_url), key, copy)
                 video = probe_video(copy)
-            except OutputGone as exc:
-                self.fail(job_id, JobState.STORING, ErrorCode.OUTPUT_EXPIRED, str(exc))
-                return
             except InvalidMedia as exc:
                 self.fail(job_id, JobState.STORING, ErrorCode.OUTPUT_INVALID, exc.message)
+                return
+            except Exception as exc:  # any other failure, time limits included: try again
+                self._store_failed(job, now, exc)
                 return
         with unit_of_work(self.sessions) as session:
             moved = jobs.transition(
@@ -447,6 +590,7 @@ class Pipeline:
                 video_width=video.width,
                 video_height=video.height,
                 video_codec=video.codec,
+                due_at=None,
                 completed_at=self.clock(),
             )
             delivery = self._event(session, job_id, callbacks.COMPLETED) if moved else None
@@ -455,12 +599,48 @@ class Pipeline:
             metrics.completed(job.created_at, self.clock())
             log.info("store.done", job_id=str(job_id), key=key, bytes=stored.bytes)
 
+    def _store_failed(self, job: Job, now: datetime, exc: Exception) -> None:
+        settings = self.settings
+        gone = isinstance(exc, OutputGone)
+        age = (now - (job.output_at or now)).total_seconds()
+        tries = job.step_failures + 1
+        log.warning("store.failed", job_id=str(job.id), tries=tries, error=repr(exc))
+        if gone and age >= settings.output_retention_seconds:
+            self.fail(job.id, JobState.STORING, ErrorCode.OUTPUT_EXPIRED, str(exc))
+        elif job.store_deadline_at is not None and now >= job.store_deadline_at:
+            code = ErrorCode.OUTPUT_EXPIRED if gone else ErrorCode.STORAGE_FAILED
+            self.fail(job.id, JobState.STORING, code, f"gave up after {tries} tries: {exc}")
+        else:
+            delay = backoff(tries, settings.retry_base_seconds, settings.store_retry_max_seconds)
+            with unit_of_work(self.sessions) as session:
+                jobs.update_fields(
+                    session, job.id, JobState.STORING, due_at=jobs.db_in(delay),
+                    step_failures=tries,
+                    note=f"store try {tries} failed, again in {delay:.0f}s: {exc!r}"[:500],
+                )  # fmt: skip
+
+    def restore(self, job_id: uuid.UUID) -> bool:
+        """Store again a paid-for output whose store failed (`storage_failed`, or
+        `output_expired` if WaveSpeed may still have it), with a fresh deadline; False when
+        the job is not such a job."""
+        with unit_of_work(self.sessions) as session:
+            moved = jobs.transition(
+                session, job_id, JobState.FAILED, JobState.STORING, reason="restored",
+                when=Job.error_code.in_([ErrorCode.STORAGE_FAILED, ErrorCode.OUTPUT_EXPIRED])
+                & Job.output_url.is_not(None),
+                error_code=None, error_message=None, completed_at=None, due_at=func.now(),
+                store_deadline_at=jobs.db_in(self.settings.store_deadline_seconds),
+            )  # fmt: skip
+        if moved:
+            self.dispatch(dispatch.STORE, job_id)
+        return moved
+
     def _copy_output(self, url: str, key: str, copy: Path) -> Any:
         timeout = httpx.Timeout(self.settings.download_timeout_seconds, connect=5.0)
         try:
             with self.http.stream("GET", url, timeout=timeout) as response:
                 if response.status_code in (403, 404, 410):
-                    raise OutputGone(f"output answered HTTP {response.status_code}: {url}")
+                    raise OutputGone(f"output answered HTTP {response.status_code}")
                 response.raise_for_status()
                 declared = response.headers.get("content-length")
                 with copy.open("wb") as tee, metrics.STORE_SECONDS.time():
@@ -474,29 +654,21 @@ class Pipeline:
 
     # -- shared ---------------------------------------------------------------------------
 
+    def _countdown(self, delay: float) -> bool:
+        return delay <= self.settings.max_countdown_seconds
+
+    def later(self, task: str, job_id: uuid.UUID, delay: float, **kwargs: Any) -> None:
+        """Ask for `task` in `delay` seconds: a countdown when short; a longer wait is left
+        to the job's `due_at`, which the reconciler turns into the task when it comes."""
+        if self._countdown(delay):
+            self.dispatch(task, job_id, countdown=delay, **kwargs)
+
     def _event(self, session: Session, job_id: uuid.UUID, event: str) -> uuid.UUID | None:
         return callbacks.record(session, job_id, event, self.clock())
 
     def _notify(self, delivery: uuid.UUID | None) -> None:
         if delivery is not None:
             self.dispatch(dispatch.NOTIFY, delivery)
-
-    def notify(self, delivery_id: uuid.UUID) -> None:
-        """Make a callback attempt that is due; a short wait for the next one is a countdown,
-        a long one is left in `next_attempt_at` for the reconciler."""
-        settings = self.settings
-        with unit_of_work(self.sessions) as session:
-            outcome = callbacks.deliver(
-                session, delivery_id, self._post, self.clock(), settings.callback_schedule_seconds
-            )
-        retry_in = outcome.retry_in if outcome else None
-        if retry_in is not None and retry_in <= settings.max_countdown_seconds:
-            self.dispatch(dispatch.NOTIFY, delivery_id, countdown=retry_in)
-
-    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
-        return self.guard.post(
-            url, content=body, headers=headers, timeout=self.settings.callback_timeout_seconds
-        )
 
     def fail(
         self,
@@ -518,7 +690,7 @@ class Pipeline:
                 when=when,
                 error_code=code,
                 error_message=message[:2000],
-                next_poll_at=None,
+                due_at=None,
                 completed_at=self.clock(),
             )
             delivery = self._event(session, job_id, callbacks.FAILED) if moved else None
@@ -539,7 +711,7 @@ class Pipeline:
                 note += f"; WaveSpeed prediction {prediction} may still be charged"
             moved = jobs.transition(
                 session, job_id, [s for s in JobState if not s.terminal], JobState.CANCELLED,
-                reason=note, error_code=ErrorCode.CANCELLED, error_message=note, next_poll_at=None,
+                reason=note, error_code=ErrorCode.CANCELLED, error_message=note, due_at=None,
                 completed_at=self.clock(),
             )  # fmt: skip
             delivery = self._event(session, job_id, callbacks.CANCELLED) if moved else None
@@ -585,3 +757,12 @@ def _finished_report(reported: dict[str, Any] | None, prediction_id: str) -> Pre
     if prediction.status == "failed" and prediction.code is None:
         return None
     return prediction
+
+
+def poll_delay(settings: Settings, polls: int) -> float:
+    """Seconds to the next check after `polls` checks: tight just after the expected finish,
+    relaxing geometrically so a late clip does not cost a request a second."""
+    grown = settings.poll_min_interval_seconds * settings.poll_backoff_factor ** min(
+        max(0, polls - 1), 64
+    )
+    return min(settings.poll_max_interval_seconds, grown)

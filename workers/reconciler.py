@@ -2,6 +2,10 @@
 
 Run by beat every few seconds, possibly on several hosts at once: rows are claimed with
 SKIP LOCKED and every task it sends is idempotent, so overlap costs a duplicate message at most.
+Each job's step is due at `due_at`; a step more than its grace overdue is resent. Every resend
+is counted on the row, and a step resent `reconcile_max_resends` times is put aside for an
+operator (`kling quarantine`) instead of being resent for ever. Cutoffs are on the database's
+clock.
 
 A job that looks overdue may only be waiting behind a backlog. While its queue still holds
 messages the sweep for that queue allows `reconcile_backlog_grace_seconds` more lateness: its
@@ -14,13 +18,15 @@ the longer grace.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from workers import callbacks, dispatch, jobs, metrics
+from workers import callbacks, dispatch, jobs, metrics, quarantine
 from workers.db import unit_of_work
+from workers.dispatch import RECOVER
 from workers.models import Job
 from workers.outbox import relay
 from workers.pipeline import Pipeline
@@ -28,40 +34,49 @@ from workers.states import JobState
 
 log = structlog.get_logger(__name__)
 
+# WaveSpeed retries a webhook for minutes; its id is remembered far longer than that.
+WEBHOOK_ID_RETENTION_SECONDS = 3 * 86400.0
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Jobs in `state` whose `column` is `grace` seconds past get `task` again."""
+
+    state: JobState
+    column: Any
+    grace: float
+    task: str
+
+
+def sweeps(pipeline: Pipeline) -> list[Sweep]:
+    settings = pipeline.settings
+    return [
+        Sweep(JobState.PROCESSING, Job.due_at, settings.poll_overdue_grace_seconds, dispatch.POLL),
+        # Due once the POST must have answered, or when the next history lookup is.
+        Sweep(JobState.SUBMITTING, Job.due_at, settings.poll_overdue_grace_seconds, RECOVER),
+        # Due when a failed try may run again, or when a running try's lease ends.
+        Sweep(JobState.STORING, Job.due_at, settings.outbox_grace_seconds, dispatch.STORE),
+        # Admitted, but the submit message never arrived.
+        Sweep(JobState.QUEUED, Job.admitted_at, settings.outbox_grace_seconds, dispatch.SUBMIT),
+    ]
+
 
 def reconcile(pipeline: Pipeline) -> dict[str, int]:
     """One sweep; answers how many items of each kind it re-sent, and how many jobs the
     admission gate let through (retries whose backoff ended, capacity freed elsewhere)."""
     sessions, send, settings = pipeline.sessions, pipeline.dispatch, pipeline.settings
-    now = pipeline.clock()
-    counts = {
-        "outbox": relay(
-            sessions, send, older_than=now - timedelta(seconds=settings.outbox_grace_seconds)
-        )
-    }
-    # (state, column that shows progress, how stale it may get, task, when to look again)
-    sweeps = [
-        (JobState.PROCESSING, Job.next_poll_at, settings.poll_overdue_grace_seconds, dispatch.POLL),
-        (
-            JobState.SUBMITTING,
-            Job.last_submit_at,
-            settings.wavespeed_read_timeout + settings.poll_overdue_grace_seconds,
-            dispatch.RECOVER,
-        ),
-        (JobState.STORING, Job.updated_at, settings.store_stall_seconds, dispatch.STORE),
-        # Admitted, but the submit message never arrived.
-        (JobState.QUEUED, Job.admitted_at, settings.outbox_grace_seconds, dispatch.SUBMIT),
-    ]
-    backlog = {q: send.waiting(q) for q in sorted({dispatch.ROUTES[t] for *_, t in sweeps})}
-    for state, column, grace, task in sweeps:
-        if backlog[dispatch.ROUTES[task]]:
-            metrics.RECONCILER_DEFERRED.labels(str(state)).inc()
+    counts = {"outbox": relay(sessions, send, older_than=settings.outbox_grace_seconds)}
+    plan = sweeps(pipeline)
+    backlog = {q: send.waiting(q) for q in sorted({dispatch.ROUTES[s.task] for s in plan})}
+    for sweep in plan:
+        grace = sweep.grace
+        if backlog[dispatch.ROUTES[sweep.task]]:
+            metrics.RECONCILER_DEFERRED.labels(str(sweep.state)).inc()
             grace += settings.reconcile_backlog_grace_seconds
-        counts[str(state)] = _sweep(
-            sessions, send, state, column, now - timedelta(seconds=grace), task
-        )
+        counts[str(sweep.state)] = _sweep(pipeline, sweep, grace)
     with unit_of_work(sessions) as session:
-        deliveries = callbacks.due(session, now)
+        deliveries = callbacks.due(session, pipeline.clock())
+        jobs.prune_deliveries(session, WEBHOOK_ID_RETENTION_SECONDS)
     for delivery_id in deliveries:
         send(dispatch.NOTIFY, delivery_id)
     counts["callbacks"] = len(deliveries)
@@ -73,18 +88,24 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
     return counts
 
 
-def _sweep(
-    sessions: sessionmaker[Session],
-    send: dispatch.Dispatcher,
-    state: JobState,
-    column: object,
-    before: object,
-    task: str,
-) -> int:
-    with unit_of_work(sessions) as session:
-        ids = jobs.overdue(session, state, column, before)  # type: ignore[arg-type]
+def _sweep(pipeline: Pipeline, sweep: Sweep, grace: float) -> int:
+    cap = pipeline.settings.reconcile_max_resends
+    with unit_of_work(pipeline.sessions) as session:
+        rows = jobs.overdue(session, sweep.state, sweep.column, grace)
+        resend = [row for row in rows if row.resends < cap]
+        for row in rows:
+            if row.resends >= cap:
+                _put_aside(session, sweep, row.id, row.resends)
         # Touch the rows so the next sweep does not resend before this message had its chance.
-        jobs.touch(session, ids)
-    for job_id in ids:
-        send(task, job_id)
-    return len(ids)
+        jobs.touch(session, [row.id for row in resend])
+    for row in resend:
+        # A recover message names the attempt it is for, so a late one finds itself stale.
+        extra = {"attempt": row.submit_attempts} if sweep.task == RECOVER else {}
+        pipeline.dispatch(sweep.task, row.id, **extra)
+    return len(resend)
+
+
+def _put_aside(session: Session, sweep: Sweep, job_id: Any, resends: int) -> None:
+    reason = f"{sweep.state} step resent {resends} times without progress"
+    if quarantine.put_aside(session, sweep.task, job_id, reason, resends):
+        jobs.note(session, job_id, f"{sweep.task} put aside: {reason}")

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 
 from config import Settings
-from workers.db import make_engine, make_session_factory
+from workers.db import engine_for, make_session_factory
 from workers.dispatch import CeleryDispatcher
 from workers.pipeline import Pipeline
 from workers.storage import Storage, make_s3_client
@@ -43,18 +43,31 @@ def build_wavespeed(settings: Settings, http: httpx.Client) -> WaveSpeedClient:
 
 
 def build_guard(settings: Settings) -> UrlGuard:
-    return UrlGuard(UrlPolicy(allow_hosts=tuple(settings.url_allow_hosts)))
+    return UrlGuard(
+        UrlPolicy(
+            allow_hosts=tuple(settings.url_allow_hosts),
+            read_timeout=settings.image_fetch_timeout_seconds,
+            dns_timeout=settings.url_dns_timeout_seconds,
+        )
+    )
 
 
-def build_pipeline(settings: Settings, celery: Any) -> Pipeline:
+def build_pipeline(
+    settings: Settings, celery: Any, *, pool_size: int | None = None, publish_retry: bool = True
+) -> Pipeline:
+    """The pipeline of one process. `pool_size` gives it a small pool of its own (the API's
+    WaveSpeed webhook, which must not wait behind producer requests); `publish_retry` off
+    tries each publish once (a request waiting on it; the outbox catches up later)."""
     http = make_http_client(settings.wavespeed_connect_timeout, settings.wavespeed_read_timeout)
     return Pipeline(
-        sessions=make_session_factory(make_engine(settings.database_url)),
+        sessions=make_session_factory(engine_for(settings, pool_size=pool_size)),
         wavespeed=build_wavespeed(settings, http),
         storage=build_storage(settings),
         http=http,
         settings=settings,
-        dispatch=CeleryDispatcher(celery),
+        dispatch=CeleryDispatcher(
+            celery, max_countdown=settings.max_countdown_seconds, retry=publish_retry
+        ),
         guard=build_guard(settings),
     )
 

@@ -31,8 +31,16 @@ _FORWARD: dict[JobState, frozenset[JobState]] = {
 }
 
 
+# The one way out of a terminal state: a paid-for output whose store failed is stored again
+# when an operator or the producer asks (`Pipeline.restore`).
+RESTORE = (JobState.FAILED, JobState.STORING)
+
+
 def can_transition(src: JobState, dst: JobState) -> bool:
-    """Whether `src -> dst` is a legal move: the path above, or failing/cancelling a live job."""
+    """Whether `src -> dst` is a legal move: the path above, failing/cancelling a live job, or
+    restoring a failed store."""
+    if (src, dst) == RESTORE:
+        return True
     if src.terminal:
         return False
     if dst in (JobState.FAILED, JobState.CANCELLED):

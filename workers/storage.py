@@ -234,6 +234,9 @@ class Storage:
         source = {"Bucket": self.bucket, "Key": source_key}
         self._call(f"copy {source_key} -> {key}", self._s3.copy_object, Key=key, CopySource=source)
 
+    def delete(self, key: str) -> None:
+        self._call(f"delete {key}", self._s3.delete_object, Key=key)
+
     def head(self, key: str) -> dict[str, Any] | None:
         try:
             return dict(self._s3.head_object(Bucket=self.bucket, Key=key))

@@ -1,6 +1,8 @@
 """Celery tasks: thin wrappers that hand a job id to one pipeline method.
 
 Tasks take ids only, reload the row, and do nothing when it is not in the state they expect.
+Every task for a job or delivery runs inside `GuardedTask`, which puts a message aside that
+keeps killing its worker (`workers.poison`).
 """
 
 from __future__ import annotations
@@ -11,43 +13,100 @@ from functools import partial
 from typing import Any
 
 import kombu.exceptions
+import redis
 import sqlalchemy.exc
 from celery import Task, signals
 
 from config import Settings
-from workers import dispatch
+from workers import callbacks, dispatch, jobs, quarantine
 from workers.celery_app import app
-from workers.errors import ErrorCode
-from workers.pipeline import OutputIncomplete, Pipeline, backoff
+from workers.db import unit_of_work
+from workers.pipeline import Pipeline
+from workers.poison import RunCounter, subject_of
 from workers.reconciler import reconcile
 from workers.runtime import build_pipeline
-from workers.states import JobState
 
-_pipeline: tuple[int, Pipeline] | None = None
+
+class Runtime:
+    """What a worker process builds once, after fork: engines and clients must not cross a
+    prefork boundary."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.pid = os.getpid()
+        self.pipeline = build_pipeline(settings, app)
+        self.callbacks = callbacks.Callbacks(
+            sessions=self.pipeline.sessions,
+            post=self._post,
+            policy=callbacks.Policy.of(settings),
+            clock=self.pipeline.clock,
+        )
+        broker = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.broker_timeout_seconds,
+            socket_connect_timeout=settings.broker_timeout_seconds,
+        )
+        self.runs = RunCounter(broker, settings.poison_max_deliveries)
+
+    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> Any:
+        timeout = self.pipeline.settings.callback_timeout_seconds
+        return self.pipeline.guard.post(url, content=body, headers=headers, timeout=timeout)
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    global _runtime
+    if _runtime is None or _runtime.pid != os.getpid():
+        _runtime = Runtime(Settings())
+    return _runtime
+
+
+def pipeline() -> Pipeline:
+    """The process's pipeline."""
+    return runtime().pipeline
+
+
+@signals.worker_process_init.connect
+def _build_runtime(**_: Any) -> None:
+    # Engines, TLS contexts and the boto3 client take a few hundred milliseconds to build:
+    # pay that when the pool process starts, not inside the first task it runs.
+    runtime()
+
+
+class GuardedTask(Task):
+    """Counts the runs of a task for one job or delivery; one whose worker died too often
+    in a row is put aside for an operator instead of being run again."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        subject = subject_of(args)
+        if subject is None:
+            return super().__call__(*args, **kwargs)
+        runs = runtime().runs
+        begun = runs.begin(self.name, str(subject))
+        if runs.poisoned(begun):
+            _put_aside(self.name, subject, begun - 1)
+            return None
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            runs.end(self.name, str(subject))
+
+
+def _put_aside(task_name: str, subject: uuid.UUID, deaths: int) -> None:
+    reason = f"its worker died {deaths} times in a row while running it"
+    with unit_of_work(pipeline().sessions) as session:
+        if quarantine.put_aside(session, task_name, subject, reason, deaths):
+            # The job's history says so (a delivery id matches no job: nothing to note).
+            jobs.note(session, subject, f"{task_name} put aside: {reason}")
+
 
 # Postgres restarting or the broker away for a moment: the task is idempotent, run it again.
 INFRA_ERRORS = (sqlalchemy.exc.OperationalError, kombu.exceptions.OperationalError)
 task = partial(
-    app.task, autoretry_for=INFRA_ERRORS, retry_backoff=1, retry_backoff_max=30, max_retries=20
-)
-
-STORE_MAX_RETRIES = 5
-
-
-def pipeline() -> Pipeline:
-    """The process's pipeline, built once per process after fork (engines and clients must not
-    cross a prefork boundary)."""
-    global _pipeline
-    if _pipeline is None or _pipeline[0] != os.getpid():
-        _pipeline = (os.getpid(), build_pipeline(Settings(), app))
-    return _pipeline[1]
-
-
-@signals.worker_process_init.connect
-def _build_pipeline(**_: Any) -> None:
-    # Engines, TLS contexts and the boto3 client take a few hundred milliseconds to build:
-    # pay that when the pool process starts, not inside the first task it runs.
-    pipeline()
+    app.task, base=GuardedTask, autoretry_for=INFRA_ERRORS, retry_backoff=1,
+    retry_backoff_max=30, max_retries=20,
+)  # fmt: skip
 
 
 @task(name=dispatch.SUBMIT)
@@ -57,9 +116,9 @@ def submit(job_id: str) -> None:
 
 
 @task(name=dispatch.RECOVER)
-def recover(job_id: str) -> None:
-    """Settle a submit that got no answer, through WaveSpeed's history."""
-    pipeline().recover(uuid.UUID(job_id))
+def recover(job_id: str, attempt: int | None = None) -> None:
+    """Settle submit `attempt` that got no answer, through WaveSpeed's history."""
+    pipeline().recover(uuid.UUID(job_id), attempt)
 
 
 @task(name=dispatch.POLL)
@@ -68,27 +127,20 @@ def poll(job_id: str, seq: int | None = None) -> None:
     pipeline().poll(uuid.UUID(job_id), seq)
 
 
-@task(name=dispatch.STORE, bind=True)
-def store(self: Task, job_id: str) -> None:
-    """Copy the finished video into S3; a broken download is retried, then fails the job."""
-    service = pipeline()
-    try:
-        service.store(uuid.UUID(job_id))
-    except OutputIncomplete as exc:
-        if self.request.retries >= STORE_MAX_RETRIES:
-            service.fail(uuid.UUID(job_id), JobState.STORING, ErrorCode.STORAGE_FAILED, str(exc))
-            return
-        settings = service.settings
-        delay = backoff(
-            self.request.retries + 1, settings.retry_base_seconds, settings.retry_max_seconds
-        )
-        raise self.retry(exc=exc, countdown=delay, max_retries=STORE_MAX_RETRIES) from exc
+@task(name=dispatch.STORE)
+def store(job_id: str) -> None:
+    """Copy the finished video into S3; a failed try is retried by the reconciler."""
+    pipeline().store(uuid.UUID(job_id))
 
 
 @task(name=dispatch.NOTIFY)
 def notify(delivery_id: str) -> None:
-    """Make a due callback attempt to the producer."""
-    pipeline().notify(uuid.UUID(delivery_id))
+    """Make a due callback attempt to the producer; a short wait for the next one is a
+    countdown, a long one is left in `next_attempt_at` for the reconciler."""
+    service = runtime()
+    outcome = service.callbacks.deliver(uuid.UUID(delivery_id))
+    if outcome is not None and outcome.retry_in is not None:
+        service.pipeline.later(dispatch.NOTIFY, uuid.UUID(delivery_id), outcome.retry_in)
 
 
 @task(name=dispatch.RECONCILE)

@@ -10,7 +10,7 @@ Public API::
 
     UrlRefused(code, message, *, status=None)   .code: RefusalCode, .message, .status
     UrlPolicy(allow_hosts=(), max_redirects=3, connect_timeout=5.0, read_timeout=15.0,
-              total_timeout=30.0)
+              total_timeout=30.0, dns_timeout=5.0)
     FetchedBody(content, url, content_type, status)
     is_public_address(address) -> bool
     system_resolver(host, port) -> list[str]
@@ -34,8 +34,10 @@ the size bound.
 
 Time: `connect_timeout` bounds each connection attempt and TLS handshake, `read_timeout` each
 socket read or write, and `total_timeout` (or `post(timeout=...)`) the whole call, redirects and
-body included; every socket operation is clamped to what is left of it. DNS resolution through
-the system resolver is bounded by the resolver's own configuration, not by these.
+body included; every socket operation is clamped to what is left of it. A DNS lookup gives up
+after `dns_timeout` (``unresolvable``): it runs on a small thread pool of the guard's own, since
+the system resolver cannot be interrupted; a lookup that hangs keeps its thread until the
+resolver gives up, and once all of them hang further lookups fail fast.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextvars import ContextVar
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -80,6 +84,8 @@ _BODY_FRAMING = frozenset({"content-encoding", "content-length", "transfer-encod
 _CGNAT = IPv4Network("100.64.0.0/10")
 _IPV4_COMPATIBLE = IPv6Network("::/96")
 _NAT64 = IPv6Network("64:ff9b::/96")
+# Lookups in flight at once per guard; past that they queue (and time out) behind them.
+_DNS_THREADS = 8
 _HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?\.?")
 
 
@@ -109,11 +115,13 @@ class UrlPolicy:
     connect_timeout: float = 5.0
     read_timeout: float = 15.0
     total_timeout: float = 30.0
+    dns_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_redirects < 0:
             raise ValueError("max_redirects must be 0 or more")
-        if min(self.connect_timeout, self.read_timeout, self.total_timeout) <= 0:
+        timeouts = (self.connect_timeout, self.read_timeout, self.total_timeout, self.dns_timeout)
+        if min(timeouts) <= 0:
             raise ValueError("timeouts must be positive")
         for entry in self.allow_hosts:
             _parse_allow_entry(entry)
@@ -394,6 +402,7 @@ class UrlGuard:
         self.policy = policy
         self._allow = tuple(_parse_allow_entry(entry) for entry in policy.allow_hosts)
         self._resolve: Resolver = resolver or system_resolver
+        self._dns = ThreadPoolExecutor(_DNS_THREADS, thread_name_prefix="urlguard-dns")
         backend = _PinnedBackend(self._vet, network_backend or httpcore.SyncBackend())
         transport = _PinnedTransport(backend, ssl_context or httpx.create_ssl_context())
         self._client = httpx.Client(
@@ -462,6 +471,7 @@ class UrlGuard:
     def close(self) -> None:
         """Close pooled connections."""
         self._client.close()
+        self._dns.shutdown(wait=False, cancel_futures=True)
 
     def _vet(self, host: str, port: int) -> list[IPAddress]:
         addresses = self._addresses_of(host, port)
@@ -479,8 +489,14 @@ class UrlGuard:
         literal = _literal_address(host)
         if literal is not None:
             return [literal]
+        lookup = self._dns.submit(self._resolve, host, port)
         try:
-            addresses = [ipaddress.ip_address(answer) for answer in self._resolve(host, port)]
+            answers = lookup.result(timeout=self.policy.dns_timeout)
+            addresses = [ipaddress.ip_address(answer) for answer in answers]
+        except FutureTimeout as exc:
+            lookup.cancel()
+            message = f"{host} did not resolve within {self.policy.dns_timeout:g}s"
+            raise UrlRefused("unresolvable", message) from exc
         except (OSError, UnicodeError, ValueError) as exc:
             raise UrlRefused("unresolvable", f"{host} does not resolve: {exc}") from exc
         if not addresses:

@@ -7,7 +7,6 @@ been accepted; look it up before paying again) or neither (permanent).
 
 from __future__ import annotations
 
-import email.utils
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import httpx
 
 from workers import metrics
+from workers.retry import parse_retry_after
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timeout", "deleted"})
 
@@ -101,14 +101,7 @@ def _parse_time(value: Any) -> datetime | None:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    """`Retry-After` as seconds, in either of its two forms."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
-    when = email.utils.parsedate_to_datetime(value)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds()) if when else None
+    return parse_retry_after(response.headers.get("retry-after"))
 
 
 def _error_for(response: httpx.Response) -> WaveSpeedError:
@@ -158,6 +151,7 @@ class WaveSpeedClient:
         *,
         model: str | None = None,
         created_after: datetime | None = None,
+        created_before: datetime | None = None,
         page: int = 1,
         page_size: int = 100,
     ) -> list[Prediction]:
@@ -167,6 +161,8 @@ class WaveSpeedClient:
             body["model"] = model
         if created_after:
             body["created_after"] = created_after.isoformat()
+        if created_before:
+            body["created_before"] = created_before.isoformat()
         data = self._call("POST", "/api/v3/predictions", json=body)
         items = data.get("items", []) if isinstance(data, dict) else data
         return [Prediction.from_data(item) for item in items or []]

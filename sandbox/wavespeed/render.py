@@ -230,11 +230,11 @@ def encode_h264(
         # faststart rewrites the file to put the index first, which needs a real seekable file.
         target = Path(tmp) / "out.mp4"
         with av.open(str(target), "w", format="mp4", options={"movflags": "+faststart"}) as out:
-            stream = out.add_stream(
-                "libx264", rate=fps, options={"preset": preset, "crf": "23", "g": str(2 * fps)}
-            )
+            # One thread, asked of x264 itself: PyAV's `thread_count` alone no longer reaches
+            # it, and a threaded x264 gives different bytes from run to run.
+            options = {"preset": preset, "crf": "23", "g": str(2 * fps), "threads": "1"}
+            stream = out.add_stream("libx264", rate=fps, options=options)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.codec_context.thread_count = 1
             for index, image in enumerate(frames):
                 frame = av.VideoFrame.from_image(image)
                 frame.pts, frame.time_base = index, Fraction(1, fps)

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import func, update
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from sandbox.receiver import Receiver, serve
@@ -18,6 +19,7 @@ from sandbox.stack import Stack
 from tests.support import SimulatorAdmin, wait_for
 from workers import tenants
 from workers.db import make_engine, make_session_factory, unit_of_work
+from workers.models import Job
 from workers.pipeline import utcnow
 
 pytestmark = pytest.mark.integration
@@ -187,6 +189,26 @@ def test_cancel_and_history(producer: Producer, simulator: SimulatorAdmin) -> No
 
 
 # -- budgets -------------------------------------------------------------------------------
+
+
+def test_a_store_that_failed_for_good_is_restored_on_request(
+    producer: Producer, sessions: Any, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(output_truncate=1.0)  # the CDN cuts every download short
+    job = create(producer).json()
+    wait_status(producer, job["id"], "storing")
+    assert producer.api.post(f"/v1/generations/{job['id']}/restore").status_code == 409
+    with unit_of_work(sessions) as session:  # its deadline passes while it keeps failing
+        session.execute(
+            update(Job).where(Job.id == uuid.UUID(job["id"])).values(store_deadline_at=func.now())
+        )
+    failed = wait_status(producer, job["id"], "failed")
+    assert failed["error"]["code"] == "storage_failed"
+    simulator.reset_faults()
+    restored = producer.api.post(f"/v1/generations/{job['id']}/restore")
+    assert restored.status_code == 200 and restored.json()["status"] == "storing"
+    done = wait_status(producer, job["id"], "completed")
+    assert done["video"] and done["error"] is None
 
 
 def test_budget_counts_jobs_in_flight_and_refuses_with_402(

@@ -19,7 +19,7 @@ from config.settings import settings_from
 from sandbox.stack import Stack
 from tests.support import image_bytes, wait_for
 from workers.db import unit_of_work
-from workers.intake import GenerationInput, Refusal, accept, load_image, store_upload
+from workers.intake import GenerationInput, Refusal, create_job, load_image, store_upload
 from workers.models import Tenant
 from workers.runtime import build_guard, build_s3_client, build_storage
 from workers.storage import Storage, StoredObject
@@ -178,7 +178,7 @@ def test_a_job_from_an_upload_copies_it_inside_s3_without_reading_it_back(
         counting.calls.clear()
         with unit_of_work(sessions) as session:
             image = load_image(session, guard, tenant, request, settings)
-            job = accept(session, counting, settings, tenant, request, image)
+        job = create_job(sessions, counting, settings, tenant, request, image)
     finally:
         guard.close()
         counting.close()
@@ -194,10 +194,9 @@ def test_service_callers_may_still_hand_accept_raw_bytes(
     counting = CountingStorage(settings)
     request = GenerationInput(prompt=PROMPT, guidance_scale=0.5, duration=5)
     try:
-        with unit_of_work(sessions) as session:
-            job = accept(session, counting, settings, tenant, request, portrait)
-        with pytest.raises(Refusal) as refused, unit_of_work(sessions) as session:
-            accept(session, counting, settings, tenant, request, b"not a picture")
+        job = create_job(sessions, counting, settings, tenant, request, portrait)
+        with pytest.raises(Refusal) as refused:
+            create_job(sessions, counting, settings, tenant, request, b"not a picture")
     finally:
         counting.close()
     assert counting.calls == ["put"]

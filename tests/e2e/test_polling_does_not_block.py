@@ -19,7 +19,7 @@ from workers import tenants
 from workers.celery_app import create_celery
 from workers.db import make_engine, make_session_factory, unit_of_work
 from workers.dispatch import CeleryDispatcher
-from workers.intake import GenerationInput, accept
+from workers.intake import GenerationInput, create_job
 from workers.models import Job
 from workers.outbox import relay
 from workers.runtime import build_storage
@@ -48,8 +48,7 @@ def test_one_single_slot_worker_keeps_ten_predictions_in_flight(
         with unit_of_work(sessions) as session:
             owner = tenants.create_tenant(session, "single-slot")
         for _ in range(JOBS):
-            with unit_of_work(sessions) as session:
-                accept(session, storage, settings, owner, request, portrait)
+            create_job(sessions, storage, settings, owner, request, portrait)
         relay(sessions, CeleryDispatcher(create_celery(settings)))
 
         def finished() -> list[Job] | None:

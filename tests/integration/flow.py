@@ -10,7 +10,7 @@ from sqlalchemy import select
 from tests.support import RecordingDispatcher, wait_for
 from workers import dispatch, jobs, tenants
 from workers.db import unit_of_work
-from workers.intake import GenerationInput, accept
+from workers.intake import GenerationInput, create_job
 from workers.models import Job, Tenant
 from workers.pipeline import Pipeline
 from workers.states import JobState
@@ -27,7 +27,8 @@ def new_job(pipeline: Pipeline, image: bytes, **overrides: Any) -> uuid.UUID:
     with unit_of_work(pipeline.sessions) as session:
         owner = session.scalar(select(Tenant).where(Tenant.name == "flow"))
         owner = owner or tenants.create_tenant(session, "flow")
-        return accept(session, pipeline.storage, pipeline.settings, owner, request, image).id
+    settings = pipeline.settings
+    return create_job(pipeline.sessions, pipeline.storage, settings, owner, request, image).id
 
 
 def submit(pipeline: Pipeline, job_id: uuid.UUID) -> None:

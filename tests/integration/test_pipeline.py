@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from workers.admission import ADMISSION_LOCK
 from workers.db import unit_of_work
 from workers.models import Job, OutboxMessage
 from workers.outbox import relay
-from workers.pipeline import OutputIncomplete, Pipeline, video_key
+from workers.pipeline import Pipeline, video_key
 from workers.states import JobState
 from workers.wavespeed import Prediction
 
@@ -181,20 +182,6 @@ def test_an_unanswered_submit_is_adopted_from_history_not_paid_twice(
     assert [p["id"] for p in mine] == [job.prediction_id]
 
 
-def test_a_submit_that_never_arrived_is_resubmitted(
-    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
-) -> None:
-    job_id = new_job(pipeline, portrait)
-    with unit_of_work(pipeline.sessions) as session:  # a worker died between claim and POST
-        jobs.transition(
-            session, job_id, JobState.QUEUED, JobState.SUBMITTING, reason="test",
-            submit_attempts=1, last_submit_at=func.now(),
-        )  # fmt: skip
-    pipeline.recover(job_id)
-    assert status(pipeline, job_id).status == JobState.QUEUED
-    assert [t for t, *_ in dispatcher.take()] == [dispatch.SUBMIT]
-
-
 def test_an_expired_output_fails_with_output_expired(
     pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
 ) -> None:
@@ -202,9 +189,32 @@ def test_an_expired_output_fails_with_output_expired(
     job_id = new_job(pipeline, portrait)
     submit(pipeline, job_id)
     poll_until_left_processing(pipeline, job_id)
+    with unit_of_work(pipeline.sessions) as session:  # reported more than 7 days ago
+        session.execute(
+            update(Job).where(Job.id == job_id).values(output_at=func.now() - timedelta(days=8))
+        )
     pipeline.store(job_id)
     job = status(pipeline, job_id)
     assert job.status == JobState.FAILED and job.error_code == "output_expired"
+
+
+def test_a_cdn_404_just_after_completion_is_retried_not_failed(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    poll_until_left_processing(pipeline, job_id)
+    simulator.set_faults(output_gone_after_seconds=0)  # the CDN lags behind the completion
+    pipeline.store(job_id)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.STORING and job.step_failures == 1
+    assert "HTTP 404" in events_of(pipeline, job_id)[-1].reason
+    pipeline.store(job_id)  # a duplicate message before the retry is due does nothing
+    assert status(pipeline, job_id).step_failures == 1
+    simulator.reset_faults()
+    make_due(pipeline, job_id)
+    pipeline.store(job_id)
+    assert status(pipeline, job_id).status == JobState.COMPLETED
 
 
 def test_a_truncated_download_is_retried_and_leaves_no_object(
@@ -214,13 +224,47 @@ def test_a_truncated_download_is_retried_and_leaves_no_object(
     submit(pipeline, job_id)
     poll_until_left_processing(pipeline, job_id)
     simulator.set_faults(output_truncate=1.0)
-    with pytest.raises(OutputIncomplete):
-        pipeline.store(job_id)
-    assert status(pipeline, job_id).status == JobState.STORING
+    pipeline.store(job_id)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.STORING and job.step_failures == 1 and job.due_at
     assert pipeline.storage.head(video_key(job_id)) is None
     simulator.reset_faults()
+    make_due(pipeline, job_id)
     pipeline.store(job_id)
     assert status(pipeline, job_id).status == JobState.COMPLETED
+
+
+def test_a_store_that_fails_past_its_deadline_fails_and_can_be_restored(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, dispatcher: RecordingDispatcher
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    poll_until_left_processing(pipeline, job_id)
+    simulator.set_faults(output_truncate=1.0)
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(store_deadline_at=func.now()))
+    pipeline.store(job_id)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.FAILED and job.error_code == "storage_failed"
+    simulator.reset_faults()
+    dispatcher.take()
+    assert pipeline.restore(job_id)
+    assert [t for t, *_ in dispatcher.take()] == [dispatch.STORE]
+    pipeline.store(job_id)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.COMPLETED and job.error_code is None
+    assert not pipeline.restore(job_id)  # only failed stores are restored
+
+
+def events_of(pipeline: Pipeline, job_id: Any) -> list[Any]:
+    with pipeline.sessions() as session:
+        return list(jobs.events(session, job_id))
+
+
+def make_due(pipeline: Pipeline, job_id: Any) -> None:
+    """Pretend the job's next step is due now (its backoff is over)."""
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(due_at=func.now()))
 
 
 def test_a_burst_through_an_open_gate_costs_one_submit_message_per_job(
@@ -346,7 +390,7 @@ def test_a_poll_that_stalled_past_a_resubmission_changes_nothing(
     assert second and second != first
     # The stalled poll gets the first prediction's failure back, late: it must neither fail
     # the job nor requeue it (which would abandon, and pay again for, the second prediction).
-    pipeline._on_prediction(stalled, Prediction.from_data(failure))
+    pipeline._on_prediction(stalled, pipeline.clock(), Prediction.from_data(failure))
     job = status(pipeline, job_id)
     assert job.status == JobState.PROCESSING and job.prediction_id == second
     # Two predictions for this job (the image URL carries its id), not a third.

@@ -54,7 +54,7 @@ def test_an_overdue_poll_is_sent_again(
     submit(pipeline, job_id)
     dispatcher.take()  # the poll message is "lost" (Redis flushed)
     assert reconcile(pipeline)["processing"] == 0
-    age(pipeline, job_id, 3600, "next_poll_at")
+    age(pipeline, job_id, 3600, "due_at")
     assert reconcile(pipeline)["processing"] == 1
     assert (dispatch.POLL, job_id) in sent(dispatcher)
     assert reconcile(pipeline)["processing"] == 0  # touched: not resent every sweep
@@ -66,8 +66,9 @@ def test_a_stalled_store_is_sent_again(
     job_id = new_job(pipeline, portrait)
     submit(pipeline, job_id)
     poll_until_left_processing(pipeline, job_id)
-    dispatcher.take()
-    age(pipeline, job_id, 3600)
+    dispatcher.take()  # the store message is lost (or its worker died mid-copy)...
+    assert reconcile(pipeline)["storing"] == 0
+    age(pipeline, job_id, 3600, "due_at")  # ...and its try's lease ran out
     assert reconcile(pipeline)["storing"] == 1
     assert (dispatch.STORE, job_id) in sent(dispatcher)
 
@@ -79,9 +80,12 @@ def test_an_unanswered_submit_is_sent_to_recovery(
     job_id = new_job(pipeline, portrait)
     submit(pipeline, job_id)
     dispatcher.take()  # the recover message is lost with the worker
-    age(pipeline, job_id, 3600, "last_submit_at")
+    assert reconcile(pipeline)["submitting"] == 0  # its chain is still due to look
+    age(pipeline, job_id, 3600, "due_at")
     assert reconcile(pipeline)["submitting"] == 1
-    assert (dispatch.RECOVER, job_id) in sent(dispatcher)
+    # The message names the attempt it is for, so it is stale once another attempt starts.
+    resent = [(t, j, kw) for t, j, _, kw in dispatcher.take()]
+    assert (dispatch.RECOVER, job_id, {"attempt": 1}) in resent
 
 
 def test_an_admitted_job_whose_submit_was_lost_is_sent_again(
@@ -144,7 +148,7 @@ def late_behind_a_backlog(
     dispatcher = pipeline.dispatch
     assert isinstance(dispatcher, RecordingDispatcher)
     dispatcher.take()
-    age(pipeline, late, late_by, "next_poll_at")
+    age(pipeline, late, late_by, "due_at")
     dispatcher(dispatch.POLL, behind)
     return late, behind
 

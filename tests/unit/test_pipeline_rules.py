@@ -1,10 +1,17 @@
-"""Pure rules of the pipeline: retry backoff, the adaptive poll schedule, error mapping."""
+"""Pure rules of the pipeline: retry backoff, Retry-After, the adaptive poll schedule, error
+mapping, which input a submit attempt names."""
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import pytest
 
 from config import Settings
 from workers.errors import ErrorCode, task_failure
-from workers.pipeline import Pipeline, backoff
+from workers.models import Job
+from workers.pipeline import attempt_key, history_marker, poll_delay
+from workers.retry import RETRY_AFTER_CEILING, backoff, parse_retry_after
 from workers.storage import _parts
 
 
@@ -19,25 +26,53 @@ def test_backoff_never_beats_retry_after() -> None:
     assert backoff(1, 2.0, 60.0, retry_after=30.0) == 30.0
 
 
-def make_pipeline(**settings: object) -> Pipeline:
-    return Pipeline(
-        sessions=None,  # type: ignore[arg-type]
-        wavespeed=None,  # type: ignore[arg-type]
-        storage=None,  # type: ignore[arg-type]
-        http=None,  # type: ignore[arg-type]
-        settings=Settings.model_validate(settings),
-        dispatch=lambda *a, **k: None,
-        guard=None,  # type: ignore[arg-type]
-    )
+def test_backoff_clamps_a_hostile_retry_after_and_huge_attempts() -> None:
+    assert backoff(1, 2.0, 60.0, retry_after=1e12, retry_after_cap=3600.0) == 3600.0
+    assert backoff(10_000, 2.0, 60.0) <= 60.0  # no overflow however many attempts
+
+
+NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("1000000000000", RETRY_AFTER_CEILING),  # the poison: clamped, never an overflow
+        (format_datetime(NOW + timedelta(seconds=90), usegmt=True), 90.0),
+        (format_datetime(NOW - timedelta(days=1), usegmt=True), 0.0),
+        ("Fri, 31 Dec 99999 23:59:59 GMT", None),
+        ("-5", None),
+        ("soon", None),
+        ("\u0661\u0662", None),  # digits, but not ASCII ones
+        ("", None),
+        (None, None),
+    ],
+)
+def test_retry_after_in_either_form_is_read_and_bounded(
+    value: str | None, seconds: float | None
+) -> None:
+    assert parse_retry_after(value, NOW) == seconds
 
 
 def test_poll_schedule_starts_tight_and_relaxes_to_the_cap() -> None:
-    pipeline = make_pipeline(
+    settings = Settings(
         poll_min_interval_seconds=2, poll_max_interval_seconds=20, poll_backoff_factor=2
     )
-    delays = [pipeline.poll_delay(n) for n in range(1, 8)]
+    delays = [poll_delay(settings, n) for n in (*range(1, 8), 10_000)]
     assert delays[:4] == [2, 4, 8, 16]
-    assert delays[4:] == [20, 20, 20]
+    assert delays[4:] == [20, 20, 20, 20]
+
+
+def test_each_submit_attempt_names_its_own_input_and_no_other() -> None:
+    job = Job(id=uuid.uuid4(), input_key="")
+    job.input_key = f"inputs/{job.id}/image.png"
+    keys = [attempt_key(job, n) for n in (1, 2, 3)]
+    assert keys[0] == job.input_key and len(set(keys)) == 3
+    for n, key in enumerate(keys, start=1):
+        url = f"https://s3.test/bucket/{key}?X-Amz-Signature=abc"
+        assert [m for m in (1, 2, 3) if history_marker(job, m) in url] == [n]
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import ssl
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -210,6 +211,22 @@ def test_one_non_public_address_among_public_ones_refuses_the_host(make_guard: A
 )
 def test_a_host_that_does_not_resolve_is_unresolvable(make_guard: Any, resolver: Any) -> None:
     assert refusal(make_guard(resolver).check, "https://nowhere.example.test/") == "unresolvable"
+
+
+def test_a_dns_lookup_that_hangs_gives_up_at_the_dns_timeout(make_guard: Any) -> None:
+    released = threading.Event()
+
+    def hanging(host: str, port: int) -> list[str]:
+        released.wait(30)  # the system resolver stuck on an unanswering name server
+        return ["93.184.216.34"]
+
+    guard = make_guard(hanging, dns_timeout=0.2)
+    try:
+        with pytest.raises(UrlRefused) as caught:
+            guard.check("https://slow-dns.example.test/")
+        assert caught.value.code == "unresolvable" and "within 0.2s" in caught.value.message
+    finally:
+        released.set()
 
 
 # -- schemes and malformed URLs ------------------------------------------------------------

@@ -1,0 +1,166 @@
+"""An unanswered submit is never paid twice: it is adopted from WaveSpeed's history when it
+arrived, and resubmitted only once the history proves it did not (two misses, far enough
+apart, both after the POST ended), whatever messages come late or twice."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, update
+
+from tests.integration.flow import new_job, status, submit
+from tests.support import RecordingDispatcher, SimulatorAdmin
+from workers import dispatch, jobs
+from workers.db import unit_of_work
+from workers.models import Job
+from workers.pipeline import Pipeline
+from workers.reconciler import reconcile
+from workers.states import JobState
+from workers.wavespeed import WaveSpeedClient, WaveSpeedUnavailable
+
+pytestmark = pytest.mark.integration
+
+
+def settle(pipeline: Pipeline) -> float:
+    settings = pipeline.settings
+    return settings.wavespeed_connect_timeout + settings.wavespeed_read_timeout
+
+
+def rewind(pipeline: Pipeline, job_id: uuid.UUID, seconds: float, *columns: str) -> None:
+    """Pretend the named clocks of the job (and updated_at) ran `seconds` earlier."""
+    values = {name: getattr(Job, name) - timedelta(seconds=seconds) for name in columns}
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def claimed_but_never_posted(pipeline: Pipeline, portrait: bytes) -> uuid.UUID:
+    """A job whose worker died between the claim of attempt 1 and its POST."""
+    job_id = new_job(pipeline, portrait)
+    with unit_of_work(pipeline.sessions) as session:
+        jobs.transition(
+            session, job_id, JobState.QUEUED, JobState.SUBMITTING, reason="test",
+            submit_attempts=1, last_submit_at=func.now(), due_at=func.now(),
+        )  # fmt: skip
+    return job_id
+
+
+def ours(simulator: SimulatorAdmin, job_id: uuid.UUID) -> list[dict[str, Any]]:
+    """The predictions WaveSpeed charged for this job (the image URL carries its id)."""
+    return [p for p in simulator.ledger()["predictions"] if str(job_id) in p["input"]["image"]]
+
+
+def test_one_miss_is_not_proof_two_far_enough_apart_are(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    job_id = claimed_but_never_posted(pipeline, portrait)
+    wait = settle(pipeline)
+    pipeline.recover(job_id, 1)  # the POST may still be in flight: this lookup cannot count
+    assert status(pipeline, job_id).recover_misses == 0
+    rewind(pipeline, job_id, wait, "last_submit_at")
+    pipeline.recover(job_id, 1)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.SUBMITTING and job.recover_misses == 1
+    pipeline.recover(job_id, 1)  # a duplicate message right after: not a second miss
+    assert status(pipeline, job_id).recover_misses == 1
+    # Every lookup asked for exactly one next lookup of the same attempt.
+    asked = [(t, c, kw) for t, _, c, kw in dispatcher.take()]
+    assert {(t, kw["attempt"]) for t, _, kw in asked} == {(dispatch.RECOVER, 1)}
+    assert all(c is not None and c > wait for _, c, _ in asked)
+    rewind(pipeline, job_id, wait, "last_submit_at", "last_miss_at")
+    pipeline.recover(job_id, 1)
+    # Proof: back to the queue, and (the gate being open) a submit message for attempt 2.
+    assert status(pipeline, job_id).status == JobState.QUEUED
+    assert [(t, j) for t, j, *_ in dispatcher.take()] == [(dispatch.SUBMIT, job_id)]
+
+
+def test_a_recover_message_of_an_earlier_attempt_changes_nothing(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    job_id = claimed_but_never_posted(pipeline, portrait)
+    with unit_of_work(pipeline.sessions) as session:  # attempt 2 is being POSTed right now
+        session.execute(update(Job).where(Job.id == job_id).values(submit_attempts=2))
+    rewind(pipeline, job_id, 10 * settle(pipeline), "last_submit_at")
+    for _ in range(3):
+        pipeline.recover(job_id, 1)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.SUBMITTING and job.recover_misses == 0
+    assert dispatcher.take() == []
+
+
+def test_an_earlier_attempts_prediction_is_never_adopted(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)  # attempt 1 is answered and runs at WaveSpeed...
+    first = status(pipeline, job_id).prediction_id
+    assert first
+    failure = {"id": first, "status": "failed", "code": 5000, "error": "internal"}
+    assert pipeline.take_webhook(first, failure)  # ...and fails retryably: back to the queue
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(not_before=None))
+    simulator.set_faults(submit_drop_after_create=1.0)
+    pipeline.admit()
+    pipeline.submit(job_id)  # attempt 2 is created at WaveSpeed, but its answer is lost
+    assert status(pipeline, job_id).status == JobState.SUBMITTING
+    simulator.reset_faults()
+    pipeline.recover(job_id, 2)
+    job = status(pipeline, job_id)
+    charged = ours(simulator, job_id)
+    assert len(charged) == 2 and job.status == JobState.PROCESSING
+    # Attempt 2's own prediction, with an input URL of its own: not attempt 1's failed one.
+    assert job.prediction_id != first and job.prediction_id in [p["id"] for p in charged]
+    assert f"inputs/{job_id}/attempt-2." in next(
+        p["input"]["image"] for p in charged if p["id"] == job.prediction_id
+    )
+
+
+class FailingHistory(WaveSpeedClient):
+    """WaveSpeed with its history down; the rest of the API as the simulator answers it."""
+
+    def history(self, **_: Any) -> list[Any]:
+        raise WaveSpeedUnavailable("WaveSpeed answered HTTP 500: history is down")
+
+
+def history_down(pipeline: Pipeline) -> Pipeline:
+    settings = pipeline.settings
+    key = settings.wavespeed_api_key.get_secret_value()
+    return replace(
+        pipeline, wavespeed=FailingHistory(pipeline.http, settings.wavespeed_base_url, key)
+    )
+
+
+def test_while_history_fails_lookups_back_off_one_chain_and_no_resubmit(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    down = history_down(pipeline)
+    job_id = claimed_but_never_posted(down, portrait)
+    rewind(down, job_id, 10 * settle(down), "last_submit_at")
+    delays = []
+    for failures in range(1, 5):
+        down.recover(job_id, 1)
+        job = status(down, job_id)
+        assert job.status == JobState.SUBMITTING and job.step_failures == failures
+        ((task, _, countdown, kwargs),) = dispatcher.take()
+        assert (task, kwargs) == (dispatch.RECOVER, {"attempt": 1})
+        delays.append(countdown)
+    assert delays == sorted(delays) and delays[-1] > delays[0]  # backing off
+    # The chain's next lookup is scheduled, so the reconciler starts no second chain.
+    assert reconcile(down)["submitting"] == 0
+    reasons = [e.reason or "" for e in jobs.events(down.sessions(), job_id)]
+    assert sum("history lookup" in r for r in reasons) == 4  # every failure is on record
+
+
+def test_a_submit_history_cannot_settle_fails_as_unconfirmed_at_its_deadline(
+    pipeline: Pipeline, portrait: bytes
+) -> None:
+    down = history_down(pipeline)
+    job_id = claimed_but_never_posted(down, portrait)
+    rewind(down, job_id, down.settings.recover_deadline_seconds + 1, "last_submit_at")
+    down.recover(job_id, 1)
+    job = status(down, job_id)
+    assert job.status == JobState.FAILED and job.error_code == "submit_unconfirmed"
+    assert "may be charged" in (job.error_message or "")
