@@ -9,9 +9,11 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -62,30 +64,82 @@ def test_apps_get_the_proxies_and_the_harness_the_real_services(proxied: Stack) 
     assert proxied.info["database_url"] == proxied.direct_env["DATABASE_URL"]
 
 
-def test_a_job_runs_end_to_end_through_every_proxy(proxied: Stack, portrait: bytes) -> None:
-    info = proxied.info
-    headers = {"Authorization": f"Bearer {info['api_key']}"}
-    with httpx.Client(base_url=info["api_url"], headers=headers, timeout=60) as api:
-        upload = api.post("/v1/uploads", files={"file": ("me.png", portrait, "image/png")})
-        assert upload.status_code == 201, upload.text
-        body = {"upload_id": upload.json()["upload_id"], "prompt": "slow push-in", "duration": 5}
-        created = api.post("/v1/generations", json=body)
-        assert created.status_code == 201, created.text
+@pytest.fixture
+def proxied_api(proxied: Stack) -> Iterator[httpx.Client]:
+    headers = {"Authorization": f"Bearer {proxied.info['api_key']}"}
+    with httpx.Client(base_url=proxied.info["api_url"], headers=headers, timeout=60) as client:
+        yield client
 
-        def finished() -> dict[str, str] | None:
-            job = dict(api.get(f"/v1/generations/{created.json()['id']}").json())
-            return job if job["status"] in ("completed", "failed") else None
 
-        job = wait_for(finished, timeout=120, interval=0.5)
+@pytest.fixture
+def sim(proxied: Stack) -> Iterator[SimulatorAdmin]:
+    admin = SimulatorAdmin(proxied.direct_env["WAVESPEED_BASE_URL"])
+    yield admin
+    admin.close()
+
+
+def create_job(api: httpx.Client, portrait: bytes) -> str:
+    upload = api.post("/v1/uploads", files={"file": ("me.png", portrait, "image/png")})
+    assert upload.status_code == 201, upload.text
+    body = {"upload_id": upload.json()["upload_id"], "prompt": "slow push-in", "duration": 5}
+    created = api.post("/v1/generations", json=body)
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+def job_of(api: httpx.Client, job_id: str) -> dict[str, Any]:
+    return dict(api.get(f"/v1/generations/{job_id}").json())
+
+
+def finished(api: httpx.Client, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        job = job_of(api, job_id)
+        return job if job["status"] in ("completed", "failed") else None
+
+    return dict(wait_for(done, timeout=timeout, interval=0.25))
+
+
+def test_a_job_runs_end_to_end_through_every_proxy(
+    proxied: Stack, proxied_api: httpx.Client, sim: SimulatorAdmin, portrait: bytes
+) -> None:
+    api = proxied_api
+    job = finished(api, create_job(api, portrait))
     assert job["status"] == "completed", job
     for service, stats in proxied.proxy_stats().items():
         up = stats["by_mode"]["up"]
         assert up["connections"] > 0 and up["bytes_downstream"] > 0, service
     # The simulator handed out its CDN URL on the address the worker reached it at: the proxy.
-    admin = SimulatorAdmin(proxied.direct_env["WAVESPEED_BASE_URL"])
-    output_url = admin.prediction(job["prediction_id"])["output_url"]
-    admin.close()
+    output_url = sim.prediction(job["prediction_id"])["output_url"]
     assert output_url.startswith(f"http://{proxied.proxies['simulator'].address}/")
+
+
+def test_a_job_does_not_finish_while_its_worker_is_cut_off_and_does_once_let_back(
+    proxied: Stack, proxied_api: httpx.Client, sim: SimulatorAdmin, portrait: bytes
+) -> None:
+    api = proxied_api
+    job_id = create_job(api, portrait)
+
+    def past_submit() -> dict[str, Any] | None:
+        job = job_of(api, job_id)
+        return None if job["status"] in ("queued", "submitting") else job
+
+    # Cut WaveSpeed off once the submit was answered, so the job is not left ambiguous.
+    submitted = wait_for(past_submit, timeout=60, interval=0.05)
+    assert submitted["status"] == "processing", submitted
+    cut = proxied.proxies["simulator"]
+    cut.set_mode("blackhole")
+    try:
+        # WaveSpeed finishes on its own; the worker's polls and output fetches go nowhere.
+        prediction = submitted["prediction_id"]
+        wait_for(lambda: sim.prediction(prediction)["status"] == "completed", timeout=60)
+        wait_for(lambda: cut.stats()["by_mode"]["blackhole"]["bytes_dropped"] > 0, timeout=30)
+        time.sleep(1.0)
+        held = job_of(api, job_id)
+        assert held["status"] in ("processing", "storing"), held
+    finally:
+        cut.set_mode("up")  # the stalled connections are reset; the worker's retries get through
+    job = finished(api, job_id, timeout=60)
+    assert job["status"] == "completed", job
 
 
 def test_a_second_worker_host_is_cut_off_on_its_own(proxied: Stack) -> None:
