@@ -3,6 +3,23 @@
 Any service URL already set in the environment (DATABASE_URL, REDIS_URL, S3_ENDPOINT_URL,
 WAVESPEED_BASE_URL) replaces its embedded stand-in. `.stack/stack.json` tells clients where
 everything is once it is healthy.
+
+With `proxied={"redis", "postgres", "s3", "simulator"}` the apps reach those services only
+through fault proxies (`sandbox.faultproxy`, in a process of their own): `env` is what the apps
+get, `direct_env` the real addresses for the harness's own checks, `proxies[service]` the
+handle that cuts one. `new_proxies` makes another set for one more worker host, so one host can
+be cut off while the others run:
+
+    stack = Stack(root, proxied={"redis", "postgres"})
+    stack.up()
+    host_b = stack.new_proxies("host-b", {"redis", "postgres"})
+    stack.start_worker("worker-b", concurrency=2, through=host_b)
+    host_b["redis"].set_mode("blackhole")
+
+WaveSpeed builds output (CDN) and upload URLs from the address a client reached it at, so
+outputs of predictions submitted through a simulator proxy are fetched through that same proxy,
+by whichever worker stores them. Presigned input URLs name the S3 endpoint of the process that
+signed them, so the simulator fetches inputs through the S3 proxy too.
 """
 
 from __future__ import annotations
@@ -12,18 +29,26 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from sandbox.faultproxy import ProxyHandle, ProxyProcess, upstream_of
 from sandbox.processes import Process, free_port, wait_until
 from sandbox.services import EmbeddedPostgres, EmbeddedRedis, EmbeddedS3, Simulator
 from workers.dispatch import QUEUES
 
 DATABASE_NAME = "kling"
+# The setting that names each service a proxy can stand in front of.
+SERVICE_URLS = {
+    "postgres": "DATABASE_URL",
+    "redis": "REDIS_URL",
+    "s3": "S3_ENDPOINT_URL",
+    "simulator": "WAVESPEED_BASE_URL",
+}
 
 # Settings for the sandbox: a simulated clip is done in seconds, so poll on that scale.
 SANDBOX_SETTINGS = {
@@ -54,9 +79,13 @@ class Stack:
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     worker_concurrency: int = 2
     simulator_args: list[str] = field(default_factory=list)
+    proxied: Collection[str] = ()
     services: list[Any] = field(default_factory=list)
     apps: list[Process] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    direct_env: dict[str, str] = field(default_factory=dict)
+    proxies: dict[str, ProxyHandle] = field(default_factory=dict)
+    proxy_host: ProxyProcess | None = None
     info: dict[str, Any] = field(default_factory=dict)
     metrics_urls: dict[str, str] = field(default_factory=dict)
     postgres: EmbeddedPostgres | None = None
@@ -72,8 +101,13 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         (self.root / "stack.json").unlink(missing_ok=True)
         try:
-            self.env = self._service_env()
+            unknown = set(self.proxied) - set(SERVICE_URLS)
+            if unknown:
+                raise ValueError(f"no such service to proxy: {sorted(unknown)}")
+            self.direct_env = self._service_env()
             self._prepare()
+            self.proxies = self.new_proxies("", self.proxied)
+            self.env = self.env_through(self.proxies, base=self.direct_env)
             if apps:
                 self._start_apps()
         except BaseException:
@@ -115,17 +149,48 @@ class Stack:
 
     def _prepare(self) -> None:
         """Schema, bucket and a development tenant with its key, before any app starts."""
+        env = self.direct_env
         self._cli("migrate")
-        if "API_KEY" not in self.env:
+        if "API_KEY" not in env:
             name = "dev-" + secrets.token_hex(3)
             created = json.loads(self._cli("tenants", "create", name))
-            self.env.update(API_KEY=created["api_key"], TENANT_ID=created["tenant_id"])
-            self.env["TENANT_WEBHOOK_SECRET"] = created["webhook_secret"]
+            env.update(API_KEY=created["api_key"], TENANT_ID=created["tenant_id"])
+            env["TENANT_WEBHOOK_SECRET"] = created["webhook_secret"]
+
+    def new_proxies(self, label: str, services: Iterable[str]) -> dict[str, ProxyHandle]:
+        """A fault proxy of its own in front of each named service (`label.service` in the
+        stats); pass them to `start_worker(through=...)` or `env_through`."""
+        made: dict[str, ProxyHandle] = {}
+        for service in sorted(services):
+            upstream = upstream_of(self.direct_env[SERVICE_URLS[service]])
+            name = f"{label}.{service}" if label else service
+            made[service] = self._proxy_host().add(name, upstream)
+        return made
+
+    def _proxy_host(self) -> ProxyProcess:
+        if self.proxy_host is None:
+            self.proxy_host = ProxyProcess(self.logs).start()
+            self.services.append(self.proxy_host)  # stopped before the services it fronts
+        return self.proxy_host
+
+    def env_through(
+        self, proxies: Mapping[str, ProxyHandle], base: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        """The apps' environment (or `base`) with these services reached through `proxies`."""
+        env = dict(self.env if base is None else base)
+        for service, proxy in proxies.items():
+            setting = SERVICE_URLS[service]
+            env[setting] = proxy.rewrite(self.direct_env[setting])
+        return env
+
+    def proxy_stats(self) -> dict[str, dict[str, Any]]:
+        """Every proxy's mode and counters, by name (empty without proxies)."""
+        return self.proxy_host.stats() if self.proxy_host is not None else {}
 
     def _cli(self, *args: str) -> str:
         with (self.logs / "cli.log").open("ab") as log:
             done = subprocess.run(
-                [sys.executable, "-m", "api.cli", *args], env=self.env, check=True,
+                [sys.executable, "-m", "api.cli", *args], env=self.direct_env, check=True,
                 stdout=subprocess.PIPE, stderr=log,
             )  # fmt: skip
         return done.stdout.decode()
@@ -135,18 +200,28 @@ class Stack:
         self.start_worker("worker", concurrency=self.worker_concurrency)
         self.start_beat()
 
-    def start_beat(self) -> Process:
+    def start_beat(self, *, through: Mapping[str, ProxyHandle] | None = None) -> Process:
         beat = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
                 "--loglevel", "INFO", "-s", str(self.root / "beat-schedule")]  # fmt: skip
-        process = Process("beat", beat, self.logs / "beat.log", env=self.env).start()
+        env = self.env_through(through or {})
+        process = Process("beat", beat, self.logs / "beat.log", env=env).start()
         self.apps.append(process)
         return process
 
-    def start_api(self, name: str, port: int, env: Mapping[str, str] | None = None) -> Process:
-        """One more API process on this stack; waits until it answers /healthz."""
+    def start_api(
+        self,
+        name: str,
+        port: int,
+        env: Mapping[str, str] | None = None,
+        *,
+        through: Mapping[str, ProxyHandle] | None = None,
+    ) -> Process:
+        """One more API process on this stack (reaching the services named in `through` by
+        those proxies); waits until it answers /healthz."""
         argv = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
                 "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]  # fmt: skip
-        api = Process(name, argv, self.logs / f"{name}.log", env={**self.env, **(env or {})})
+        full_env = {**self.env_through(through or {}), **(env or {})}
+        api = Process(name, argv, self.logs / f"{name}.log", env=full_env)
         self.apps.append(api.start())
         url = f"http://127.0.0.1:{port}/healthz"
         wait_until(lambda: api.check_alive() and httpx.get(url).is_success, timeout=60, what=name)
@@ -160,16 +235,17 @@ class Stack:
         env: Mapping[str, str] | None = None,
         queues: Iterable[str] = QUEUES,
         app: str = "workers.celery_app",
+        through: Mapping[str, ProxyHandle] | None = None,
     ) -> Process:
-        """One more Celery worker on this stack (all queues unless told); waits until ready."""
+        """One more Celery worker on this stack (all queues unless told), reaching the services
+        named in `through` by those proxies (a host of its own); waits until ready."""
         argv = [sys.executable, "-m", "celery", "-A", app, "worker",
                 "-Q", ",".join(queues), "-c", str(concurrency),
                 "-n", f"{name}-{secrets.token_hex(3)}@%h", "--loglevel", "INFO"]  # fmt: skip
         log = self.logs / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0  # a restarted worker appends
-        worker = Process(
-            name, argv, log, env={**self.env, **self._metrics_env(name), **(env or {})}
-        )
+        base = self.env_through(through or {})
+        worker = Process(name, argv, log, env={**base, **self._metrics_env(name), **(env or {})})
         self.apps.append(worker.start())
         ready = lambda: worker.check_alive() and _ready(log, offset)  # noqa: E731
         wait_until(ready, timeout=90, what=name)
@@ -186,7 +262,7 @@ class Stack:
         }
 
     def _describe(self) -> dict[str, Any]:
-        env = self.env
+        env = self.direct_env  # the real addresses; the apps' proxied ones are under "proxies"
         return {
             "pid": os.getpid(),
             "api_url": f"http://127.0.0.1:{env['API_PORT']}",
@@ -202,6 +278,7 @@ class Stack:
                 "api": f"http://127.0.0.1:{env['API_PORT']}/metrics",
                 **self.metrics_urls,
             },
+            "proxies": {service: proxy.address for service, proxy in self.proxies.items()},
             "logs": str(self.logs),
             "pids": {
                 p.name: p.pid for p in self.apps + [s.process for s in self.services if s.process]
@@ -216,6 +293,7 @@ class Stack:
             service.stop()
         self.apps.clear()
         self.services.clear()
+        self.proxies, self.proxy_host = {}, None
         (self.root / "stack.json").unlink(missing_ok=True)
 
 

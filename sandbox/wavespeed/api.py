@@ -58,14 +58,23 @@ async def get_result(prediction_id: str, sim: SimDep) -> dict[str, Any]:
     if sim.faults.hit("result_500"):
         raise ApiError(500, "Internal server error")
     prediction = sim.store.get(prediction_id)
-    if prediction is None:
+    if prediction is None or _lost(sim, prediction_id):
         raise ApiError(404, f"prediction {prediction_id} not found")
     return envelope(prediction_payload(prediction))
+
+
+def _lost(sim: Simulator, prediction_id: str) -> bool:
+    """Whether `result_404` answers this poll as if the prediction did not exist."""
+    if sim.faults.profile.result_404_sticky:
+        return sim.faults.hit_for("result_404", prediction_id)
+    return sim.faults.hit("result_404")
 
 
 @router.post("/predictions")
 async def history(request: Request, sim: SimDep) -> dict[str, Any]:
     """One page of the last 7 days of predictions, newest first."""
+    if sim.faults.hit("history_500"):
+        raise ApiError(500, "Internal server error")
     try:
         query = parse_history_query(await json_object(request))
     except InputError as exc:

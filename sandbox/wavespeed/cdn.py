@@ -16,6 +16,8 @@ from sandbox.wavespeed.clock import utcnow
 from sandbox.wavespeed.deps import SimDep
 from sandbox.wavespeed.errors import ApiError
 from sandbox.wavespeed.responses import CutShortResponse, parse_range
+from sandbox.wavespeed.simulator import Simulator
+from sandbox.wavespeed.store import Prediction
 
 router = APIRouter(prefix="/_sim")
 
@@ -54,11 +56,7 @@ async def get_output(name: str, request: Request, sim: SimDep) -> Response:
     prediction = sim.store.get(name.removesuffix(".mp4"))
     if prediction is None or prediction.output is None or not name.endswith(".mp4"):
         raise ApiError(404, "output not found")
-    gone_after = sim.faults.profile.output_gone_after_seconds
-    finished = prediction.completed_at
-    if gone_after is not None and finished and utcnow() - finished > timedelta(seconds=gone_after):
-        sim.faults.fired["output_gone_after_seconds"] += 1
-        raise ApiError(404, "output expired")
+    _output_faults(sim, prediction)
     response = _bytes_response(prediction.output, "video/mp4", request.headers.get("range"))
     response.headers["ETag"] = f'"{prediction.output_sha256}"'
     if request.method == "GET" and sim.faults.hit("output_truncate"):
@@ -70,6 +68,23 @@ async def get_output(name: str, request: Request, sim: SimDep) -> Response:
             headers={k: v for k, v in response.headers.items() if k != "content-length"},
         )
     return response
+
+
+def _output_faults(sim: Simulator, prediction: Prediction) -> None:
+    """404 while the CDN has not caught up (`output_404_seconds`) or once the output expired
+    (`output_gone_after_seconds`)."""
+    profile, finished = sim.faults.profile, prediction.completed_at
+    if finished is None:
+        return
+    age = utcnow() - finished
+    not_yet = profile.output_404_seconds
+    if not_yet is not None and age < timedelta(seconds=not_yet):
+        sim.faults.fired["output_404_seconds"] += 1
+        raise ApiError(404, "output not found")
+    gone_after = profile.output_gone_after_seconds
+    if gone_after is not None and age > timedelta(seconds=gone_after):
+        sim.faults.fired["output_gone_after_seconds"] += 1
+        raise ApiError(404, "output expired")
 
 
 def _bytes_response(data: bytes, media_type: str, range_header: str | None) -> Response:

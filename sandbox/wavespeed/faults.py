@@ -3,6 +3,11 @@
 A profile is plain JSON (`--faults`, `PUT /_sim/faults`); every knob is optional and off by
 default. Probabilities are drawn from one seeded generator so a run with `seed` set and the
 same request order fails the same way twice.
+
+`result_404` rolls per request; with `result_404_sticky` it rolls once per prediction and the
+choice is kept for the simulator's life (a profile change does not re-roll it, `/_sim/reset`
+forgets it), so a chosen prediction answers 404 for as long as the knob is on: a prediction
+WaveSpeed has lost.
 """
 
 from __future__ import annotations
@@ -44,11 +49,16 @@ class FaultProfile(BaseModel):
     submit_latency_ms: Bounds | None = None
     result_429: Probability = 0.0
     result_500: Probability = 0.0
+    result_404: Probability = 0.0
+    result_404_sticky: bool = False
+    history_500: Probability = 0.0
     task_fail: dict[int, Probability] = Field(default_factory=dict)
     webhook_drop: Probability = 0.0
     webhook_duplicate: Probability = 0.0
     webhook_delay_ms: Bounds | None = None
     output_gone_after_seconds: float | None = Field(default=None, ge=0.0)
+    # The CDN has not caught up yet: an output answers 404 for this long after completion.
+    output_404_seconds: float | None = Field(default=None, ge=0.0)
     output_truncate: Probability = 0.0
     inference_seconds: Bounds | None = None
     requests_per_minute: int | None = Field(default=None, ge=1)
@@ -84,7 +94,13 @@ class FaultInjector:
         self.fired: Counter[str] = Counter()
         self.profile = FaultProfile()
         self._rng = random.Random()
+        self._chosen: dict[str, dict[str, bool]] = {}  # knob -> key -> rolled once: fires?
         self.replace(profile or FaultProfile())
+
+    def forget(self) -> None:
+        """Clear the counts and every per-key choice (a fresh account)."""
+        self.fired.clear()
+        self._chosen.clear()
 
     def replace(self, profile: FaultProfile) -> None:
         """Swap the profile in; reseeding makes a seeded profile replay from its start."""
@@ -99,6 +115,19 @@ class FaultInjector:
             return False
         self.fired[knob] += 1
         return True
+
+    def hit_for(self, knob: str, key: str) -> bool:
+        """Like `hit`, but rolled once per `key` and remembered: a chosen key fires every time
+        while the knob is on (counted each time), the others never do."""
+        chance = float(getattr(self.profile, knob))
+        if chance <= 0.0:
+            return False  # decided nothing, so turning the knob on later still rolls
+        chosen = self._chosen.setdefault(knob, {})
+        if key not in chosen:
+            chosen[key] = self._rng.random() < chance
+        if chosen[key]:
+            self.fired[knob] += 1
+        return chosen[key]
 
     def uniform(self, bounds: Bounds) -> float:
         """A value drawn uniformly from `[min, max]`."""

@@ -114,7 +114,7 @@ class Simulator:
         await self._cancel_background()
         self.store = Store(self.config.initial_balance_usd)
         self.rate = RateWindow()
-        self.faults.fired.clear()
+        self.faults.forget()
         await self.set_faults(FaultProfile())
         await self.stop()
         await self.start()

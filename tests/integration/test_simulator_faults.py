@@ -113,6 +113,65 @@ def test_result_429_and_500(sim: SimulatorClient, image_url: str) -> None:
     assert sim.wait(prediction_id)["status"] == "completed"
 
 
+def test_history_500_fails_the_lookup_and_nothing_else(
+    sim: SimulatorClient, image_url: str
+) -> None:
+    prediction_id = sim.submit_ok(image_url)["id"]
+    sim.set_faults(history_500=1.0)
+    down = sim.http.post("/api/v3/predictions", json={"page": 1, "page_size": 10})
+    assert down.status_code == 500
+    assert "message" in down.json()
+    assert sim.wait(prediction_id)["status"] == "completed"  # /result still answers
+    sim.set_faults()
+    body = {"page": 1, "page_size": 10}
+    items = sim.http.post("/api/v3/predictions", json=body).json()["data"]["items"]
+    assert [item["id"] for item in items] == [prediction_id]
+    assert sim.ledger()["faults_fired"] == {"history_500": 1}
+
+
+def test_result_404_answers_as_for_an_unknown_prediction(
+    sim: SimulatorClient, image_url: str
+) -> None:
+    prediction_id = sim.submit_ok(image_url)["id"]
+    sim.set_faults(result_404=1.0)
+    lost = sim.http.get(f"/api/v3/predictions/{prediction_id}/result")
+    unknown = sim.http.get("/api/v3/predictions/0123456789abcdef/result")
+    assert (lost.status_code, unknown.status_code) == (404, 404)
+    assert lost.json()["error_code"] == unknown.json()["error_code"]
+    sim.set_faults()
+    assert sim.wait(prediction_id)["status"] == "completed"
+
+
+def test_sticky_result_404_loses_the_chosen_predictions_for_good(
+    sim: SimulatorClient, image_url: str
+) -> None:
+    ids = [sim.submit_ok(image_url)["id"] for _ in range(8)]
+    sim.set_faults(result_404=0.5, result_404_sticky=True, seed=5)
+
+    def statuses() -> dict[str, int]:
+        return {i: sim.http.get(f"/api/v3/predictions/{i}/result").status_code for i in ids}
+
+    first = statuses()
+    assert set(first.values()) == {200, 404}
+    assert all(statuses() == first for _ in range(3))
+    sim.set_faults(result_404=0.5, result_404_sticky=True, result_500=0.0, seed=11)
+    assert statuses() == first  # a new profile does not bring a lost one back
+    sim.set_faults()
+    assert set(statuses().values()) == {200}
+
+
+def test_output_404_seconds_hides_a_fresh_output_then_serves_it(
+    sim: SimulatorClient, image_url: str
+) -> None:
+    url = sim.wait(sim.submit_ok(image_url)["id"])["outputs"][0]
+    sim.set_faults(output_404_seconds=600)
+    assert sim.anon.get(url).status_code == 404
+    sim.set_faults(output_404_seconds=0.2)
+    time.sleep(0.3)
+    assert sim.anon.get(url).status_code == 200
+    assert sim.ledger()["faults_fired"] == {"output_404_seconds": 1}
+
+
 @pytest.mark.parametrize("code", [1200, 1403, 5000, 5003])
 def test_task_fail_ends_the_task_with_the_code_and_refunds_it(
     sim: SimulatorClient, image_url: str, code: int

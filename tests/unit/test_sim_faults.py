@@ -30,6 +30,9 @@ def test_profile_is_all_off_by_default() -> None:
         {"inference_seconds": [1]},
         {"concurrency": 0},
         {"requests_per_minute": 0},
+        {"history_500": 1.5},
+        {"result_404": -0.5},
+        {"output_404_seconds": -1},
     ],
 )
 def test_bad_profiles_are_refused(profile: dict[str, object]) -> None:
@@ -64,6 +67,36 @@ def test_probability_is_roughly_honoured() -> None:
     injector = FaultInjector(FaultProfile(result_500=0.3, seed=1))
     fired = sum(injector.hit("result_500") for _ in range(5000))
     assert 1300 < fired < 1700
+
+
+def test_new_knobs_are_off_by_default() -> None:
+    profile = FaultProfile()
+    assert (profile.history_500, profile.result_404, profile.result_404_sticky) == (0, 0, False)
+    assert profile.output_404_seconds is None
+
+
+def test_a_sticky_choice_is_rolled_once_per_key_and_kept() -> None:
+    injector = FaultInjector(FaultProfile(result_404=0.5, result_404_sticky=True, seed=3))
+    keys = [f"p{i}" for i in range(40)]
+    first = {key: injector.hit_for("result_404", key) for key in keys}
+    assert set(first.values()) == {True, False}
+    for _ in range(5):
+        assert {key: injector.hit_for("result_404", key) for key in keys} == first
+    assert injector.fired["result_404"] == 6 * sum(first.values())
+    # Another profile (other knobs, another seed) keeps the choices: a lost prediction stays lost.
+    injector.replace(FaultProfile(result_404=0.5, result_404_sticky=True, submit_500=0.1, seed=9))
+    assert {key: injector.hit_for("result_404", key) for key in keys} == first
+    injector.forget()
+    assert injector.fired == {}
+
+
+def test_a_sticky_knob_that_is_off_decides_nothing() -> None:
+    injector = FaultInjector(FaultProfile(result_404_sticky=True))
+    assert injector.hit_for("result_404", "p1") is False
+    injector.replace(FaultProfile(result_404=1.0, result_404_sticky=True))
+    assert injector.hit_for("result_404", "p1") is True
+    injector.replace(FaultProfile())
+    assert injector.hit_for("result_404", "p1") is False
 
 
 def test_rate_window_refuses_over_the_limit_until_a_minute_passed() -> None:
