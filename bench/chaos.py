@@ -112,7 +112,7 @@ def run(options: Options) -> list[Result]:
 
 def _run(chaos: Run) -> list[Result]:
     options, stack = chaos.options, chaos.stack
-    simulator = stack.env["WAVESPEED_BASE_URL"]
+    simulator = stack.direct_env["WAVESPEED_BASE_URL"]
     chaos.workers = [p for p in stack.apps if p.name == "worker"]
     for n in range(1, options.workers):
         chaos.workers.append(stack.start_worker(f"worker{n}", concurrency=options.concurrency))
@@ -182,7 +182,7 @@ def kill_worker(chaos: Run, rng: random.Random) -> None:
 
 
 def flush_redis(chaos: Run, _: random.Random) -> None:
-    redis.Redis.from_url(chaos.stack.env["REDIS_URL"]).flushall()
+    redis.Redis.from_url(chaos.stack.direct_env["REDIS_URL"]).flushall()
     chaos.log("FLUSHALL on Redis")
 
 
@@ -207,7 +207,7 @@ def restart_postgres(chaos: Run, _: random.Random) -> None:
 
 
 def job_rows(chaos: Run, job_ids: list[str]) -> dict[str, dict[str, Any]]:
-    dsn = chaos.stack.env["DATABASE_URL"].replace("+psycopg", "")
+    dsn = chaos.stack.direct_env["DATABASE_URL"].replace("+psycopg", "")
     with psycopg.connect(dsn) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         cur.execute(
             "SELECT id::text, status, prediction_id, s3_key, sha256, error_code FROM jobs"
@@ -232,7 +232,7 @@ def wait_terminal(chaos: Run, job_ids: list[str]) -> None:
 
 
 def ledger(chaos: Run) -> dict[str, Any]:
-    url = f"{chaos.stack.env['WAVESPEED_BASE_URL']}/_sim/ledger"
+    url = f"{chaos.stack.direct_env['WAVESPEED_BASE_URL']}/_sim/ledger"
     return dict(httpx.get(url, timeout=60).raise_for_status().json())
 
 
@@ -333,7 +333,7 @@ def check_charges(rows: dict[str, dict[str, Any]], entries: list[dict[str, Any]]
 def check_objects(
     chaos: Run, rows: dict[str, dict[str, Any]], entries: list[dict[str, Any]]
 ) -> Result:
-    env = chaos.stack.env
+    env = chaos.stack.direct_env
     s3 = boto3.client(
         "s3",
         endpoint_url=env["S3_ENDPOINT_URL"],
