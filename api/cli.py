@@ -10,13 +10,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import typer
 from rich.console import Console
 
 from api.client import KlingClient
+
+if TYPE_CHECKING:
+    from workers.sealing import Sealer
 
 app = typer.Typer(
     help="Turn images into cinematic videos with Kling v2.1 I2V Pro.", no_args_is_help=True
@@ -74,16 +77,20 @@ def tenants_create(
     from workers import tenants
     from workers.db import unit_of_work
 
+    sealer = _sealer()
     with unit_of_work(_sessions()) as session:
         try:
             tenant = tenants.create_tenant(
-                session, name, budget_usd=Decimal(str(budget)) if budget is not None else None
+                session,
+                name,
+                sealer,
+                budget_usd=Decimal(str(budget)) if budget is not None else None,
             )
         except tenants.TenantError as exc:
             console.print(f"[red]{exc}[/]")
             raise typer.Exit(1) from exc
         out: dict[str, Any] = {"tenant_id": tenant.id, "name": tenant.name}
-        out["webhook_secret"] = tenant.webhook_secret
+        out["webhook_secret"] = tenants.webhook_secret(tenant, sealer)
         if with_key:
             key, token = tenants.create_key(session, tenant)
             out.update(key_id=str(key.id), api_key=token)
@@ -136,6 +143,19 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id")]) -> 
             console.print("no live key with this id")
             raise typer.Exit(1)
     console.print("revoked")
+
+
+def _sealer() -> Sealer:
+    from config import Settings
+    from workers.sealing import Sealer, SealingError
+
+    try:
+        sealer = Sealer.from_settings(Settings())
+        sealer.check()
+    except SealingError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    return sealer
 
 
 def _tenant(session: Any, name_or_id: str) -> Any:

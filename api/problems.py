@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -12,6 +13,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.intake import Refusal
+from workers.sealing import SealingError
+
+log = structlog.get_logger(__name__)
 
 MEDIA_TYPE = "application/problem+json"
 
@@ -118,7 +122,17 @@ async def _http(_: Request, exc: Exception) -> JSONResponse:
     return _respond(body, dict(exc.headers or {}))
 
 
+async def _sealing(_: Request, exc: Exception) -> JSONResponse:
+    # The operator's problem, not the caller's: the details (no key in them) go to the log.
+    log.error("secrets.unavailable", error=str(exc))
+    detail = "this deployment cannot open stored signing secrets; its SECRET_KEYS needs fixing"
+    return _respond(
+        problem(503, "signing_secret_unavailable", "Signing secrets are unavailable", detail)
+    )
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(Refusal, _refusal)
     app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(SealingError, _sealing)

@@ -25,6 +25,7 @@ from standardwebhooks.webhooks import Webhook
 from workers import jobs, metrics
 from workers.models import Tenant, WebhookAttempt, WebhookDelivery
 from workers.representation import Generation
+from workers.sealing import Sealer
 from workers.tenants import signing_secrets
 
 log = structlog.get_logger(__name__)
@@ -86,10 +87,17 @@ def record(session: Session, job_id: uuid.UUID, event: str, now: datetime) -> uu
 
 
 def deliver(
-    session: Session, delivery_id: uuid.UUID, post: Post, now: datetime, schedule: Sequence[float]
+    session: Session,
+    delivery_id: uuid.UUID,
+    post: Post,
+    now: datetime,
+    schedule: Sequence[float],
+    sealer: Sealer,
 ) -> Outcome | None:
     """Make the attempt that is due, record it, and decide what comes next. None when the
-    delivery is not due (already delivered, stopped, or a duplicate message)."""
+    delivery is not due (already delivered, stopped, or a duplicate message). A secret that
+    none of the keys opens raises `SealingError` before anything is sent: a callback is never
+    signed with anything but the tenant's secret."""
     delivery = session.scalar(
         select(WebhookDelivery)
         .where(WebhookDelivery.id == delivery_id)
@@ -101,7 +109,7 @@ def deliver(
         return None
     tenant = session.get_one(Tenant, delivery.tenant_id)
     body = json.dumps(delivery.payload, separators=(",", ":")).encode()
-    headers = sign(signing_secrets(tenant, now), webhook_id(delivery.id), now, body)
+    headers = sign(signing_secrets(tenant, sealer, now), webhook_id(delivery.id), now, body)
     started = time.monotonic()
     status_code, error, retry_after = _attempt(post, delivery.url, body, headers)
     session.add(

@@ -27,6 +27,7 @@ from workers.db import unit_of_work
 from workers.errors import ErrorCode, task_failure
 from workers.media import InvalidMedia, probe_video
 from workers.models import Job
+from workers.sealing import Sealer
 from workers.states import JobState
 from workers.storage import Storage, StorageError
 from workers.urlguard import UrlGuard
@@ -71,6 +72,7 @@ class Pipeline:
     settings: Settings
     dispatch: dispatch.Dispatcher
     guard: UrlGuard
+    sealer: Sealer
     clock: Clock = utcnow
 
     # -- submit ---------------------------------------------------------------------------
@@ -487,7 +489,12 @@ class Pipeline:
         settings = self.settings
         with unit_of_work(self.sessions) as session:
             outcome = callbacks.deliver(
-                session, delivery_id, self._post, self.clock(), settings.callback_schedule_seconds
+                session,
+                delivery_id,
+                self._post,
+                self.clock(),
+                settings.callback_schedule_seconds,
+                self.sealer,
             )
         retry_in = outcome.retry_in if outcome else None
         if retry_in is not None and retry_in <= settings.max_countdown_seconds:

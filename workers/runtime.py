@@ -10,6 +10,7 @@ from config import Settings
 from workers.db import make_engine, make_session_factory
 from workers.dispatch import CeleryDispatcher
 from workers.pipeline import Pipeline
+from workers.sealing import Sealer
 from workers.storage import Storage, make_s3_client
 from workers.urlguard import UrlGuard, UrlPolicy
 from workers.wavespeed import WaveSpeedClient, make_http_client
@@ -56,6 +57,7 @@ def build_pipeline(settings: Settings, celery: Any) -> Pipeline:
         settings=settings,
         dispatch=CeleryDispatcher(celery),
         guard=build_guard(settings),
+        sealer=Sealer.from_settings(settings),
     )
 
 

@@ -5,6 +5,7 @@ import pytest
 from config import Settings
 from workers.errors import ErrorCode, task_failure
 from workers.pipeline import Pipeline, backoff
+from workers.sealing import Sealer
 from workers.storage import _parts
 
 
@@ -28,6 +29,7 @@ def make_pipeline(**settings: object) -> Pipeline:
         settings=Settings.model_validate(settings),
         dispatch=lambda *a, **k: None,
         guard=None,  # type: ignore[arg-type]
+        sealer=Sealer([]),
     )
 
 

@@ -4,11 +4,14 @@ is an error that says what to set, never a wrong value."""
 from __future__ import annotations
 
 import json
+import stat
+from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
 
 from config.settings import settings_from
+from sandbox.stack import Stack
 from workers.sealing import Sealer, SealingError, new_key
 
 SECRET = "whsec_" + "c2VjcmV0LXNpZ25pbmcta2V5LWZvci10ZXN0cw=="
@@ -65,3 +68,11 @@ def test_keys_come_from_secret_keys_as_a_json_list() -> None:
     settings = settings_from({"SECRET_KEYS": json.dumps([NEW, OLD])})
     assert NEW not in repr(settings) and NEW not in str(settings.model_dump())
     assert Sealer.from_settings(settings).unseal(Sealer([OLD]).seal(SECRET)) == SECRET
+
+
+def test_the_embedded_stack_makes_one_key_and_keeps_it_private(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, environ={})
+    keys = stack._secret_keys()
+    assert stack._secret_keys() == keys  # a restarted stack opens what its database holds
+    assert stat.S_IMODE((tmp_path / "secret_keys.json").stat().st_mode) == 0o600
+    Sealer(json.loads(keys)).check()
