@@ -29,9 +29,13 @@ stack_app = typer.Typer(
 )
 tenants_app = typer.Typer(help="Producers that use the API.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of tenants.", no_args_is_help=True)
+secrets_app = typer.Typer(
+    help="Tenant signing secrets, sealed at rest with SECRET_KEYS.", no_args_is_help=True
+)
 app.add_typer(stack_app, name="stack")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
+app.add_typer(secrets_app, name="secrets")
 console = Console(stderr=True)
 
 DEFAULT_ROOT = Path(".stack")
@@ -143,6 +147,31 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id")]) -> 
             console.print("no live key with this id")
             raise typer.Exit(1)
     console.print("revoked")
+
+
+@secrets_app.command("rotate")
+def secrets_rotate() -> None:
+    """Seal every stored signing secret again with the first key of SECRET_KEYS.
+
+    Run it once every process has the new key list; then the old key can be dropped. Safe
+    to run twice and while the API and workers run: each batch of tenants is locked while
+    it is rewritten, and rows already under the first key are left alone."""
+    from workers import tenants
+    from workers.db import unit_of_work
+    from workers.sealing import SealingError
+
+    sealer, sessions = _sealer(), _sessions()
+    rewritten: int = 0
+    after: str | None = ""
+    try:
+        while after is not None:
+            with unit_of_work(sessions) as session:
+                count, after = tenants.reseal_secrets(session, sealer, after)
+            rewritten += count
+    except SealingError as exc:
+        console.print(f"[red]{exc}[/] ({rewritten} rewritten before it)")
+        raise typer.Exit(1) from exc
+    typer.echo(json.dumps({"rewritten": rewritten}))
 
 
 def _sealer() -> Sealer:

@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from workers.models import ApiKey, Tenant
-from workers.sealing import Sealer
+from workers.sealing import Sealer, SealingError
 
 KEY_PREFIX = "kl_"
 
@@ -109,8 +109,8 @@ def rotate_secret(
     session: Session, tenant: Tenant, sealer: Sealer, now: datetime, overlap: timedelta
 ) -> str:
     """Make a new signing secret; the old one keeps signing alongside it for `overlap`."""
-    # Locked, so that a concurrent rotation cannot write back a value read before this one
-    # (a lost secret).
+    # Locked, so that a concurrent rotation or `reseal_secrets` cannot write back a value
+    # read before this one (a lost secret, or one left under a key about to be dropped).
     # NO KEY UPDATE: jobs referencing the tenant keep being inserted meanwhile.
     session.refresh(tenant, with_for_update={"key_share": True})
     current = tenant.sealed_webhook_secret
@@ -130,3 +130,36 @@ def signing_secrets(tenant: Tenant, sealer: Sealer, now: datetime) -> list[str]:
     if previous and expires and expires > now:
         current.append(sealer.unseal(previous))
     return current
+
+
+def reseal_secrets(
+    session: Session, sealer: Sealer, after: str = "", limit: int = 200
+) -> tuple[int, str | None]:
+    """Seal again with the first key the secrets of up to `limit` tenants whose id sorts after
+    `after`. Answers how many tenants were rewritten and the id to continue after (None once
+    every tenant was seen). Rows already under the first key are left as they are, so a
+    second run rewrites nothing."""
+    found = session.scalars(
+        select(Tenant)
+        .where(Tenant.id > after)
+        .order_by(Tenant.id)
+        .limit(limit)
+        .with_for_update(key_share=True)
+    ).all()
+    rewritten = sum(_reseal(tenant, sealer) for tenant in found)
+    session.flush()
+    return rewritten, found[-1].id if len(found) == limit else None
+
+
+def _reseal(tenant: Tenant, sealer: Sealer) -> bool:
+    previous = tenant.sealed_previous_webhook_secret
+    try:
+        current = sealer.reseal(tenant.sealed_webhook_secret)
+        previous = sealer.reseal(previous) if previous else None
+    except SealingError as exc:
+        raise SealingError(f"tenant {tenant.id}: {exc}") from None
+    if current:
+        tenant.sealed_webhook_secret = current
+    if previous:
+        tenant.sealed_previous_webhook_secret = previous
+    return bool(current or previous)
