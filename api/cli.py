@@ -10,13 +10,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import typer
 from rich.console import Console
 
 from api.client import KlingClient
+
+if TYPE_CHECKING:
+    from workers.sealing import Sealer
 
 app = typer.Typer(
     help="Turn images into cinematic videos with Kling v2.1 I2V Pro.", no_args_is_help=True
@@ -31,11 +34,15 @@ quarantine_app = typer.Typer(
     help="Tasks put aside: they kept killing their worker, or were resent past the cap.",
     no_args_is_help=True,
 )
+secrets_app = typer.Typer(
+    help="Tenant signing secrets, sealed at rest with SECRET_KEYS.", no_args_is_help=True
+)
 app.add_typer(stack_app, name="stack")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
+app.add_typer(secrets_app, name="secrets")
 console = Console(stderr=True)
 
 DEFAULT_ROOT = Path(".stack")
@@ -81,16 +88,20 @@ def tenants_create(
     from workers import tenants
     from workers.db import unit_of_work
 
+    sealer = _sealer()
     with unit_of_work(_sessions()) as session:
         try:
             tenant = tenants.create_tenant(
-                session, name, budget_usd=Decimal(str(budget)) if budget is not None else None
+                session,
+                name,
+                sealer,
+                budget_usd=Decimal(str(budget)) if budget is not None else None,
             )
         except tenants.TenantError as exc:
             console.print(f"[red]{exc}[/]")
             raise typer.Exit(1) from exc
         out: dict[str, Any] = {"tenant_id": tenant.id, "name": tenant.name}
-        out["webhook_secret"] = tenant.webhook_secret
+        out["webhook_secret"] = tenants.webhook_secret(tenant, sealer)
         if with_key:
             key, token = tenants.create_key(session, tenant)
             out.update(key_id=str(key.id), api_key=token)
@@ -215,6 +226,44 @@ def quarantine_release(entry_id: Annotated[int, typer.Argument(help="Its id in t
     redis.Redis.from_url(Settings().redis_url).delete(poison.key(entry.task, str(entry.subject_id)))
     pipeline.dispatch(entry.task, entry.subject_id)
     console.print(f"released; {entry.task} sent for {entry.subject_id}")
+
+
+@secrets_app.command("rotate")
+def secrets_rotate() -> None:
+    """Seal every stored signing secret again with the first key of SECRET_KEYS.
+
+    Run it once every process has the new key list; then the old key can be dropped. Safe
+    to run twice and while the API and workers run: each batch of tenants is locked while
+    it is rewritten, and rows already under the first key are left alone."""
+    from workers import tenants
+    from workers.db import unit_of_work
+    from workers.sealing import SealingError
+
+    sealer, sessions = _sealer(), _sessions()
+    rewritten: int = 0
+    after: str | None = ""
+    try:
+        while after is not None:
+            with unit_of_work(sessions) as session:
+                count, after = tenants.reseal_secrets(session, sealer, after)
+            rewritten += count
+    except SealingError as exc:
+        console.print(f"[red]{exc}[/] ({rewritten} rewritten before it)")
+        raise typer.Exit(1) from exc
+    typer.echo(json.dumps({"rewritten": rewritten}))
+
+
+def _sealer() -> Sealer:
+    from config import Settings
+    from workers.sealing import Sealer, SealingError
+
+    try:
+        sealer = Sealer.from_settings(Settings())
+        sealer.check()
+    except SealingError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    return sealer
 
 
 def _tenant(session: Any, name_or_id: str) -> Any:

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.intake import Refusal
+from workers.sealing import SealingError
 from workers.storage import StorageError
 
 log = structlog.get_logger(__name__)
@@ -151,9 +152,19 @@ async def _http(_: Request, exc: Exception) -> JSONResponse:
     return _respond(body, dict(exc.headers or {}))
 
 
+async def _sealing(_: Request, exc: Exception) -> JSONResponse:
+    # The operator's problem, not the caller's: the details (no key in them) go to the log.
+    log.error("secrets.unavailable", error=str(exc))
+    detail = "this deployment cannot open stored signing secrets; its SECRET_KEYS needs fixing"
+    return _respond(
+        problem(503, "signing_secret_unavailable", "Signing secrets are unavailable", detail)
+    )
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(Refusal, _refusal)
     app.add_exception_handler(StarletteHTTPException, _http)
     for kind in UNAVAILABLE:
         app.add_exception_handler(kind, _unavailable)
+    app.add_exception_handler(SealingError, _sealing)

@@ -414,27 +414,35 @@ def replay_delivery(delivery_id: uuid.UUID, res: Res, tenant: CurrentTenant) -> 
         return DeliveryOut.of(*next((d, a) for d, a in found.items() if d.id == delivery_id))
 
 
-@v1.get("/webhook-secret", response_model=SigningSecret, tags=["callbacks"], responses=ERRORS)
-def get_secret(tenant: CurrentTenant) -> SigningSecret:
+# 503 when this deployment's SECRET_KEYS cannot open the stored secret (api/problems.py).
+SECRET_ERRORS = {**ERRORS, 503: PROBLEM}
+
+
+@v1.get(
+    "/webhook-secret", response_model=SigningSecret, tags=["callbacks"], responses=SECRET_ERRORS
+)
+def get_secret(res: Res, tenant: CurrentTenant) -> SigningSecret:
     """The secret your receiver verifies callbacks with (Standard Webhooks)."""
-    return _secret(tenant)
+    return _secret(tenants.webhook_secret(tenant, res.pipeline.sealer), tenant)
 
 
 @v1.post(
-    "/webhook-secret/rotate", response_model=SigningSecret, tags=["callbacks"], responses=ERRORS
+    "/webhook-secret/rotate",
+    response_model=SigningSecret,
+    tags=["callbacks"],
+    responses=SECRET_ERRORS,
 )
 def rotate_secret(db: Db, res: Res, tenant: CurrentTenant) -> SigningSecret:
     """A new signing secret; callbacks carry signatures of both for the overlap period."""
     current = db.get_one(Tenant, tenant.id)
-    overlap = res.settings.secret_rotation_overlap_seconds
-    tenants.rotate_secret(db, current, utcnow(), timedelta(seconds=overlap))
-    return _secret(current)
+    overlap = timedelta(seconds=res.settings.secret_rotation_overlap_seconds)
+    secret = tenants.rotate_secret(db, current, res.pipeline.sealer, utcnow(), overlap)
+    return _secret(secret, current)
 
 
-def _secret(tenant: Tenant) -> SigningSecret:
+def _secret(secret: str, tenant: Tenant) -> SigningSecret:
     return SigningSecret(
-        secret=tenant.webhook_secret,
-        previous_secret_valid_until=tenant.previous_secret_expires_at,
+        secret=secret, previous_secret_valid_until=tenant.previous_secret_expires_at
     )
 
 

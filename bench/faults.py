@@ -113,9 +113,13 @@ class Faults:
             made = [
                 client.post(
                     "/v1/generations",
-                    json={"upload_id": self.upload(client), "prompt": f"{PROMPT} {n}",
-                          "webhook_url": receiver.url, **body},
-                )  # fmt: skip
+                    json={
+                        "upload_id": self.upload(client),
+                        "prompt": f"{PROMPT} {n}",
+                        "webhook_url": receiver.url,
+                        **body,
+                    },
+                )
                 for n in range(count)
             ]
         ids = [answer.raise_for_status().json()["id"] for answer in made]
@@ -358,7 +362,9 @@ def _expect_completed(run: Faults, ids: list[str], name: str) -> None:
     run.wait(ids, lambda s: s in TERMINAL, run.options.timeout / 4)
     statuses = run.statuses(ids)
     done = sum(1 for s in statuses.values() if s == "completed")
-    run.check(name, done == len(ids), f"completed={done} of {len(ids)} ({sorted(set(statuses.values()))})")
+    run.check(
+        name, done == len(ids), f"completed={done} of {len(ids)} ({sorted(set(statuses.values()))})"
+    )
 
 
 def _verified(tenant: Tenant) -> dict[str, tuple[set[str], float]]:
@@ -384,10 +390,8 @@ def _callback_latencies(run: Faults, ids: list[str], tenant: Tenant) -> list[flo
     seen = _verified(tenant)
     dsn = run.stack.direct_env["DATABASE_URL"].replace("+psycopg", "")
     with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT id::text, extract(epoch FROM completed_at) FROM jobs WHERE id = ANY(%s::uuid[])",
-            (ids,),
-        ).fetchall()
+        query = "SELECT id::text, extract(epoch FROM completed_at) FROM jobs"
+        rows = conn.execute(f"{query} WHERE id = ANY(%s::uuid[])", (ids,)).fetchall()
     return [max(0.0, seen[i][1] - float(at)) for i, at in rows if i in seen and at is not None]
 
 
@@ -435,7 +439,14 @@ def environ() -> dict[str, str]:
 
 def run(options: Options, phases: list[str] | None = None) -> list[Result]:
     root = options.root or Path(tempfile.mkdtemp(prefix="kling-faults-"))
-    simulator_args = ["--render-mode", "real", "--resolution", "160x96", "--refund-delay-seconds", "1"]
+    simulator_args = [
+        "--render-mode",
+        "real",
+        "--resolution",
+        "160x96",
+        "--refund-delay-seconds",
+        "1",
+    ]
     stack = Stack(root, environ=environ(), simulator_args=simulator_args,
                   proxied={"redis", "postgres", "s3", "simulator"})  # fmt: skip
     main = Receiver(status_for=flaky(0.1, seed=3))
@@ -457,7 +468,9 @@ def _run(
     phases: list[str] | None,
 ) -> list[Result]:  # fmt: skip
     faults = Faults(options, stack, Run(options, stack, main))  # type: ignore[arg-type]
-    faults.tenants["main"] = Tenant("main", stack.info["api_key"], stack.info["webhook_secret"], main)
+    faults.tenants["main"] = Tenant(
+        "main", stack.info["api_key"], stack.info["webhook_secret"], main
+    )
     for name, receiver in (("blackholed", blackholed), ("noisy", Receiver())):
         made = json.loads(stack._cli("tenants", "create", f"{name}-{os.getpid()}"))
         faults.tenants[name] = Tenant(name, made["api_key"], made["webhook_secret"], receiver)

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     callback_breaker_seconds: float = Field(default=30.0, gt=0.0)
     callback_breaker_max_seconds: float = Field(default=1800.0, gt=0.0)
     secret_rotation_overlap_seconds: float = 24 * 3600.0
+    # Fernet keys that seal tenant signing secrets in the database: the first seals, all
+    # open. Empty is allowed so that processes which never touch those secrets still start.
+    secret_keys: list[SecretStr] = Field(default_factory=list)
     # Waits up to this long are Celery countdowns; longer ones are rows the reconciler finds.
     max_countdown_seconds: float = 300.0
 

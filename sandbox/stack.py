@@ -1,8 +1,9 @@
 """The embedded stack: every stand-in the product needs, plus the API, a worker and beat.
 
 Any service URL already set in the environment (DATABASE_URL, REDIS_URL, S3_ENDPOINT_URL,
-WAVESPEED_BASE_URL) replaces its embedded stand-in. `.stack/stack.json` tells clients where
-everything is once it is healthy.
+WAVESPEED_BASE_URL) replaces its embedded stand-in; so does SECRET_KEYS, which is otherwise a
+key made on the stack's first start and kept in its root. `.stack/stack.json` tells clients
+where everything is once it is healthy.
 
 With `proxied={"redis", "postgres", "s3", "simulator"}` the apps reach those services only
 through fault proxies (`sandbox.faultproxy`, in a process of their own): `env` is what the apps
@@ -40,6 +41,7 @@ from sandbox.faultproxy import ProxyHandle, ProxyProcess, upstream_of
 from sandbox.processes import Process, free_port, wait_until
 from sandbox.services import EmbeddedPostgres, EmbeddedRedis, EmbeddedS3, Simulator
 from workers.dispatch import QUEUES
+from workers.sealing import new_key
 
 DATABASE_NAME = "kling"
 # The setting that names each service a proxy can stand in front of.
@@ -140,12 +142,23 @@ class Stack:
                 WAVESPEED_API_KEY=self.simulator.api_key,
                 WAVESPEED_WEBHOOK_SECRET=self.simulator.webhook_secret,
             )
+        if "SECRET_KEYS" not in env:
+            env["SECRET_KEYS"] = self._secret_keys()
         api_port = free_port()
         env["API_PORT"] = str(api_port)
         # Everything here is on loopback, which the URL guard refuses unless told otherwise.
         env.setdefault("URL_ALLOW_HOSTS", '["127.0.0.1", "localhost"]')
         env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{api_port}")
         return env
+
+    def _secret_keys(self) -> str:
+        """The stack's own SECRET_KEYS, made on its first start and kept beside its data: a
+        restarted stack must open the secrets its database already holds."""
+        path = self.root / "secret_keys.json"
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(json.dumps([new_key()]))
+        return path.read_text()
 
     def _prepare(self) -> None:
         """Schema, bucket and a development tenant with its key, before any app starts."""

@@ -31,6 +31,7 @@ from workers.db import make_engine, make_session_factory, unit_of_work
 from workers.models import Tenant
 from workers.pipeline import Pipeline
 from workers.runtime import build_guard, build_storage, build_wavespeed
+from workers.sealing import Sealer
 
 TEMPLATE_DB = "kling_test_template"
 
@@ -50,6 +51,12 @@ def stack() -> Iterator[Stack]:
 @pytest.fixture(scope="session")
 def stack_info(stack: Stack) -> dict[str, Any]:
     return stack.info
+
+
+@pytest.fixture(scope="session")
+def sealer(stack: Stack) -> Sealer:
+    """Seals with the stack's own SECRET_KEYS, so its API and workers open what tests seal."""
+    return Sealer.from_settings(settings_from(stack.env))
 
 
 @pytest.fixture
@@ -122,7 +129,10 @@ def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
 
 @pytest.fixture
 def pipeline(
-    settings: Settings, sessions: sessionmaker[Session], dispatcher: RecordingDispatcher
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    dispatcher: RecordingDispatcher,
+    sealer: Sealer,
 ) -> Iterator[Pipeline]:
     storage = build_storage(settings)
     guard = build_guard(settings)
@@ -135,13 +145,14 @@ def pipeline(
             settings=settings,
             dispatch=dispatcher,
             guard=guard,
+            sealer=sealer,
         )
     guard.close()
     storage.close()
 
 
 @pytest.fixture
-def tenant(sessions: sessionmaker[Session]) -> Tenant:
+def tenant(sessions: sessionmaker[Session], sealer: Sealer) -> Tenant:
     """A tenant in the test's own database."""
     with unit_of_work(sessions) as session:
-        return tenants.create_tenant(session, f"t-{uuid.uuid4().hex[:8]}")
+        return tenants.create_tenant(session, f"t-{uuid.uuid4().hex[:8]}", sealer)

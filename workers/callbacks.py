@@ -35,6 +35,7 @@ from workers.db import unit_of_work
 from workers.models import CallbackHost, Tenant, WebhookAttempt, WebhookDelivery
 from workers.representation import Generation
 from workers.retry import parse_retry_after
+from workers.sealing import Sealer
 from workers.tenants import signing_secrets
 
 log = structlog.get_logger(__name__)
@@ -154,13 +155,16 @@ class Callbacks:
     post: Post
     policy: Policy
     clock: Callable[[], datetime]
+    sealer: Sealer
 
     def deliver(self, delivery_id: uuid.UUID) -> Outcome | None:
         """Make the attempt that is due and decide what comes next. None when there is
         nothing to do (delivered, stopped, not due, another attempt running); a pending
-        outcome without an attempt when the receiver's host must be left alone for now."""
+        outcome without an attempt when the receiver's host must be left alone for now. A
+        secret that none of the keys opens raises `SealingError` before anything is sent: a
+        callback is never signed with anything but the tenant's secret."""
         with unit_of_work(self.sessions) as session:
-            claimed = _claim(session, delivery_id, self.clock(), self.policy)
+            claimed = _claim(session, delivery_id, self.clock(), self.policy, self.sealer)
         if not isinstance(claimed, Attempt):
             return claimed
         started = time.monotonic()
@@ -180,7 +184,7 @@ class Callbacks:
 
 
 def _claim(
-    session: Session, delivery_id: uuid.UUID, now: datetime, policy: Policy
+    session: Session, delivery_id: uuid.UUID, now: datetime, policy: Policy, sealer: Sealer
 ) -> Attempt | Outcome | None:
     delivery = session.scalar(
         select(WebhookDelivery)
@@ -199,7 +203,7 @@ def _claim(
         return Outcome(DeliveryStatus.PENDING, wait)
     tenant = session.get_one(Tenant, delivery.tenant_id)
     body = json.dumps(delivery.payload, separators=(",", ":")).encode()
-    headers = sign(signing_secrets(tenant, now), webhook_id(delivery.id), now, body)
+    headers = sign(signing_secrets(tenant, sealer, now), webhook_id(delivery.id), now, body)
     delivery.sending_until = now + policy.lease
     return Attempt(
         delivery.id, delivery.job_id, delivery.url, delivery.host, body, headers,

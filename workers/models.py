@@ -46,10 +46,11 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Numeric(12, 4))
-    # Standard Webhooks signing secrets; the previous one stays valid for a while after a
-    # rotation so receivers can switch without dropping a callback.
-    webhook_secret: Mapped[str] = mapped_column(Text)
-    previous_webhook_secret: Mapped[str | None] = mapped_column(Text)
+    # Standard Webhooks signing secrets, sealed (`workers.sealing`): ciphertext, never the
+    # secret itself; `workers.tenants` opens them. The previous one stays valid for a while
+    # after a rotation so receivers can switch without dropping a callback.
+    sealed_webhook_secret: Mapped[str] = mapped_column(Text)
+    sealed_previous_webhook_secret: Mapped[str | None] = mapped_column(Text)
     previous_secret_expires_at: Mapped[datetime | None]
 
 

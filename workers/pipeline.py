@@ -27,6 +27,7 @@ from workers.errors import ErrorCode, task_failure
 from workers.media import InvalidMedia, probe_video
 from workers.models import Job
 from workers.retry import backoff
+from workers.sealing import Sealer
 from workers.states import JobState
 from workers.storage import Storage, StorageError
 from workers.urlguard import UrlGuard
@@ -86,6 +87,7 @@ class Pipeline:
     settings: Settings
     dispatch: dispatch.Dispatcher
     guard: UrlGuard
+    sealer: Sealer
     clock: Clock = utcnow
 
     # -- submit ---------------------------------------------------------------------------

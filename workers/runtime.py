@@ -10,6 +10,7 @@ from config import Settings
 from workers.db import engine_for, make_session_factory
 from workers.dispatch import CeleryDispatcher
 from workers.pipeline import Pipeline
+from workers.sealing import Sealer
 from workers.storage import Storage, make_s3_client
 from workers.urlguard import UrlGuard, UrlPolicy
 from workers.wavespeed import WaveSpeedClient, make_http_client
@@ -69,6 +70,7 @@ def build_pipeline(
             celery, max_countdown=settings.max_countdown_seconds, retry=publish_retry
         ),
         guard=build_guard(settings),
+        sealer=Sealer.from_settings(settings),
     )
 
 

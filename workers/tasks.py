@@ -39,6 +39,7 @@ class Runtime:
             post=self._post,
             policy=callbacks.Policy.of(settings),
             clock=self.pipeline.clock,
+            sealer=self.pipeline.sealer,
         )
         broker = redis.Redis.from_url(
             settings.redis_url,

@@ -1,4 +1,8 @@
-"""Tenants, their API keys and their webhook signing secrets."""
+"""Tenants, their API keys and their webhook signing secrets.
+
+Signing secrets are stored sealed; they are opened only here, for the few callers that need
+them: signing a callback, showing the secret to its tenant, printing a new tenant's once.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from workers.models import ApiKey, Tenant
+from workers.sealing import Sealer, SealingError
 
 KEY_PREFIX = "kl_"
 
@@ -33,7 +38,9 @@ def hash_key(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_tenant(session: Session, name: str, *, budget_usd: Decimal | None = None) -> Tenant:
+def create_tenant(
+    session: Session, name: str, sealer: Sealer, *, budget_usd: Decimal | None = None
+) -> Tenant:
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", name):
         raise TenantError("tenant names are 1-63 of a-z, 0-9 and '-', starting alphanumeric")
     if session.scalar(select(Tenant).where(Tenant.name == name)) is not None:
@@ -42,7 +49,7 @@ def create_tenant(session: Session, name: str, *, budget_usd: Decimal | None = N
         id=f"ten_{uuid.uuid4().hex[:20]}",
         name=name,
         monthly_budget_usd=budget_usd,
-        webhook_secret=new_webhook_secret(),
+        sealed_webhook_secret=sealer.seal(new_webhook_secret()),
     )
     session.add(tenant)
     session.flush()
@@ -93,19 +100,66 @@ def authenticate(session: Session, token: str) -> Tenant | None:
     )
 
 
-def rotate_secret(session: Session, tenant: Tenant, now: datetime, overlap: timedelta) -> str:
+def webhook_secret(tenant: Tenant, sealer: Sealer) -> str:
+    """The tenant's current signing secret, opened."""
+    return sealer.unseal(tenant.sealed_webhook_secret)
+
+
+def rotate_secret(
+    session: Session, tenant: Tenant, sealer: Sealer, now: datetime, overlap: timedelta
+) -> str:
     """Make a new signing secret; the old one keeps signing alongside it for `overlap`."""
-    tenant.previous_webhook_secret = tenant.webhook_secret
+    # Locked, so that a concurrent rotation or `reseal_secrets` cannot write back a value
+    # read before this one (a lost secret, or one left under a key about to be dropped).
+    # NO KEY UPDATE: jobs referencing the tenant keep being inserted meanwhile.
+    session.refresh(tenant, with_for_update={"key_share": True})
+    current = tenant.sealed_webhook_secret
+    tenant.sealed_previous_webhook_secret = sealer.reseal(current) or current
     tenant.previous_secret_expires_at = now + overlap
-    tenant.webhook_secret = new_webhook_secret()
+    secret = new_webhook_secret()
+    tenant.sealed_webhook_secret = sealer.seal(secret)
     session.flush()
-    return tenant.webhook_secret
+    return secret
 
 
-def signing_secrets(tenant: Tenant, now: datetime) -> list[str]:
+def signing_secrets(tenant: Tenant, sealer: Sealer, now: datetime) -> list[str]:
     """Secrets to sign with now: the current one, and the previous one during its overlap."""
-    current = [tenant.webhook_secret]
+    current = [webhook_secret(tenant, sealer)]
+    previous = tenant.sealed_previous_webhook_secret
     expires = tenant.previous_secret_expires_at
-    if tenant.previous_webhook_secret and expires and expires > now:
-        current.append(tenant.previous_webhook_secret)
+    if previous and expires and expires > now:
+        current.append(sealer.unseal(previous))
     return current
+
+
+def reseal_secrets(
+    session: Session, sealer: Sealer, after: str = "", limit: int = 200
+) -> tuple[int, str | None]:
+    """Seal again with the first key the secrets of up to `limit` tenants whose id sorts after
+    `after`. Answers how many tenants were rewritten and the id to continue after (None once
+    every tenant was seen). Rows already under the first key are left as they are, so a
+    second run rewrites nothing."""
+    found = session.scalars(
+        select(Tenant)
+        .where(Tenant.id > after)
+        .order_by(Tenant.id)
+        .limit(limit)
+        .with_for_update(key_share=True)
+    ).all()
+    rewritten = sum(_reseal(tenant, sealer) for tenant in found)
+    session.flush()
+    return rewritten, found[-1].id if len(found) == limit else None
+
+
+def _reseal(tenant: Tenant, sealer: Sealer) -> bool:
+    previous = tenant.sealed_previous_webhook_secret
+    try:
+        current = sealer.reseal(tenant.sealed_webhook_secret)
+        previous = sealer.reseal(previous) if previous else None
+    except SealingError as exc:
+        raise SealingError(f"tenant {tenant.id}: {exc}") from None
+    if current:
+        tenant.sealed_webhook_secret = current
+    if previous:
+        tenant.sealed_previous_webhook_secret = previous
+    return bool(current or previous)

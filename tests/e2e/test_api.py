@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,13 +15,16 @@ import pytest
 from sqlalchemy import func, update
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from config.settings import settings_from
+from sandbox.processes import free_port
 from sandbox.receiver import Receiver, serve
 from sandbox.stack import Stack
 from tests.support import SimulatorAdmin, wait_for
 from workers import tenants
 from workers.db import make_engine, make_session_factory, unit_of_work
-from workers.models import Job
+from workers.models import Job, Tenant
 from workers.pipeline import utcnow
+from workers.sealing import Sealer
 
 pytestmark = pytest.mark.integration
 
@@ -45,8 +49,10 @@ def sessions(stack: Stack) -> Iterator[Any]:
 def new_producer(
     stack: Stack, sessions: Any, portrait: bytes, budget: Decimal | None = None
 ) -> Producer:
+    sealer = Sealer.from_settings(settings_from(stack.env))
     with unit_of_work(sessions) as session:
-        tenant = tenants.create_tenant(session, f"p-{uuid.uuid4().hex[:10]}", budget_usd=budget)
+        name = f"p-{uuid.uuid4().hex[:10]}"
+        tenant = tenants.create_tenant(session, name, sealer, budget_usd=budget)
         key, token = tenants.create_key(session, tenant)
     api = httpx.Client(
         base_url=stack.info["api_url"], headers={"Authorization": f"Bearer {token}"}, timeout=60
@@ -309,11 +315,17 @@ def completed_delivery(producer: Producer, job_id: str, status: str) -> dict[str
     return delivery if delivery["status"] == status else None
 
 
-def test_callbacks_verify_with_either_secret_during_rotation(producer: Producer) -> None:
+def test_callbacks_verify_with_either_secret_during_rotation(
+    producer: Producer, sessions: Any
+) -> None:
     old = producer.api.get("/v1/webhook-secret").json()["secret"]
     rotated = producer.api.post("/v1/webhook-secret/rotate").json()
     new = rotated["secret"]
     assert new != old and rotated["previous_secret_valid_until"]
+    with sessions() as session:  # what the API wrote holds neither secret
+        row = session.get_one(Tenant, producer.tenant_id)
+        stored = f"{row.sealed_webhook_secret} {row.sealed_previous_webhook_secret}"
+    assert old not in stored and new not in stored and "whsec_" not in stored
     with serve(Receiver()) as receiver:
         job = create(producer, webhook_url=receiver.url).json()
         wait_status(producer, job["id"], "completed")
@@ -342,3 +354,30 @@ def test_readyz_checks_every_dependency(stack_info: dict[str, Any]) -> None:
     assert answer.json() == {
         "status": "ready", "checks": {"postgres": "ok", "redis": "ok", "s3": "ok"},
     }  # fmt: skip
+
+
+def test_an_api_without_secret_keys_starts_and_refuses_only_the_secret_routes(
+    stack: Stack, producer: Producer
+) -> None:
+    secret = producer.api.get("/v1/webhook-secret").json()["secret"]
+    port = free_port()
+    api = stack.start_api("keyless-api", port, {"SECRET_KEYS": "[]"})
+    try:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers=producer.api.headers, timeout=30
+        ) as keyless:
+            assert keyless.get("/v1/generations").status_code == 200
+            for answer in (
+                keyless.get("/v1/webhook-secret"),
+                keyless.post("/v1/webhook-secret/rotate"),
+            ):
+                assert answer.status_code == 503, answer.text
+                assert answer.headers["content-type"].startswith("application/problem+json")
+                assert answer.json()["code"] == "signing_secret_unavailable"
+                assert "SECRET_KEYS" in answer.json()["detail"]
+    finally:
+        api.stop()
+    log = (Path(stack.info["logs"]) / "keyless-api.log").read_text()
+    assert "secrets.unavailable" in log and "SECRET_KEYS is empty" in log
+    # The refused rotation changed nothing: the stack's API still shows the same secret.
+    assert producer.api.get("/v1/webhook-secret").json()["secret"] == secret

@@ -130,6 +130,7 @@ def test_logs_carry_the_job_context_and_no_secret(
         stack.env["WAVESPEED_WEBHOOK_SECRET"],
         "X-Amz-Signature",
         "X-Amz-Credential",
+        *json.loads(stack.env["SECRET_KEYS"]),
     ]
     for name in ("api.log", "worker.log", "beat.log"):
         text = (Path(stack_info["logs"]) / name).read_text(errors="replace")

@@ -23,6 +23,7 @@ from workers.intake import GenerationInput, create_job
 from workers.models import Job
 from workers.outbox import relay
 from workers.runtime import build_storage
+from workers.sealing import Sealer
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +47,7 @@ def test_one_single_slot_worker_keeps_ten_predictions_in_flight(
     try:
         request = GenerationInput(prompt="slow pan left", guidance_scale=0.5, duration=5)
         with unit_of_work(sessions) as session:
-            owner = tenants.create_tenant(session, "single-slot")
+            owner = tenants.create_tenant(session, "single-slot", Sealer.from_settings(settings))
         for _ in range(JOBS):
             create_job(sessions, storage, settings, owner, request, portrait)
         relay(sessions, CeleryDispatcher(create_celery(settings)))

@@ -16,6 +16,7 @@ from sandbox.stack import Stack
 from tests.support import SimulatorAdmin, wait_for
 from workers import tenants
 from workers.db import make_engine, make_session_factory, unit_of_work
+from workers.sealing import Sealer
 from workers.webhook_in import sign
 
 pytestmark = pytest.mark.integration
@@ -43,7 +44,9 @@ def test_unsigned_or_forged_webhooks_are_refused(stack: Stack, stack_info: dict[
 
 
 @pytest.fixture
-def slow_polling_deployment(stack: Stack, database_url: str) -> Iterator[dict[str, str]]:
+def slow_polling_deployment(
+    stack: Stack, database_url: str, sealer: Sealer
+) -> Iterator[dict[str, str]]:
     """An API and a worker of their own whose first poll is 5 minutes away: only the webhook
     can finish a job quickly."""
     port = free_port()
@@ -57,7 +60,7 @@ def slow_polling_deployment(stack: Stack, database_url: str) -> Iterator[dict[st
     }
     engine = make_engine(database_url)
     with unit_of_work(make_session_factory(engine)) as session:
-        _, token = tenants.create_key(session, tenants.create_tenant(session, "webhook"))
+        _, token = tenants.create_key(session, tenants.create_tenant(session, "webhook", sealer))
     engine.dispose()
     api = stack.start_api("webhook-api", port, env)
     worker = stack.start_worker("webhook-worker", concurrency=1, env=env)

@@ -26,7 +26,7 @@ def new_job(pipeline: Pipeline, image: bytes, **overrides: Any) -> uuid.UUID:
     )
     with unit_of_work(pipeline.sessions) as session:
         owner = session.scalar(select(Tenant).where(Tenant.name == "flow"))
-        owner = owner or tenants.create_tenant(session, "flow")
+        owner = owner or tenants.create_tenant(session, "flow", pipeline.sealer)
     settings = pipeline.settings
     return create_job(pipeline.sessions, pipeline.storage, settings, owner, request, image).id
 

@@ -147,6 +147,7 @@ def service(pipeline: Pipeline, post: callbacks.Post, **policy: Any) -> callback
         post=post,
         policy=replace(callbacks.Policy.of(pipeline.settings), **policy),
         clock=pipeline.clock,
+        sealer=pipeline.sealer,
     )
 
 

@@ -124,3 +124,9 @@ def test_redis_keeps_an_append_only_file_and_the_bucket_is_created() -> None:
     makers = [s for s in SERVICES.values() if str(s.get("image", "")).startswith("minio/mc")]
     assert any(f"mb --ignore-existing local/{bucket}" in " ".join(s["command"]) for s in makers)
     assert SERVICES["simulator"]["profiles"] == ["sandbox"]
+
+
+def test_every_app_service_takes_secret_keys_from_the_environment_and_requires_it() -> None:
+    # No default: a key written in this file would seal every deployment's secrets alike.
+    for name, service in APP_SERVICES.items():
+        assert re.fullmatch(r"\$\{SECRET_KEYS:\?.+\}", service["environment"]["SECRET_KEYS"]), name

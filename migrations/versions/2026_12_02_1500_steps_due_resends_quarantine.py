@@ -2,8 +2,8 @@
 leases, callback attempt leases and circuit breakers, quarantined tasks
 
 Revision ID: 0004
-Revises: 0002
-Create Date: 2026-12-02 09:00:00.000000
+Revises: 0003
+Create Date: 2026-12-02 15:00:00.000000
 """
 
 from collections.abc import Sequence
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004"
-down_revision: str | None = "0002"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
