@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format bench chaos stack clean
+.PHONY: demo test lint format bench chaos faults stack clean
 
 $(VENV): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,6 @@ clean:
 
 chaos: $(VENV)
 	$(BIN)/python -m bench.chaos
+
+faults: $(VENV)
+	$(BIN)/python -m bench.faults

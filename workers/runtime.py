@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 
 from config import Settings
+from workers.callbacks import Callbacks, Policy
 from workers.db import engine_for, make_session_factory
 from workers.dispatch import CeleryDispatcher
 from workers.pipeline import Pipeline
@@ -80,3 +81,20 @@ def close_pipeline(pipeline: Pipeline) -> None:
     pipeline.guard.close()
     pipeline.storage.close()
     pipeline.sessions.kw["bind"].dispose()
+
+
+def build_callbacks(pipeline: Pipeline) -> Callbacks:
+    """The callback service beside a pipeline: its sessions, sealer and clock, and POSTs
+    through its URL guard."""
+    timeout = pipeline.settings.callback_timeout_seconds
+
+    def post(url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        return pipeline.guard.post(url, content=body, headers=headers, timeout=timeout)
+
+    return Callbacks(
+        sessions=pipeline.sessions,
+        post=post,
+        policy=Policy.of(pipeline.settings),
+        clock=pipeline.clock,
+        sealer=pipeline.sealer,
+    )

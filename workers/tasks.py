@@ -18,13 +18,13 @@ import sqlalchemy.exc
 from celery import Task, signals
 
 from config import Settings
-from workers import callbacks, dispatch, jobs, quarantine
+from workers import dispatch, jobs, quarantine
 from workers.celery_app import app
 from workers.db import unit_of_work
 from workers.pipeline import Pipeline
 from workers.poison import RunCounter, subject_of
 from workers.reconciler import reconcile
-from workers.runtime import build_pipeline
+from workers.runtime import build_callbacks, build_pipeline
 
 
 class Runtime:
@@ -34,23 +34,13 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.pid = os.getpid()
         self.pipeline = build_pipeline(settings, app)
-        self.callbacks = callbacks.Callbacks(
-            sessions=self.pipeline.sessions,
-            post=self._post,
-            policy=callbacks.Policy.of(settings),
-            clock=self.pipeline.clock,
-            sealer=self.pipeline.sealer,
-        )
+        self.callbacks = build_callbacks(self.pipeline)
         broker = redis.Redis.from_url(
             settings.redis_url,
             socket_timeout=settings.broker_timeout_seconds,
             socket_connect_timeout=settings.broker_timeout_seconds,
         )
         self.runs = RunCounter(broker, settings.poison_max_deliveries)
-
-    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> Any:
-        timeout = self.pipeline.settings.callback_timeout_seconds
-        return self.pipeline.guard.post(url, content=body, headers=headers, timeout=timeout)
 
 
 _runtime: Runtime | None = None

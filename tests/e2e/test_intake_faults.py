@@ -19,12 +19,14 @@ import httpx
 import psycopg
 import pytest
 
+from config.settings import settings_from
 from sandbox.processes import Process, free_port
 from sandbox.stack import Stack
 from tests.e2e.test_wavespeed_webhook import signed_headers
 from tests.support import wait_for
 from workers import tenants
 from workers.db import make_engine, make_session_factory, unit_of_work
+from workers.sealing import Sealer
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +51,8 @@ class Deployment:
 def deployment(stack: Stack, name: str, **env: str) -> Iterator[Deployment]:
     engine = make_engine(stack.env["DATABASE_URL"], pool_size=1)
     with unit_of_work(make_session_factory(engine)) as session:
-        tenant = tenants.create_tenant(session, f"{name}-{uuid.uuid4().hex[:6]}")
+        sealer = Sealer.from_settings(settings_from(stack.env))
+        tenant = tenants.create_tenant(session, f"{name}-{uuid.uuid4().hex[:6]}", sealer)
         _, key = tenants.create_key(session, tenant)
     engine.dispose()
     port = free_port()

@@ -35,6 +35,7 @@ from workers.dispatch import CeleryDispatcher
 from workers.intake import GenerationInput, create_job
 from workers.models import Job
 from workers.runtime import build_storage
+from workers.sealing import Sealer
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +120,7 @@ def storing_job(
     sessions: sessionmaker[Session], storage: object, settings: Settings, image: bytes, url: str
 ) -> uuid.UUID:
     with unit_of_work(sessions) as session:
-        owner = tenants.create_tenant(session, "poisoned")
+        owner = tenants.create_tenant(session, "poisoned", Sealer.from_settings(settings))
     request = GenerationInput(prompt="slow pan left", guidance_scale=0.5, duration=5)
     job = create_job(sessions, storage, settings, owner, request, image)  # type: ignore[arg-type]
     with unit_of_work(sessions) as session:  # as if WaveSpeed had finished it

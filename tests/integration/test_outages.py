@@ -28,6 +28,7 @@ from workers.models import (
 from workers.outbox import relay
 from workers.pipeline import Pipeline
 from workers.reconciler import reconcile
+from workers.runtime import build_callbacks
 from workers.states import JobState
 
 pytestmark = pytest.mark.integration
@@ -142,13 +143,9 @@ def delivery(pipeline: Pipeline, portrait: bytes) -> Any:
 
 
 def service(pipeline: Pipeline, post: callbacks.Post, **policy: Any) -> callbacks.Callbacks:
-    return callbacks.Callbacks(
-        sessions=pipeline.sessions,
-        post=post,
-        policy=replace(callbacks.Policy.of(pipeline.settings), **policy),
-        clock=pipeline.clock,
-        sealer=pipeline.sealer,
-    )
+    """The pipeline's callback service, with the test's POST and policy."""
+    real = build_callbacks(pipeline)
+    return replace(real, post=post, policy=replace(real.policy, **policy))
 
 
 def answering(status_code: int, **headers: str) -> callbacks.Post:

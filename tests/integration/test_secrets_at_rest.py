@@ -23,6 +23,7 @@ from workers import callbacks, tenants
 from workers.db import unit_of_work
 from workers.models import Tenant, WebhookDelivery
 from workers.pipeline import Pipeline
+from workers.runtime import build_callbacks
 from workers.sealing import Sealer, SealingError, new_key
 
 pytestmark = pytest.mark.integration
@@ -68,13 +69,13 @@ def test_a_callback_signed_from_the_sealed_secret_verifies_and_no_key_means_no_c
         # that would fail verification, and the delivery waits for a worker that can.
         for keys in ([new_key()], []):
             with pytest.raises(SealingError, match="SECRET_KEYS"):
-                replace(pipeline, sealer=Sealer(keys)).notify(delivery_id)
+                build_callbacks(replace(pipeline, sealer=Sealer(keys))).deliver(delivery_id)
         assert receiver.received == []
         with pipeline.sessions() as session:
             waiting = session.get_one(WebhookDelivery, delivery_id)
             assert (waiting.status, waiting.attempts) == ("pending", 0)
 
-        pipeline.notify(delivery_id)
+        build_callbacks(pipeline).deliver(delivery_id)
         [received] = receiver.received
         event = Webhook(secret).verify(received.body, received.headers)
         assert event["data"]["id"] == str(job_id)
