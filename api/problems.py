@@ -43,6 +43,12 @@ _RULES = {
     "datetime_parsing": "invalid_datetime",
     "string_pattern_mismatch": "not_allowed",
     "value_error": "invalid",
+    "finite_number": "not_finite",
+    # raised by our own validators (api/schemas.py) under the code they stand for
+    "too_many_keys": "too_many_keys",
+    "invalid_key": "invalid_key",
+    "not_a_scalar": "not_a_scalar",
+    "too_large": "too_large",
 }
 
 

@@ -10,9 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import psycopg
 from PIL import Image
 
+from config.settings import settings_from
+from sandbox.stack import Stack
 from workers.dispatch import ROUTES
+from workers.runtime import build_s3_client
 
 
 @dataclass
@@ -80,3 +84,21 @@ def image_bytes(width: int, height: int, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (200, 120, 60)).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def stored_counts(stack: Stack) -> tuple[int, int, int]:
+    """Jobs, outbox rows and objects under `inputs/`."""
+    with psycopg.connect(stack.env["DATABASE_URL"].replace("+psycopg", "")) as conn:
+        jobs = conn.execute("SELECT count(*) FROM jobs").fetchone()
+        outbox = conn.execute("SELECT count(*) FROM outbox").fetchone()
+    assert jobs is not None and outbox is not None
+    settings = settings_from(stack.env)
+    s3 = build_s3_client(settings)
+    try:
+        pages = s3.get_paginator("list_objects_v2").paginate(
+            Bucket=settings.s3_bucket, Prefix="inputs/"
+        )
+        objects = sum(page.get("KeyCount", 0) for page in pages)
+    finally:
+        s3.close()
+    return int(jobs[0]), int(outbox[0]), objects

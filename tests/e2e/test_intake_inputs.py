@@ -10,14 +10,13 @@ from threading import Thread
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
 from config.settings import settings_from
 from sandbox.stack import Stack
-from tests.support import image_bytes, wait_for
+from tests.support import image_bytes, stored_counts, wait_for
 from workers.db import unit_of_work
 from workers.intake import GenerationInput, Refusal, accept, load_image, store_upload
 from workers.models import Tenant
@@ -79,24 +78,6 @@ class CountingStorage(Storage):
     def copy(self, source_key: str, key: str) -> None:
         self.calls.append("copy")
         super().copy(source_key, key)
-
-
-def stored_counts(stack: Stack) -> tuple[int, int, int]:
-    """Jobs, outbox rows and objects under `inputs/`."""
-    with psycopg.connect(stack.env["DATABASE_URL"].replace("+psycopg", "")) as conn:
-        jobs = conn.execute("SELECT count(*) FROM jobs").fetchone()
-        outbox = conn.execute("SELECT count(*) FROM outbox").fetchone()
-    assert jobs is not None and outbox is not None
-    settings = settings_from(stack.env)
-    s3 = build_s3_client(settings)
-    try:
-        pages = s3.get_paginator("list_objects_v2").paginate(
-            Bucket=settings.s3_bucket, Prefix="inputs/"
-        )
-        objects = sum(page.get("KeyCount", 0) for page in pages)
-    finally:
-        s3.close()
-    return int(jobs[0]), int(outbox[0]), objects
 
 
 def wait_completed(api: httpx.Client, job_id: str) -> dict[str, Any]:
