@@ -83,6 +83,10 @@ class Settings(BaseSettings):
 
     image_max_bytes: int = 10 * 1024 * 1024
     image_min_side: int = 300
+    # Pixels an input image may have, read from its header before anything is decoded: a PNG of
+    # a few KB can claim 20000x20000. 50 Mi covers 12 MP phone photos and 48-50 MP sensors
+    # (8000x6000, 8192x6144); decoding a PNG takes up to 4 bytes a pixel (about 210 MB here).
+    image_max_pixels: int = Field(default=50 * 1024 * 1024, ge=1)
     image_fetch_timeout_seconds: float = 15.0
     # Presigned input URLs must outlive WaveSpeed's queue and retries.
     input_url_ttl_seconds: int = 24 * 3600

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import io
+import struct
 import time
 import uuid
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from threading import Thread
 from typing import Any
 
 import httpx
@@ -86,6 +91,16 @@ def image_bytes(width: int, height: int, fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A real 300x300 PNG of about a kilobyte whose header claims width x height: a
+    decompression bomb's shape, without the memory to build one."""
+    png = bytearray(image_bytes(300, 300))
+    ihdr = png[12:29]  # chunk type and data, which the CRC covers
+    ihdr[4:12] = struct.pack(">II", width, height)
+    png[12:33] = ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(png)
+
+
 def stored_counts(stack: Stack) -> tuple[int, int, int]:
     """Jobs, outbox rows and objects under `inputs/`."""
     with psycopg.connect(stack.env["DATABASE_URL"].replace("+psycopg", "")) as conn:
@@ -102,3 +117,28 @@ def stored_counts(stack: Stack) -> tuple[int, int, int]:
     finally:
         s3.close()
     return int(jobs[0]), int(outbox[0]), objects
+
+
+@contextmanager
+def serving(body: bytes, content_type: str) -> Iterator[str]:
+    """A loopback URL (the stack's guard allows 127.0.0.1) answering `body` to any GET."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/picture"
+    finally:
+        server.shutdown()
+        server.server_close()

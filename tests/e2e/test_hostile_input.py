@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from sandbox.stack import Stack
-from tests.support import stored_counts
+from tests.support import png_claiming, serving, stored_counts
 
 pytestmark = pytest.mark.integration
 
@@ -72,3 +72,17 @@ def test_metadata_over_its_bounds_is_refused(api: httpx.Client, upload_id: str) 
     )
     assert (many.status_code, errors(many)) == (422, [("metadata", "too_many_keys")])
     assert (big.status_code, errors(big)) == (422, [("metadata", "too_large")])
+
+
+@pytest.mark.parametrize(("width", "height"), [(20000, 20000), (9000, 9000)])
+def test_an_image_whose_header_claims_too_many_pixels_is_refused(
+    api: httpx.Client, stack: Stack, width: int, height: int
+) -> None:
+    bomb = png_claiming(width, height)
+    before = stored_counts(stack)
+    uploaded = api.post("/v1/uploads", files={"file": ("bomb.png", bomb, "image/png")})
+    with serving(bomb, "image/png") as url:
+        fetched = api.post("/v1/generations", json={"image_url": url, "prompt": PROMPT})
+    assert (uploaded.status_code, errors(uploaded)) == (422, [("file", "image_too_large")])
+    assert (fetched.status_code, errors(fetched)) == (422, [("image_url", "image_too_large")])
+    assert stored_counts(stack) == before
