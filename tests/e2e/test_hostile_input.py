@@ -3,6 +3,8 @@ its rule with a stable code, stores and enqueues nothing, and is never a 5xx."""
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import httpx
@@ -10,6 +12,7 @@ import pytest
 
 from sandbox.stack import Stack
 from tests.support import png_claiming, serving, stored_counts
+from workers.webhook_in import sign
 
 pytestmark = pytest.mark.integration
 
@@ -86,3 +89,25 @@ def test_an_image_whose_header_claims_too_many_pixels_is_refused(
     assert (uploaded.status_code, errors(uploaded)) == (422, [("file", "image_too_large")])
     assert (fetched.status_code, errors(fetched)) == (422, [("image_url", "image_too_large")])
     assert stored_counts(stack) == before
+
+
+def test_hostile_wavespeed_webhook_headers_are_refused_not_a_500(
+    stack: Stack, stack_info: dict[str, Any]
+) -> None:
+    url = f"{stack_info['api_url']}/v1/wavespeed/webhook"
+    timestamp = str(int(time.time()))
+    secret = stack.env["WAVESPEED_WEBHOOK_SECRET"]
+    long_id = "p" * 65  # genuinely signed, but longer than the dedupe column
+    body = json.dumps({"id": long_id, "status": "completed"}).encode()
+    non_ascii = {
+        "webhook-id": "p-x", "webhook-timestamp": timestamp,
+        "webhook-signature": "v3,caf\u00e9".encode(),  # raw bytes on the wire
+    }  # fmt: skip
+    too_long = {
+        "webhook-id": long_id, "webhook-timestamp": timestamp,
+        "webhook-signature": f"v3,{sign(secret, long_id, timestamp, body)}",
+    }  # fmt: skip
+    for headers in (non_ascii, too_long):
+        answer = httpx.post(url, content=body, headers=headers)
+        assert answer.status_code == 401, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
