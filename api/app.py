@@ -10,7 +10,7 @@ import redis
 import structlog
 from fastapi import FastAPI, Request, Response
 
-from api import problems
+from api import edge, problems
 from api.deps import Resources
 from api.routes import hooks, router, v1
 from config import Settings
@@ -53,6 +53,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(v1)
     app.include_router(hooks)
+    edge.install(
+        app,
+        default_limit=settings.body_max_bytes,
+        limits={
+            app.url_path_for("create_upload"): settings.upload_body_max_bytes,
+            app.url_path_for("create_batch"): settings.batch_body_max_bytes,
+            app.url_path_for("wavespeed_webhook"): settings.webhook_body_max_bytes,
+        },
+        open_paths={app.url_path_for("wavespeed_webhook")},  # signed by WaveSpeed instead
+    )
+    # Added last, so it runs first: refusals at the edge carry the request id too.
     app.middleware("http")(_request_context)
     return app
 

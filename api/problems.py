@@ -101,18 +101,18 @@ def refusal_problem(exc: Refusal) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def _respond(body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+def respond(body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=body["status"], media_type=MEDIA_TYPE, headers=headers)
 
 
 async def _validation(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return _respond(validation_problem(exc.errors()))
+    return respond(validation_problem(exc.errors()))
 
 
 async def _refusal(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Refusal)
-    return _respond(refusal_problem(exc))
+    return respond(refusal_problem(exc))
 
 
 async def _http(_: Request, exc: Exception) -> JSONResponse:
@@ -121,7 +121,7 @@ async def _http(_: Request, exc: Exception) -> JSONResponse:
         exc.status_code, f"http_{exc.status_code}"
     )
     body = problem(exc.status_code, code, str(exc.detail), str(exc.detail))
-    return _respond(body, dict(exc.headers or {}))
+    return respond(body, dict(exc.headers or {}))
 
 
 def install(app: FastAPI) -> None:

@@ -58,7 +58,9 @@ v1 = APIRouter(prefix="/v1")
 hooks = APIRouter(prefix="/v1")
 
 PROBLEM = {"model": problems.Problem, "content": {"application/problem+json": {}}}
-ERRORS: dict[int | str, dict[str, Any]] = {400: PROBLEM, 401: PROBLEM, 404: PROBLEM, 422: PROBLEM}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: PROBLEM, 401: PROBLEM, 404: PROBLEM, 413: PROBLEM, 422: PROBLEM,
+}  # fmt: skip
 
 
 @router.get("/healthz", tags=["operations"])
@@ -350,7 +352,10 @@ def _secret(tenant: Tenant) -> SigningSecret:
 # -- WaveSpeed ----------------------------------------------------------------------------
 
 
-@hooks.post("/wavespeed/webhook", status_code=204, tags=["wavespeed"], responses={401: PROBLEM})
+@hooks.post(
+    "/wavespeed/webhook", status_code=204, tags=["wavespeed"],
+    responses={401: PROBLEM, 413: PROBLEM},
+)  # fmt: skip
 async def wavespeed_webhook(request: Request, res: Res) -> Response:
     """WaveSpeed's completion push: verified, deduplicated, then the job is settled at once
     from the prediction it carries (or polled at once, if that does not settle it)."""

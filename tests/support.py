@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
+import select
+import socket
 import struct
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -142,3 +145,65 @@ def serving(body: bytes, content_type: str) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@dataclass
+class RawAnswer:
+    """An HTTP answer read off the socket, and how much of the body had gone out by then."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    sent: int
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def raw_post(
+    base_url: str, path: str, headers: dict[str, str], chunks: Iterable[bytes] = (),
+    *, timeout: float = 10,
+) -> RawAnswer:  # fmt: skip
+    """POST over a bare socket, as a client that reads while it sends: `headers` as given
+    (declare `content-length` without sending the body to see whether the server waits for
+    it), then `chunks` until the server answers. httpx would send the whole body first."""
+    url = httpx.URL(base_url)
+    head = f"POST {path} HTTP/1.1\r\nhost: {url.host}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+    sent = 0
+    with socket.create_connection((url.host, url.port or 80), timeout=timeout) as sock:
+        sock.sendall(head.encode())
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break  # answered: the server reads no more
+            try:
+                sock.sendall(chunk)
+            except OSError:  # closed under us once it answered
+                break
+            sent += len(chunk)
+        return _read_answer(sock, sent)
+
+
+def chunked(pieces: Iterable[bytes]) -> Iterator[bytes]:
+    """`pieces` framed for `transfer-encoding: chunked` (the last chunk is never sent)."""
+    for piece in pieces:
+        yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+
+
+def _read_answer(sock: socket.socket, sent: int) -> RawAnswer:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += _recv(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines)}
+    while len(body) < int(headers.get("content-length", 0)):
+        body += _recv(sock)
+    return RawAnswer(int(status_line.split()[1]), headers, body, sent)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    part = sock.recv(65536)
+    if not part:
+        raise AssertionError("the connection closed before a whole answer came")
+    return part
