@@ -1,11 +1,13 @@
 """The API's edge on the running stack: a `/v1` request without a live key is refused before
 its body is read, a body over its route's limit is refused from its `Content-Length` or cut off
-as it streams."""
+as it streams, and a caller's `X-Request-Id` is taken only when it is short and plain."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,7 +15,7 @@ import pytest
 
 from config.settings import settings_from
 from sandbox.stack import Stack
-from tests.support import chunked, raw_post, stored_counts
+from tests.support import chunked, raw_post, stored_counts, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -124,3 +126,30 @@ def test_bodies_within_their_limits_are_read(
     uploaded = api.post("/v1/uploads", files={"file": ("x" * 200 + ".png", junk, "image/png")})
     assert uploaded.status_code == 422, uploaded.text
     assert uploaded.json()["errors"][0]["field"] == "file"
+
+
+def test_a_plain_request_id_is_echoed(api: httpx.Client) -> None:
+    sent = "trace-" + "A1._:-" * 20  # 126 characters of the allowed set
+    answer = api.get("/v1/generations", headers={"x-request-id": sent})
+    assert answer.headers["x-request-id"] == sent
+
+
+@pytest.mark.parametrize(
+    "sent", ["x" * 129, "has space", "<script>alert(1)</script>", "line\tbreak", "caf\u00e9"]
+)
+def test_an_unfit_request_id_is_replaced_not_echoed_or_logged(
+    stack_info: dict[str, Any], sent: str
+) -> None:
+    marker = uuid.uuid4().hex
+    value = f"{sent}{marker}".encode()  # raw bytes on the wire
+    # A webhook that fails its signature logs a line, so the log shows which id it carried.
+    answer = httpx.post(
+        f"{stack_info['api_url']}/v1/wavespeed/webhook", content=b"{}",
+        headers={"x-request-id": value},
+    )  # fmt: skip
+    assert answer.status_code == 401
+    generated = answer.headers["x-request-id"]
+    assert len(generated) == 32 and marker not in generated
+    log = Path(stack_info["logs"]) / "api.log"
+    wait_for(lambda: generated in log.read_text(errors="replace"), timeout=10)
+    assert marker not in log.read_text(errors="replace")

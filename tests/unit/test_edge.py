@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 from starlette.types import Message, Receive, Scope, Send
 
+from api.app import _request_id
 from api.edge import Authenticate, BodyTooLarge, LimitBody
 
 
@@ -117,3 +118,16 @@ def test_keys_that_cannot_be_checked_are_a_503_not_a_500() -> None:
 def test_open_paths_reach_the_app_without_a_key(path: str) -> None:
     (status, _, _), taken = authenticated(path)
     assert status == 204 and taken == [2]
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [("req-1", True), ("a.b:c_d-E9", True), ("x" * 128, True), ("x" * 129, False),
+     ("", False), ("has space", False), ("caf\u00e9", False), ("a\x00b", False),
+     ("a/b", False), ('"><script>', False)],
+)  # fmt: skip
+def test_only_a_short_plain_request_id_is_taken(sent: str, kept: bool) -> None:
+    chosen = _request_id(sent)
+    assert (chosen == sent) is kept
+    if not kept:
+        assert len(chosen) == 32 and chosen.isalnum()
