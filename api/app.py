@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -11,7 +12,7 @@ import redis
 import structlog
 from fastapi import FastAPI, Request, Response
 
-from api import problems
+from api import edge, problems
 from api.deps import Resources
 from api.routes import hooks, router, v1
 from api.throttle import KeyRateLimit, TenantSlots
@@ -77,14 +78,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(v1)
     app.include_router(hooks)
+    edge.install(
+        app,
+        default_limit=settings.body_max_bytes,
+        limits={
+            app.url_path_for("create_upload"): settings.upload_body_max_bytes,
+            app.url_path_for("create_batch"): settings.batch_body_max_bytes,
+            app.url_path_for("wavespeed_webhook"): settings.webhook_body_max_bytes,
+        },
+        open_paths={app.url_path_for("wavespeed_webhook")},  # signed by WaveSpeed instead
+    )
+    # Added last, so it runs first: refusals at the edge carry the request id too.
     app.middleware("http")(_request_context)
     return app
+
+
+# A caller's X-Request-Id is echoed, logged on every line and carried into tasks, so only a
+# bounded id of plain characters is taken. Anything else is replaced by a generated id (and
+# neither echoed nor logged) rather than refused: a tracing header should not cost a request.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _request_id(sent: str | None) -> str:
+    return sent if sent and _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
 
 
 async def _request_context(
     request: Request, call_next: Callable[[Request], Awaitable[Response]]
 ) -> Response:
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request_id = _request_id(request.headers.get("x-request-id"))
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     response = await call_next(request)

@@ -58,6 +58,12 @@ _RULES = {
     "datetime_parsing": "invalid_datetime",
     "string_pattern_mismatch": "not_allowed",
     "value_error": "invalid",
+    "finite_number": "not_finite",
+    # raised by our own validators (api/schemas.py) under the code they stand for
+    "too_many_keys": "too_many_keys",
+    "invalid_key": "invalid_key",
+    "not_a_scalar": "not_a_scalar",
+    "too_large": "too_large",
 }
 
 
@@ -124,23 +130,23 @@ def failure_problem(exc: Exception) -> dict[str, Any]:
     return problem(500, "internal_error", "Internal error", "nothing was created; retry later")
 
 
-def _respond(body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+def respond(body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=body["status"], media_type=MEDIA_TYPE, headers=headers)
 
 
 async def _validation(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return _respond(validation_problem(exc.errors()))
+    return respond(validation_problem(exc.errors()))
 
 
 async def _refusal(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Refusal)
-    return _respond(refusal_problem(exc), exc.headers)
+    return respond(refusal_problem(exc), exc.headers)
 
 
 async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Exception)
-    return _respond(failure_problem(exc), {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    return respond(failure_problem(exc), {"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 async def _http(_: Request, exc: Exception) -> JSONResponse:
@@ -149,14 +155,14 @@ async def _http(_: Request, exc: Exception) -> JSONResponse:
         exc.status_code, f"http_{exc.status_code}"
     )
     body = problem(exc.status_code, code, str(exc.detail), str(exc.detail))
-    return _respond(body, dict(exc.headers or {}))
+    return respond(body, dict(exc.headers or {}))
 
 
 async def _sealing(_: Request, exc: Exception) -> JSONResponse:
     # The operator's problem, not the caller's: the details (no key in them) go to the log.
     log.error("secrets.unavailable", error=str(exc))
     detail = "this deployment cannot open stored signing secrets; its SECRET_KEYS needs fixing"
-    return _respond(
+    return respond(
         problem(503, "signing_secret_unavailable", "Signing secrets are unavailable", detail)
     )
 

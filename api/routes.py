@@ -76,7 +76,10 @@ IdempotencyHeader = Annotated[str | None, Header(max_length=255, pattern=r"^[\x2
 # Items of one batch created at once: each holds an API thread and, for an `image_url`, one
 # of its tenant's image fetches.
 BATCH_THREADS = 8
-ERRORS: dict[int | str, dict[str, Any]] = {400: PROBLEM, 401: PROBLEM, 404: PROBLEM, 422: PROBLEM}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: PROBLEM, 401: PROBLEM, 404: PROBLEM, 413: PROBLEM, 422: PROBLEM, 429: PROBLEM,
+    503: PROBLEM,
+}  # fmt: skip
 
 
 @router.get("/healthz", tags=["operations"])
@@ -449,7 +452,10 @@ def _secret(secret: str, tenant: Tenant) -> SigningSecret:
 # -- WaveSpeed ----------------------------------------------------------------------------
 
 
-@hooks.post("/wavespeed/webhook", status_code=204, tags=["wavespeed"], responses={401: PROBLEM})
+@hooks.post(
+    "/wavespeed/webhook", status_code=204, tags=["wavespeed"],
+    responses={401: PROBLEM, 413: PROBLEM},
+)  # fmt: skip
 async def wavespeed_webhook(request: Request, res: Res) -> Response:
     """WaveSpeed's completion push: verified, deduplicated, then the job is settled at once
     from the prediction it carries (or polled at once, if that does not settle it)."""

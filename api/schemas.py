@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import math
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    AnyHttpUrl,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from workers.callbacks import DEFAULT_EVENTS, webhook_id
 from workers.models import JobEvent, WebhookAttempt, WebhookDelivery
@@ -31,6 +43,75 @@ def _storable(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_storable)]
 
+# A producer's own metadata is stored in every job row, returned in every listing and matched
+# by the list filter: bounded so that one caller cannot make rows, pages and indexes huge.
+METADATA_MAX_KEYS = 50
+METADATA_MAX_KEY_CHARS = 64
+METADATA_MAX_VALUE_CHARS = 512
+METADATA_MAX_BYTES = 8 * 1024
+
+Scalar = str | int | float | bool | None
+
+
+def _metadata_keys(value: Any) -> Any:
+    """Checked before the values, so that no error message repeats an over-long key."""
+    if not isinstance(value, dict):
+        return value  # the dict validator says what is wrong with it
+    if len(value) > METADATA_MAX_KEYS:
+        raise PydanticCustomError(
+            "too_many_keys", "{count} keys; at most {limit}",
+            {"count": len(value), "limit": METADATA_MAX_KEYS},
+        )  # fmt: skip
+    if any(not 1 <= len(key) <= METADATA_MAX_KEY_CHARS for key in value):
+        raise PydanticCustomError(
+            "invalid_key", "keys are 1 to {limit} characters", {"limit": METADATA_MAX_KEY_CHARS}
+        )
+    for key in value:
+        _storable(key)
+    return value
+
+
+def _metadata_value(value: Any) -> Scalar:
+    """One scalar: a string of bounded length or a finite number (JSON's NaN and Infinity,
+    which Python's parser accepts, are not JSON to PostgreSQL), true/false or null."""
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PydanticKnownError("finite_number")
+        return value
+    if isinstance(value, str):
+        if len(value) > METADATA_MAX_VALUE_CHARS:
+            raise PydanticKnownError("string_too_long", {"max_length": METADATA_MAX_VALUE_CHARS})
+        return _storable(value)
+    raise PydanticCustomError("not_a_scalar", "must be a string, a number, a boolean or null")
+
+
+def _metadata_size(value: dict[str, Scalar]) -> dict[str, Scalar]:
+    size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > METADATA_MAX_BYTES:
+        raise PydanticCustomError(
+            "too_large", "{size} bytes as JSON; at most {limit}",
+            {"size": size, "limit": METADATA_MAX_BYTES},
+        )  # fmt: skip
+    return value
+
+
+MetadataValue = Annotated[
+    Scalar,
+    PlainValidator(
+        _metadata_value,
+        json_schema_input_type=Annotated[str, Field(max_length=METADATA_MAX_VALUE_CHARS)]
+        | int | float | bool | None,
+    ),
+]  # fmt: skip
+Metadata = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=METADATA_MAX_KEY_CHARS)], MetadataValue],
+    BeforeValidator(_metadata_keys),
+    AfterValidator(_metadata_size),
+    Field(json_schema_extra={"maxProperties": METADATA_MAX_KEYS}),
+]
+
 Event = Literal[
     "generation.completed", "generation.failed", "generation.cancelled", "generation.processing"
 ]
@@ -41,6 +122,7 @@ class GenerationCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {
@@ -71,8 +153,13 @@ class GenerationCreate(BaseModel):
     webhook_events: list[Event] = Field(
         default_factory=lambda: list(DEFAULT_EVENTS)  # type: ignore[arg-type]
     )
-    metadata: dict[Text, Text | int | float | bool | None] = Field(
-        default_factory=dict, description="Your own keys; filterable in the list endpoint"
+    metadata: Metadata = Field(
+        default_factory=dict,
+        description=(
+            f"Your own keys; filterable in the list endpoint. At most {METADATA_MAX_KEYS} keys "
+            f"of 1..{METADATA_MAX_KEY_CHARS} characters, strings of at most "
+            f"{METADATA_MAX_VALUE_CHARS} characters, {METADATA_MAX_BYTES} bytes as JSON"
+        ),
     )
 
     @model_validator(mode="after")

@@ -27,21 +27,46 @@ _SIGNING_PARAMS = frozenset(
         "awsaccesskeyid", "key-pair-id", "policy", "token", "access_token", "sig", "api_key",
     }
 )  # fmt: skip
-_URL = re.compile(r"https?://[^\s'\"<>]+")
+# Any scheme: database and broker URLs carry passwords as often as http ones do.
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 _BEARER = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+")
+# A path segment that is a credential: receivers' URLs often are one (Slack's
+# /services/T000/B000/<token>, Discord's /api/webhooks/<id>/<token>, Telegram's /bot<token>/).
+# Long runs of token characters with a capital or a digit; UUIDs and hex ids (jobs,
+# predictions, digests) stay readable, and so do words, which are lower case.
+_TOKEN = re.compile(r"[A-Za-z0-9_:-]{16,}")
+_READABLE_ID = re.compile(r"[0-9a-fA-F-]+")
+_TOKEN_MARK = re.compile(r"[A-Z0-9]")
 REDACTED = "[redacted]"
 
 
 def scrub(text: str) -> str:
-    """`text` without credentials: signed URLs lose their query, bearer tokens their value."""
+    """`text` without credentials: URLs lose their userinfo, secret-looking path segments and
+    signed query strings; bearer tokens lose their value."""
     return _BEARER.sub(rf"\1 {REDACTED}", _URL.sub(_scrub_url, text))
 
 
 def _scrub_url(match: re.Match[str]) -> str:
-    url = match.group(0)
-    base, _, query = url.partition("?")
+    scheme, _, rest = match.group(0).partition("://")
+    rest, mark, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = f"{REDACTED}@{authority.rpartition('@')[2]}"
+    path = "/".join(REDACTED if _token(segment) else segment for segment in path.split("/"))
+    return f"{scheme}://{authority}{slash}{path}{mark}{_scrub_query(query)}"
+
+
+def _token(segment: str) -> bool:
+    return bool(
+        _TOKEN.fullmatch(segment)
+        and not _READABLE_ID.fullmatch(segment)
+        and _TOKEN_MARK.search(segment)
+    )
+
+
+def _scrub_query(query: str) -> str:
     keys = {pair.partition("=")[0].lower() for pair in query.split("&")}
-    return f"{base}?{REDACTED}" if keys & _SIGNING_PARAMS else url
+    return REDACTED if keys & _SIGNING_PARAMS else query
 
 
 def _secret_key(name: object) -> bool:

@@ -12,6 +12,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODEL_ID = "kwaivgi/kling-v2.1-i2v-pro"
+# Multipart framing around an uploaded image: boundaries, part headers, a long file name.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
 class Settings(BaseSettings):
@@ -104,7 +106,20 @@ class Settings(BaseSettings):
 
     image_max_bytes: int = 10 * 1024 * 1024
     image_min_side: int = 300
+    # Pixels an input image may have, read from its header before anything is decoded: a PNG of
+    # a few KB can claim 20000x20000. 50 Mi covers 12 MP phone photos and 48-50 MP sensors
+    # (8000x6000, 8192x6144); decoding a PNG takes up to 4 bytes a pixel (about 210 MB here).
+    image_max_pixels: int = Field(default=50 * 1024 * 1024, ge=1)
     image_fetch_timeout_seconds: float = 15.0
+    # Request bodies, refused (413) from Content-Length before they are read and cut off while
+    # they stream; each bounds what one request makes the API hold and parse. A create is at
+    # most about 17 KB of plain JSON (two 2500-character prompts, two 2048-character URLs, 8 KB
+    # of metadata), so 1 MiB leaves room for any escaping; a batch of 500 of the largest is
+    # 8.6 MB, which 10 MiB holds; WaveSpeed's webhook carries one prediction, a few KB. Uploads
+    # may be `image_max_bytes` plus multipart framing (`upload_body_max_bytes`).
+    body_max_bytes: int = Field(default=1024 * 1024, ge=1)
+    batch_body_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    webhook_body_max_bytes: int = Field(default=256 * 1024, ge=1)
     # Presigned input URLs must outlive WaveSpeed's queue and retries.
     input_url_ttl_seconds: int = 24 * 3600
 
@@ -169,6 +184,11 @@ class Settings(BaseSettings):
     def _readable_rate(cls, value: str) -> str:
         parse(value)  # raises ValueError on anything `limits` cannot read, naming it
         return value
+
+    @property
+    def upload_body_max_bytes(self) -> int:
+        """The largest `POST /v1/uploads` body: the largest image and its multipart framing."""
+        return self.image_max_bytes + MULTIPART_OVERHEAD_BYTES
 
     @property
     def webhook_url(self) -> str:

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import io
+import json
+import select
+import socket
+import struct
 import time
 import uuid
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from threading import Thread
 from typing import Any
 
 import httpx
+import psycopg
 from PIL import Image
 
+from config.settings import settings_from
+from sandbox.stack import Stack
 from workers.dispatch import ROUTES
+from workers.runtime import build_s3_client
 
 
 @dataclass
@@ -80,3 +92,118 @@ def image_bytes(width: int, height: int, fmt: str = "PNG") -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), (200, 120, 60)).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A real 300x300 PNG of about a kilobyte whose header claims width x height: a
+    decompression bomb's shape, without the memory to build one."""
+    png = bytearray(image_bytes(300, 300))
+    ihdr = png[12:29]  # chunk type and data, which the CRC covers
+    ihdr[4:12] = struct.pack(">II", width, height)
+    png[12:33] = ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(png)
+
+
+def stored_counts(stack: Stack) -> tuple[int, int, int]:
+    """Jobs, outbox rows and objects under `inputs/`."""
+    with psycopg.connect(stack.env["DATABASE_URL"].replace("+psycopg", "")) as conn:
+        jobs = conn.execute("SELECT count(*) FROM jobs").fetchone()
+        outbox = conn.execute("SELECT count(*) FROM outbox").fetchone()
+    assert jobs is not None and outbox is not None
+    settings = settings_from(stack.env)
+    s3 = build_s3_client(settings)
+    try:
+        pages = s3.get_paginator("list_objects_v2").paginate(
+            Bucket=settings.s3_bucket, Prefix="inputs/"
+        )
+        objects = sum(page.get("KeyCount", 0) for page in pages)
+    finally:
+        s3.close()
+    return int(jobs[0]), int(outbox[0]), objects
+
+
+@contextmanager
+def serving(body: bytes, content_type: str) -> Iterator[str]:
+    """A loopback URL (the stack's guard allows 127.0.0.1) answering `body` to any GET."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/picture"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@dataclass
+class RawAnswer:
+    """An HTTP answer read off the socket, and how much of the body had gone out by then."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    sent: int
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def raw_post(
+    base_url: str, path: str, headers: dict[str, str], chunks: Iterable[bytes] = (),
+    *, timeout: float = 10,
+) -> RawAnswer:  # fmt: skip
+    """POST over a bare socket, as a client that reads while it sends: `headers` as given
+    (declare `content-length` without sending the body to see whether the server waits for
+    it), then `chunks` until the server answers. httpx would send the whole body first."""
+    url = httpx.URL(base_url)
+    head = f"POST {path} HTTP/1.1\r\nhost: {url.host}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+    sent = 0
+    with socket.create_connection((url.host, url.port or 80), timeout=timeout) as sock:
+        sock.sendall(head.encode())
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:
+                break  # answered: the server reads no more
+            try:
+                sock.sendall(chunk)
+            except OSError:  # closed under us once it answered
+                break
+            sent += len(chunk)
+        return _read_answer(sock, sent)
+
+
+def chunked(pieces: Iterable[bytes]) -> Iterator[bytes]:
+    """`pieces` framed for `transfer-encoding: chunked` (the last chunk is never sent)."""
+    for piece in pieces:
+        yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+
+
+def _read_answer(sock: socket.socket, sent: int) -> RawAnswer:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += _recv(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines)}
+    while len(body) < int(headers.get("content-length", 0)):
+        body += _recv(sock)
+    return RawAnswer(int(status_line.split()[1]), headers, body, sent)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    part = sock.recv(65536)
+    if not part:
+        raise AssertionError("the connection closed before a whole answer came")
+    return part

@@ -123,8 +123,9 @@ def check_callback_url(guard: UrlGuard, url: str) -> None:
 def check_image(data: bytes, settings: Settings, field: str) -> ImageInfo:
     try:
         return inspect_image(
-            data, max_bytes=settings.image_max_bytes, min_side=settings.image_min_side
-        )
+            data, max_bytes=settings.image_max_bytes, min_side=settings.image_min_side,
+            max_pixels=settings.image_max_pixels,
+        )  # fmt: skip
     except InvalidMedia as exc:
         raise Refusal(422, field, exc.code, exc.message) from exc
 

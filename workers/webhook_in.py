@@ -9,6 +9,8 @@ import time
 from collections.abc import Mapping
 
 TOLERANCE_SECONDS = 300
+# WaveSpeed's prediction ids are short; the dedupe row keeps them in a String(64) column.
+MAX_ID_LENGTH = 64
 
 
 class WebhookRejected(ValueError):
@@ -33,6 +35,11 @@ def verify(
     signatures = headers.get("webhook-signature")
     if not (webhook_id and timestamp and signatures):
         raise WebhookRejected("missing webhook-id, webhook-timestamp or webhook-signature")
+    if not (webhook_id + timestamp + signatures).isascii():
+        # Headers arrive decoded as Latin-1; what is not ASCII was never signed by WaveSpeed.
+        raise WebhookRejected("webhook headers must be ASCII")
+    if len(webhook_id) > MAX_ID_LENGTH:
+        raise WebhookRejected(f"webhook-id is longer than {MAX_ID_LENGTH} characters")
     try:
         sent = int(timestamp)
     except ValueError as exc:

@@ -4,20 +4,16 @@ gave, whether it came as an upload (copied inside S3) or as a URL (fetched and c
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from threading import Thread
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
 from config.settings import settings_from
 from sandbox.stack import Stack
-from tests.support import image_bytes, wait_for
+from tests.support import image_bytes, serving, stored_counts, wait_for
 from workers.db import unit_of_work
 from workers.intake import GenerationInput, Refusal, create_job, load_image, store_upload
 from workers.models import Tenant
@@ -34,31 +30,6 @@ def storage(stack: Stack) -> Iterator[Storage]:
     built = build_storage(settings_from(stack.env))
     yield built
     built.close()
-
-
-@contextmanager
-def serving(body: bytes, content_type: str) -> Iterator[str]:
-    """A loopback URL (the stack's guard allows 127.0.0.1) answering `body` to any GET."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-type", content_type)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/picture"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class CountingStorage(Storage):
@@ -79,24 +50,6 @@ class CountingStorage(Storage):
     def copy(self, source_key: str, key: str) -> None:
         self.calls.append("copy")
         super().copy(source_key, key)
-
-
-def stored_counts(stack: Stack) -> tuple[int, int, int]:
-    """Jobs, outbox rows and objects under `inputs/`."""
-    with psycopg.connect(stack.env["DATABASE_URL"].replace("+psycopg", "")) as conn:
-        jobs = conn.execute("SELECT count(*) FROM jobs").fetchone()
-        outbox = conn.execute("SELECT count(*) FROM outbox").fetchone()
-    assert jobs is not None and outbox is not None
-    settings = settings_from(stack.env)
-    s3 = build_s3_client(settings)
-    try:
-        pages = s3.get_paginator("list_objects_v2").paginate(
-            Bucket=settings.s3_bucket, Prefix="inputs/"
-        )
-        objects = sum(page.get("KeyCount", 0) for page in pages)
-    finally:
-        s3.close()
-    return int(jobs[0]), int(outbox[0]), objects
 
 
 def wait_completed(api: httpx.Client, job_id: str) -> dict[str, Any]:

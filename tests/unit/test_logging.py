@@ -131,3 +131,55 @@ def test_tracebacks_are_scrubbed_too(settings: Settings, lines: Any) -> None:
 def test_ordinary_urls_and_text_are_left_alone() -> None:
     text = "polled https://api.wavespeed.ai/api/v3/predictions/p-1/result?page=2 basic check"
     assert scrub(text) == text
+
+
+@pytest.mark.parametrize(
+    ("url", "scrubbed"),
+    [
+        ("https://user:pa55@hooks.example.com/in", "https://[redacted]@hooks.example.com/in"),
+        ("https://token@hooks.example.com/in", "https://[redacted]@hooks.example.com/in"),
+        (
+            "postgresql+psycopg://kling:s3cret-pw@db.internal:5432/kling",
+            "postgresql+psycopg://[redacted]@db.internal:5432/kling",
+        ),
+        ("redis://:hunter2hunter2@cache:6379/0", "redis://[redacted]@cache:6379/0"),
+        (
+            "https://hooks.example.com/services/T000/B000/XXXXXXXXXXXXXXXXXXXX",
+            "https://hooks.example.com/services/T000/B000/[redacted]",
+        ),
+        (
+            "https://discord.example/api/webhooks/112233445566778899/aB3dE6gH9jK2mN5pQ8sT1vW4yZ7",
+            "https://discord.example/api/webhooks/112233445566778899/[redacted]",
+        ),
+        (
+            "https://api.telegram.example/bot123456:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw/send",
+            "https://api.telegram.example/[redacted]/send",
+        ),
+    ],
+)
+def test_urls_lose_userinfo_and_path_tokens(url: str, scrubbed: str) -> None:
+    assert scrub(f"callback to {url} failed") == f"callback to {scrubbed} failed"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8000/v1/generations/3f1c2b9e-5a7d-4c8e-9f01-23456789abcd/events",
+        "http://s3.test/kling-videos/videos/3f1c2b9e-5a7d-4c8e-9f01-23456789abcd.mp4",
+        "http://s3.test/kling-videos/uploads/t-1/9f0e8d7c6b5a49382716a5b4c3d2e1f0",
+        "https://api.wavespeed.ai/api/v3/predictions/0d8e1c5a7f2b4e3c9a6d8f1e2b3c4d5e/result",
+        "https://api.wavespeed.ai/api/v3/kwaivgi/kling-v2.1-i2v-pro",
+        "https://example.com/hooks/webhook-deliveries/internationalization",
+    ],
+)
+def test_ids_and_ordinary_paths_stay_readable(url: str) -> None:
+    assert scrub(url) == url
+
+
+def test_a_callback_url_with_a_token_leaks_nothing_through_the_log_pipeline(lines: Any) -> None:
+    token = "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7"
+    url = f"https://deploy:hunter2@hooks.example.com/services/T000/B000/{token}"
+    structlog.get_logger("t").warning("callback.failed", url=url, error=f"POST {url}: 503")
+    records = lines()
+    assert_clean(records, token, "hunter2")
+    assert records[0]["url"] == "https://[redacted]@hooks.example.com/services/T000/B000/[redacted]"

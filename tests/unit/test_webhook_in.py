@@ -5,7 +5,8 @@ import hmac
 
 import pytest
 
-from workers.webhook_in import WebhookRejected, verify
+from workers.models import WaveSpeedWebhook
+from workers.webhook_in import MAX_ID_LENGTH, WebhookRejected, verify
 
 SECRET = "whsec_abc123"
 BODY = b'{"id":"p-1","status":"completed"}'
@@ -41,6 +42,12 @@ def test_one_of_several_signatures_may_match() -> None:
         ({**signed(), "webhook-id": "p-2"}, BODY, NOW, "no valid signature"),
         ({k: v for k, v in signed().items() if k != "webhook-signature"}, BODY, NOW, "missing"),
         ({**signed(), "webhook-timestamp": "soon"}, BODY, NOW, "unix seconds"),
+        # Starlette decodes header bytes as Latin-1: non-ASCII arrives as str like these.
+        ({**signed(), "webhook-signature": "v3,\u00e9\u00e9"}, BODY, NOW, "ASCII"),
+        ({**signed(), "webhook-signature": "v3,\u00c3\u00a9" * 32}, BODY, NOW, "ASCII"),
+        ({**signed(), "webhook-id": "p-\u00e9"}, BODY, NOW, "ASCII"),
+        ({**signed(), "webhook-timestamp": "\u00b9\u00b2"}, BODY, NOW, "ASCII"),
+        (signed(webhook_id="p" * 65), BODY, NOW, "longer than 64"),
         (
             {**signed(), "webhook-signature": signed()["webhook-signature"].replace("v3", "v1")},
             BODY,
@@ -71,3 +78,9 @@ def test_without_a_configured_secret_everything_is_rejected(secret: str) -> None
     }
     with pytest.raises(WebhookRejected, match="no WaveSpeed webhook secret"):
         verify(secret, headers, BODY, now=NOW)
+
+
+def test_a_signed_id_at_the_dedupe_columns_length_is_taken() -> None:
+    assert WaveSpeedWebhook.__table__.c.id.type.length == MAX_ID_LENGTH
+    longest = "p" * MAX_ID_LENGTH
+    assert verify(SECRET, signed(webhook_id=longest), BODY, now=NOW) == longest
