@@ -210,8 +210,8 @@ def job_rows(chaos: Run, job_ids: list[str]) -> dict[str, dict[str, Any]]:
     dsn = chaos.stack.direct_env["DATABASE_URL"].replace("+psycopg", "")
     with psycopg.connect(dsn) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         cur.execute(
-            "SELECT id::text, status, prediction_id, s3_key, sha256, error_code FROM jobs"
-            " WHERE id = ANY(%s::uuid[])",
+            "SELECT id::text, status, prediction_id, s3_key, sha256, error_code, webhook_url"
+            " FROM jobs WHERE id = ANY(%s::uuid[])",
             (job_ids,),
         )
         return {row["id"]: row for row in cur.fetchall()}

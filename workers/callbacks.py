@@ -88,6 +88,11 @@ class Policy:
         )
 
     @property
+    def give_up_after(self) -> timedelta:
+        """The age past which a delivery its host still holds back is exhausted."""
+        return timedelta(seconds=sum(self.schedule))
+
+    @property
     def lease(self) -> timedelta:
         # The attempt's own timeout bounds the POST; the rest covers recording it.
         return timedelta(seconds=self.timeout + 10)
@@ -198,6 +203,13 @@ def _claim(
     if delivery.sending_until and delivery.sending_until > now:
         return None  # an attempt is running; a duplicate message must not make another
     wait = _host_wait(session, delivery.host, now, policy)
+    if wait and now - delivery.created_at > policy.give_up_after:
+        # Held back by its host for as long as the whole schedule of attempts would have
+        # taken: it ends as those attempts would have, rather than waiting for ever.
+        delivery.status, delivery.next_attempt_at = DeliveryStatus.EXHAUSTED, None
+        delivery.last_error = "the receiver's host was unreachable for the whole schedule"
+        metrics.CALLBACK_ATTEMPTS.labels(DeliveryStatus.EXHAUSTED).inc()
+        return Outcome(DeliveryStatus.EXHAUSTED)
     if wait:
         delivery.next_attempt_at = now + timedelta(seconds=wait)
         return Outcome(DeliveryStatus.PENDING, wait)

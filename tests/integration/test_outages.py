@@ -224,6 +224,32 @@ def test_a_black_holed_host_opens_its_circuit_and_stops_holding_workers(
     assert reached is not None and reached.status == callbacks.DeliveryStatus.SUCCEEDED
 
 
+def test_a_delivery_its_host_holds_back_past_the_whole_schedule_is_exhausted(
+    pipeline: Pipeline, delivery: Any
+) -> None:
+    def black_hole(url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        raise httpx.ReadTimeout("no answer")
+
+    dead = service(pipeline, black_hole, breaker_failures=1)
+    probe, held = delivery(), delivery()
+    dead.deliver(probe)  # opens the circuit
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == held)
+            .values(created_at=func.now() - dead.policy.give_up_after - timedelta(minutes=1))
+        )
+    outcome = dead.deliver(held)
+    assert outcome == callbacks.Outcome(callbacks.DeliveryStatus.EXHAUSTED)
+    with pipeline.sessions() as session:
+        row = session.get_one(WebhookDelivery, held)
+        assert row.status == callbacks.DeliveryStatus.EXHAUSTED and row.attempts == 0
+        assert row.next_attempt_at is None
+    # A younger delivery to the same host still only waits.
+    waiting = dead.deliver(delivery())
+    assert waiting is not None and waiting.status == callbacks.DeliveryStatus.PENDING
+
+
 def test_a_host_gets_at_most_its_share_of_attempts_at_once(
     pipeline: Pipeline, delivery: Any
 ) -> None:

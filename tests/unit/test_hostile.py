@@ -23,7 +23,7 @@ from bench.hostile import (
     request_kwargs,
     solid_9000_png,
 )
-from workers.webhook_in import WebhookRejected, verify
+from workers.webhook_in import WebhookRejected, sign, verify
 
 SECRET = "whsec_corpus-test-secret"
 NOW = 1_800_000_000.0
@@ -179,7 +179,11 @@ def _str_headers(case: Case) -> dict[str, str]:
 
 def test_signed_webhooks_verify_so_only_their_size_is_wrong(corpus: dict[str, Case]) -> None:
     long_id = corpus["webhook_id_too_long"]
-    assert len(verify(SECRET, _str_headers(long_id), long_id.body.whole(), now=NOW)) == 4096
+    headers = _str_headers(long_id)
+    signed = sign(SECRET, headers["webhook-id"], headers["webhook-timestamp"], long_id.body.whole())
+    assert headers["webhook-signature"] == f"v3,{signed}" and len(headers["webhook-id"]) == 4096
+    with pytest.raises(WebhookRejected, match="longer than"):
+        verify(SECRET, headers, long_id.body.whole(), now=NOW)
     big = corpus["webhook_body_1mb"]
     assert big.body.length == MB
     assert verify(SECRET, _str_headers(big), big.body.whole(), now=NOW) == "0" * 31 + "1"
