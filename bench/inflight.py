@@ -5,9 +5,9 @@ Redis) and in WaveSpeed calls, against the official SDK's `Client.run()` on two 
     python -m bench.inflight [--jobs 10000] [--inference-seconds 120] [--baseline-jobs 2]
         [--timeout 2400] [--set KEY=VALUE ...] [--profile-dir DIR]
 
-The stack is the embedded one with a counting simulator (`bench.counting_simulator`,
-placeholder render, every inference exactly `--inference-seconds`, no concurrency cap) and the
-production cadence of beat and retries. The measured worker consumes `submit,poll,notify,
+The stack is the embedded one with a counting simulator (`bench.counting_simulator`, 1080p
+outputs (`--render-mode`), every inference exactly `--inference-seconds`, no concurrency cap)
+and the production cadence of beat and retries. The measured worker consumes `submit,poll,notify,
 maintenance`; nothing consumes `store` (the S3 copy is `bench.copy`'s subject and in
 production runs on its own hosts), so a job's run ends when it leaves `processing`. The jobs
 are created through the service layer (`workers.intake.accept`, 100 to a transaction), then
@@ -44,6 +44,7 @@ from bench import jobs as job_store
 from bench import pyspy
 from bench.counting_simulator import CountingSimulator
 from bench.harness import (
+    OUTPUT_RENDER_MODE,
     PRODUCTION_CADENCE,
     Sampler,
     cpu_by_process,
@@ -72,6 +73,7 @@ class Options:
     concurrency: int = 2
     baseline_jobs: int = 2
     timeout: float = 2400.0
+    render_mode: str = OUTPUT_RENDER_MODE
     root: Path | None = None
     profile_dir: Path | None = None
     # Extra settings for the stack's processes, KEY=VALUE (e.g. a what-if on a grace period).
@@ -201,7 +203,7 @@ def run(options: Options) -> dict[str, Any]:
     (root / "logs").mkdir(parents=True, exist_ok=True)
     sim_args = [
         "--render-mode",
-        "placeholder",
+        options.render_mode,
         "--inference-seconds",
         str(options.inference_seconds),
     ]

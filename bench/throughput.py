@@ -4,8 +4,9 @@
 
 1. Throughput: generations a second from the first accepted request to the last callback
    received, through the whole product (API -> submit -> poll -> store into S3 -> signed
-   callback), simulator in placeholder mode with zero inference. Baseline: Celery's own
-   ceiling, no-op tasks a second through the same broker and the same worker (2 processes).
+   callback), simulator with outputs as large as real ones (`--render-mode full_size`: 1080p,
+   about 7 MB for 5 s) and zero inference. Baseline: Celery's own ceiling, no-op tasks a
+   second through the same broker and the same worker (2 processes).
 6. Callback latency: from the simulator marking a prediction completed to our callback arriving
    at the producer, p50/p99, with WaveSpeed's webhooks on and with them dropped (polling only).
    Inference times scatter uniformly over `--inference 4 12` seconds while the poll schedule
@@ -32,7 +33,7 @@ import httpx
 import redis
 
 from bench import pyspy
-from bench.harness import emit, percentile, poll_schedule, stack_pids
+from bench.harness import OUTPUT_RENDER_MODE, emit, percentile, poll_schedule, stack_pids
 from config import Settings
 from sandbox.receiver import Receiver, serve
 from sandbox.stack import Stack
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-jobs", type=int, default=20)
     parser.add_argument("--noop", type=int, default=2000)
     parser.add_argument("--inference", type=float, nargs=2, default=(4.0, 12.0))
+    parser.add_argument("--render-mode", default=OUTPUT_RENDER_MODE)
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR")
     parser.add_argument("--profile-wall", action="store_true", help="wall time, not CPU")
     args = parser.parse_args(argv)
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(
         root,
         environ=environ,
-        simulator_args=["--render-mode", "placeholder", "--inference-seconds", "0"],
+        simulator_args=["--render-mode", args.render_mode, "--inference-seconds", "0"],
     )
     try:
         stack.up()

@@ -6,8 +6,8 @@ and with polling alone, against the official SDK's one poll a second.
 One embedded stack (API, one worker with two processes on every queue, beat; the production
 cadence and an adaptive schedule for the inference time: first check at 110 s, then 5 s growing
 1.5x to 30 s; `--first-poll-seconds` moves the first check, for a what-if) in front of a
-counting simulator (`bench.counting_simulator`, placeholder render). Both cases run in the same
-minutes: the simulator drops the webhook of a seeded random half of the predictions
+counting simulator (`bench.counting_simulator`, 1080p outputs: `--render-mode`). Both cases
+run in the same minutes: the simulator drops the webhook of a seeded random half of the predictions
 (`webhook_drop`), which for those jobs is exactly "webhooks off" (the product never hears from
 WaveSpeed and has only its polls), and every job is then put in the group its ledger entry shows
 (webhook delivered, or dropped). Jobs are created through the HTTP API (`POST /v1/uploads` once,
@@ -34,7 +34,7 @@ import httpx
 
 from bench import jobs as job_store
 from bench.counting_simulator import CountingSimulator
-from bench.harness import PRODUCTION_CADENCE, emit, percentile, poll_schedule
+from bench.harness import OUTPUT_RENDER_MODE, PRODUCTION_CADENCE, emit, percentile, poll_schedule
 from sandbox.stack import Stack
 
 PORTRAIT = Path(__file__).resolve().parent.parent / "examples" / "portrait.png"
@@ -49,6 +49,7 @@ class Options:
     first_poll_seconds: float = 0.0
     seed: int = 7
     timeout: float = 600.0
+    render_mode: str = OUTPUT_RENDER_MODE
     root: Path | None = None
 
 
@@ -102,7 +103,7 @@ def run(options: Options) -> dict[str, Any]:
     (root / "logs").mkdir(parents=True, exist_ok=True)
     sim_args = [
         "--render-mode",
-        "placeholder",
+        options.render_mode,
         "--inference-seconds",
         str(options.inference_seconds),
     ]

@@ -1,7 +1,7 @@
 """`python -m sandbox.wavespeed`: run the WaveSpeed simulator in the foreground.
 
 python -m sandbox.wavespeed --port 8090 [--host 127.0.0.1] [--api-key sim-key]
-    [--webhook-secret whsec_...] [--inference-seconds 2] [--render-mode real|placeholder]
+    [--webhook-secret whsec_...] [--inference-seconds 2] [--render-mode real|placeholder|full_size]
     [--resolution 480x270] [--refund-delay-seconds 5] [--faults JSON|@file.json]
     [--sync-timeout-seconds 60] [--render-workers 2] [--log-level info]
 """
@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import structlog
 import uvicorn
@@ -23,6 +23,7 @@ from sandbox.wavespeed.app import create_app
 from sandbox.wavespeed.config import (
     DEFAULT_API_KEY,
     DEFAULT_WEBHOOK_SECRET,
+    RenderMode,
     SimulatorConfig,
 )
 from sandbox.wavespeed.faults import FaultProfile
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=DEFAULT_API_KEY)
     parser.add_argument("--webhook-secret", default=DEFAULT_WEBHOOK_SECRET)
     parser.add_argument("--inference-seconds", type=float, default=2.0)
-    parser.add_argument("--render-mode", choices=["real", "placeholder"], default="real")
+    parser.add_argument("--render-mode", choices=get_args(RenderMode), default="real")
     parser.add_argument("--resolution", default="480x270", help="WIDTHxHEIGHT, both even")
     parser.add_argument("--refund-delay-seconds", type=float, default=5.0)
     parser.add_argument("--sync-timeout-seconds", type=float, default=60.0)

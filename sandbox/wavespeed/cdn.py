@@ -57,7 +57,7 @@ async def get_output(name: str, request: Request, sim: SimDep) -> Response:
     if prediction is None or prediction.output is None or not name.endswith(".mp4"):
         raise ApiError(404, "output not found")
     _output_faults(sim, prediction)
-    response = _bytes_response(prediction.output, "video/mp4", request.headers.get("range"))
+    response = _bytes_response(prediction.output.read(), "video/mp4", request.headers.get("range"))
     response.headers["ETag"] = f'"{prediction.output_sha256}"'
     if request.method == "GET" and sim.faults.hit("output_truncate"):
         return CutShortResponse(

@@ -14,7 +14,7 @@ DEFAULT_API_KEY = "sim-key"
 DEFAULT_WEBHOOK_SECRET = "whsec_c2ltdWxhdG9yLWRldmVsb3BtZW50LXNlY3JldA"
 DEFAULT_RESOLUTION = (480, 270)
 
-RenderMode = Literal["real", "placeholder"]
+RenderMode = Literal["real", "placeholder", "full_size"]
 
 
 def parse_resolution(value: object) -> tuple[int, int]:

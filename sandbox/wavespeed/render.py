@@ -14,6 +14,7 @@ import functools
 import hashlib
 import io
 import re
+import struct
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -179,7 +180,8 @@ def render_video(
     seed = _seed(image_bytes, prompt, guidance_scale, duration)
     path = camera_path(parse_camera_moves(prompt), strength, n_frames, fps, seed)
     source = prepare_source(image_bytes, width, height, float(path.zoom.max()))
-    frames = (_frame(source, path, i, (width, height)) for i in range(n_frames))
+    frames = (av.VideoFrame.from_image(_frame(source, path, i, (width, height)))
+              for i in range(n_frames))  # fmt: skip
     preset = "veryfast" if width * height <= 1280 * 720 else "superfast"
     return encode_h264(frames, width, height, fps, preset=preset)
 
@@ -218,25 +220,30 @@ def _frame(source: Image.Image, path: CameraPath, i: int, size: tuple[int, int])
 
 
 def encode_h264(
-    frames: Iterable[Image.Image],
+    frames: Iterable[av.VideoFrame],
     width: int,
     height: int,
     fps: int,
     *,
     preset: str = "veryfast",
+    bit_rate: int | None = None,
 ) -> bytes:
-    """Encode RGB frames as a faststart MP4; single-threaded x264 so the bytes are reproducible."""
+    """Encode frames as a faststart MP4, at constant quality or, given `bit_rate`, at that
+    average; single-threaded x264 so the bytes are reproducible."""
     with tempfile.TemporaryDirectory(prefix="wavespeed-sim-") as tmp:
         # faststart rewrites the file to put the index first, which needs a real seekable file.
         target = Path(tmp) / "out.mp4"
         with av.open(str(target), "w", format="mp4", options={"movflags": "+faststart"}) as out:
             # One thread, asked of x264 itself: PyAV's `thread_count` alone no longer reaches
             # it, and a threaded x264 gives different bytes from run to run.
-            options = {"preset": preset, "crf": "23", "g": str(2 * fps), "threads": "1"}
+            options = {"preset": preset, "g": str(2 * fps), "threads": "1"}
+            if bit_rate is None:
+                options["crf"] = "23"
             stream = out.add_stream("libx264", rate=fps, options=options)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            for index, image in enumerate(frames):
-                frame = av.VideoFrame.from_image(image)
+            if bit_rate is not None:
+                stream.bit_rate = bit_rate
+            for index, frame in enumerate(frames):
                 frame.pts, frame.time_base = index, Fraction(1, fps)
                 out.mux(stream.encode(frame))
             out.mux(stream.encode(None))
@@ -247,4 +254,57 @@ def encode_h264(
 def placeholder_video(duration: int, *, fps: int = 24, size: int = 64) -> bytes:
     """A tiny valid MP4 of the right length (a flat grey square), made once per duration."""
     grey = Image.new("RGB", (size, size), (128, 128, 128))
-    return encode_h264((grey for _ in range(duration * fps)), size, size, fps, preset="ultrafast")
+    frames = (av.VideoFrame.from_image(grey) for _ in range(duration * fps))
+    return encode_h264(frames, size, size, fps, preset="ultrafast")
+
+
+# What Kling v2.1 Pro delivers: 1080p at 24 fps, about 5 to 8 MB for 5 s.
+FULL_SIZE = (1920, 1080)
+FULL_SIZE_BIT_RATE = 8_000_000
+
+
+@dataclass(frozen=True)
+class Video:
+    """An output as the simulator keeps it: `shared` bytes, which many outputs may hold by
+    reference (one 1080p encode backs them all), then bytes of its own; `sha256` of both."""
+
+    shared: bytes
+    own: bytes
+    sha256: str
+
+    @classmethod
+    def of(cls, data: bytes) -> Video:
+        return cls(data, b"", hashlib.sha256(data).hexdigest())
+
+    @property
+    def size(self) -> int:
+        return len(self.shared) + len(self.own)
+
+    def read(self) -> bytes:
+        return self.shared + self.own if self.own else self.shared
+
+
+def full_size_video(duration: int, tag: str, *, fps: int = 24) -> Video:
+    """A 1920x1080 H.264 MP4 as large as a real output, distinct for each `tag` (the
+    prediction id) at the cost of a few bytes: one encode per duration is shared, and a
+    top-level `free` box after it, which every MP4 reader skips, carries the tag."""
+    shared, digest = _full_size_encode(duration, fps)
+    label = tag.encode()
+    own = struct.pack(">I", 8 + len(label)) + b"free" + label
+    hasher = digest.copy()
+    hasher.update(own)
+    return Video(shared, own, hasher.hexdigest())
+
+
+@functools.lru_cache(maxsize=8)
+def _full_size_encode(duration: int, fps: int) -> tuple[bytes, hashlib._Hash]:
+    # Moving noise is as hard to compress as detail gets: the encoder spends the whole bit
+    # rate, so the size is a real clip's while the encode takes about a second.
+    width, height = FULL_SIZE
+    noise = np.random.default_rng(0).integers(0, 256, (height * 3 // 2, width), dtype=np.uint8)
+    frames = (
+        av.VideoFrame.from_ndarray(np.roll(noise, 7 * i, axis=1), format="yuv420p")
+        for i in range(duration * fps)
+    )
+    data = encode_h264(frames, width, height, fps, preset="ultrafast", bit_rate=FULL_SIZE_BIT_RATE)
+    return data, hashlib.sha256(data)

@@ -7,7 +7,6 @@ a restart forgets it all, as a fresh WaveSpeed account would look.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import secrets
 import uuid
 from collections.abc import Iterable
@@ -16,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sandbox.wavespeed.clock import utcnow
+from sandbox.wavespeed.render import Video
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "deleted"})
 HISTORY_WINDOW = timedelta(days=7)
@@ -46,7 +46,7 @@ class Prediction:
     error: str = ""
     started_at: datetime | None = None
     completed_at: datetime | None = None
-    output: bytes | None = None
+    output: Video | None = None
     output_sha256: str | None = None
     output_size: int | None = None
     refunded_usd: float = 0.0
@@ -67,10 +67,9 @@ class Prediction:
         """Leave the queue: the model is now working on it."""
         self.status, self.started_at = "processing", utcnow()
 
-    def complete(self, video: bytes) -> None:
+    def complete(self, video: Video) -> None:
         """Finish with `video` as the one output."""
-        self.output, self.output_sha256 = video, hashlib.sha256(video).hexdigest()
-        self.output_size = len(video)
+        self.output, self.output_sha256, self.output_size = video, video.sha256, video.size
         self.status, self.completed_at = "completed", utcnow()
         self.finished.set()
 

@@ -8,7 +8,6 @@ render, finish, then notify and (for failures) refund.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from typing import Any
@@ -21,7 +20,7 @@ from sandbox.wavespeed.faults import TASK_FAILURE_MESSAGES, FaultInjector
 from sandbox.wavespeed.fetch import FetchFailed, fetch_image
 from sandbox.wavespeed.limits import SlotGate
 from sandbox.wavespeed.payloads import webhook_body
-from sandbox.wavespeed.render import placeholder_video, render_video
+from sandbox.wavespeed.render import Video, full_size_video, placeholder_video, render_video
 from sandbox.wavespeed.store import Prediction, Store
 from sandbox.wavespeed.validation import ImageRejected, inspect_image
 from sandbox.wavespeed.webhooks import WebhookSender
@@ -95,7 +94,7 @@ class TaskRunner:
             code = self._faults.task_failure()
             if code is not None:
                 raise TaskFailure(code, TASK_FAILURE_MESSAGES[code])
-            video = await self._render(image, prediction.input)
+            video = await self._render(image, prediction)
             if prediction.status != "deleted":
                 prediction.complete(video)
 
@@ -129,25 +128,24 @@ class TaskRunner:
         bounds = self._faults.profile.inference_seconds
         return self._faults.uniform(bounds) if bounds else self._config.inference_seconds
 
-    async def _render(self, image: bytes, model_input: dict[str, Any]) -> bytes:
-        config = self._config
+    async def _render(self, image: bytes, prediction: Prediction) -> Video:
+        # Encoding is CPU work; a bounded pool keeps the event loop answering meanwhile.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._video, image, prediction)
+
+    def _video(self, image: bytes, prediction: Prediction) -> Video:
+        config, model_input = self._config, prediction.input
         duration = int(model_input["duration"])
         if config.render_mode == "placeholder":
-            job = functools.partial(placeholder_video, duration, fps=config.fps)
-        else:
-            width, height = config.resolution
-            job = functools.partial(
-                render_video,
-                image,
-                model_input["prompt"],
-                float(model_input["guidance_scale"]),
-                duration,
-                width=width,
-                height=height,
-                fps=config.fps,
-            )
-        # Encoding is CPU work; a bounded pool keeps the event loop answering meanwhile.
-        return await asyncio.get_running_loop().run_in_executor(self._pool, job)
+            return Video.of(placeholder_video(duration, fps=config.fps))
+        if config.render_mode == "full_size":
+            return full_size_video(duration, prediction.id, fps=config.fps)
+        width, height = config.resolution
+        video = render_video(
+            image, model_input["prompt"], float(model_input["guidance_scale"]), duration,
+            width=width, height=height, fps=config.fps,
+        )  # fmt: skip
+        return Video.of(video)
 
     async def _finish(self, prediction: Prediction) -> None:
         log.info(

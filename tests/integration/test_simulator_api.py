@@ -42,6 +42,24 @@ def image_url(sim: SimulatorClient) -> str:
     return sim.upload(sample_image(), "input.png")
 
 
+@sim_config(render_mode="full_size", inference_seconds=0.0)
+def test_full_size_outputs_are_served_whole_and_match_the_ledger(
+    sim: SimulatorClient, image_url: str
+) -> None:
+    ids = [sim.submit_ok(image_url, f"push in {n}")["id"] for n in range(2)]
+    digests = set()
+    for prediction_id in ids:
+        done = sim.wait(prediction_id)
+        video = sim.anon.get(done["outputs"][0]).raise_for_status().content
+        entry = next(e for e in sim.ledger()["predictions"] if e["id"] == prediction_id)
+        assert len(video) == entry["output_bytes"] > 5_000_000
+        digests.add(hashlib.sha256(video).hexdigest())
+        assert hashlib.sha256(video).hexdigest() == entry["output_sha256"]
+        with av.open(io.BytesIO(video)) as container:
+            assert container.streams.video[0].codec_context.width == 1920
+    assert len(digests) == 2
+
+
 @sim_config(render_mode="real", inference_seconds=0.2)
 def test_submit_poll_complete_and_download_a_real_video(
     sim: SimulatorClient, image_url: str

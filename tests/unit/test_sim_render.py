@@ -11,7 +11,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from sandbox.wavespeed.render import (
+    FULL_SIZE,
+    Video,
     camera_path,
+    full_size_video,
     motion_strength,
     parse_camera_moves,
     placeholder_video,
@@ -170,6 +173,20 @@ def test_placeholder_is_tiny_valid_and_cached() -> None:
     with av.open(io.BytesIO(video)) as container:
         assert container.duration == 10_000_000
         assert sum(1 for _ in container.decode(video=0)) == 240
+
+
+def test_full_size_outputs_are_real_1080p_sizes_and_each_its_own() -> None:
+    first, second = full_size_video(5, "pred-a"), full_size_video(5, "pred-b")
+    assert first.shared is second.shared  # one encode, held once, backs every output
+    assert 5_000_000 <= first.size <= 8_000_000  # a real 1080p Kling clip of 5 s
+    assert first.sha256 != second.sha256
+    assert first.sha256 == Video.of(first.read()).sha256
+    with av.open(io.BytesIO(first.read())) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.width, stream.codec_context.height) == FULL_SIZE
+        assert container.duration == 5_000_000
+        assert sum(1 for _ in container.decode(stream)) == 120
+    assert 10_000_000 <= full_size_video(10, "pred-c").size <= 16_000_000
 
 
 def test_full_hd_renders(scene: bytes) -> None:
