@@ -299,14 +299,13 @@ def hostile_inputs(run: Faults) -> None:
         secret = run.stack.direct_env["WAVESPEED_WEBHOOK_SECRET"]
         corpus = hostile.cases(upload_id=upload_id, webhook_secret=secret)
         for case in corpus:
+            answer: httpx.Response | None = None
             try:
                 answer = client.request(**hostile.request_kwargs(case, run.tenants["main"].key))
+                status = answer.status_code
             except httpx.HTTPError as exc:  # a refusal while the body still streamed in
                 status = 413 if case.expect_status == 413 else -1
                 run.log(f"hostile: {case.name}: connection ended early ({type(exc).__name__})")
-                answer = None
-            else:
-                status = answer.status_code
             if status != case.expect_status:
                 wrong.append(f"{case.name}={status} (want {case.expect_status})")
             elif answer is not None:

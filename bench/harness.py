@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg
 import redis
 
 from sandbox.processes import Process
@@ -111,6 +112,49 @@ def stack_pids(stack: Stack, *extra: Process) -> dict[str, int | None]:
     named = {s.process.name: s.process.pid for s in stack.services if s.process is not None}
     named.update({p.name: p.pid for p in [*stack.apps, *extra]})
     return named
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What a stack has spent so far: CPU seconds of each named process tree, transactions
+    committed in its database, and commands its Redis has run."""
+
+    cpu: dict[str, float]
+    commits: int
+    commands: int
+
+    # Backends report their commits to `pg_stat_database` when idle, at most about 10 s late.
+    STATS_LAG_SECONDS = 11.0
+
+    @classmethod
+    def now(cls, stack: Stack, names: Iterable[str]) -> Costs:
+        pids = stack_pids(stack)
+        dsn = stack.direct_env["DATABASE_URL"].replace("+psycopg", "")
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            row = conn.execute(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+            ).fetchone()
+        client = redis.Redis.from_url(stack.direct_env["REDIS_URL"], socket_timeout=10)
+        try:
+            stats = client.info("commandstats")
+        finally:
+            client.close()
+        return cls(
+            cpu={name: tree_cpu_seconds([pid]) for name in names if (pid := pids.get(name))},
+            commits=int(row[0]) if row else 0,
+            commands=sum(int(entry["calls"]) for entry in stats.values()),
+        )
+
+    def per_unit(self, later: Costs, units: int, unit: str) -> dict[str, float]:
+        """Each figure's growth from this snapshot to `later`, divided by `units`."""
+        figures = {
+            f"{name}_cpu_ms_per_{unit}": round((later.cpu[name] - spent) * 1000 / units, 2)
+            for name, spent in self.cpu.items()
+            if name in later.cpu
+        }
+        figures[f"postgres_commits_per_{unit}"] = round((later.commits - self.commits) / units, 2)
+        figures[f"redis_commands_per_{unit}"] = round((later.commands - self.commands) / units, 1)
+        return figures
 
 
 def redis_used_memory(url: str) -> int:

@@ -6,7 +6,9 @@
    received, through the whole product (API -> submit -> poll -> store into S3 -> signed
    callback), simulator with outputs as large as real ones (`--render-mode full_size`: 1080p,
    about 7 MB for 5 s) and zero inference. Baseline: Celery's own ceiling, no-op tasks a
-   second through the same broker and the same worker (2 processes).
+   second through the same broker and the same worker (2 processes). Per job, from accepted
+   to callback delivered: CPU ms of the API, the worker (pool children included) and beat,
+   Postgres commits (`pg_stat_database.xact_commit`) and Redis commands (`INFO commandstats`).
 6. Callback latency: from the simulator marking a prediction completed to our callback arriving
    at the producer, p50/p99, with WaveSpeed's webhooks on and with them dropped (polling only).
    Inference times scatter uniformly over `--inference 4 12` seconds while the poll schedule
@@ -33,13 +35,23 @@ import httpx
 import redis
 
 from bench import pyspy
-from bench.harness import OUTPUT_RENDER_MODE, emit, percentile, poll_schedule, stack_pids
+from bench.harness import (
+    OUTPUT_RENDER_MODE,
+    PRODUCTION_CADENCE,
+    Costs,
+    emit,
+    percentile,
+    poll_schedule,
+    stack_pids,
+)
 from config import Settings
 from sandbox.receiver import Receiver, serve
 from sandbox.stack import Stack
 from workers.celery_app import create_celery
 
 IMAGE = Path(__file__).resolve().parent.parent / "examples" / "portrait.png"
+# The processes a job's cost is counted in (the worker's pool children with it).
+COSTED = ("api", "worker", "beat")
 
 
 def noop_rate(stack: Stack, count: int) -> float:
@@ -83,12 +95,19 @@ def throughput(
 ) -> dict[str, Any]:
     named = stack_pids(stack).items()
     pids = {name: pid for name, pid in named if name in ("api", "worker") and pid}
+    before = Costs.now(stack, COSTED)
     with serve(Receiver()) as receiver, pyspy.record(pids, profile, wall=wall):
         started = time.time()
         run_jobs(api, upload_id, receiver, jobs)
         wait_callbacks(receiver, jobs, timeout=600)
         elapsed = max(r.at for r in receiver.received) - started
-    return {"jobs": jobs, "seconds": round(elapsed, 2), "jobs_per_s": round(jobs / elapsed, 2)}
+    # The whole cost of a job, accepted to callback delivered, background sweeps included.
+    time.sleep(Costs.STATS_LAG_SECONDS)
+    costs = before.per_unit(Costs.now(stack, COSTED), jobs, "job")
+    return {
+        "jobs": jobs, "seconds": round(elapsed, 2), "jobs_per_s": round(jobs / elapsed, 2),
+        **costs,
+    }  # fmt: skip
 
 
 def latencies(
@@ -133,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-wall", action="store_true", help="wall time, not CPU")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="kling-bench-throughput-"))
-    environ = {**os.environ, **poll_schedule(6), "CALLBACK_SCHEDULE_SECONDS": "[0, 1, 2, 4]"}
+    # The production cadence of the background sweeps, so the cost per job is a deployment's.
+    environ = {
+        **os.environ, **PRODUCTION_CADENCE, **poll_schedule(6),
+        "CALLBACK_SCHEDULE_SECONDS": "[0, 1, 2, 4]",
+    }  # fmt: skip
     stack = Stack(
         root,
         environ=environ,
@@ -177,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         f"| end to end | {result['jobs_per_s']} jobs/s "
         f"| Celery no-op {result['celery_noop_tasks_per_s']} tasks/s "
         f"| ratio {result['ratio_jobs_to_noop_tasks']} "
-        f"| callback p50/p99: webhooks on {on_p} s, polling only {off_p} s |"
+        f"| callback p50/p99: webhooks on {on_p} s, polling only {off_p} s "
+        f"| per job: worker {measured.get('worker_cpu_ms_per_job')} CPU ms, "
+        f"API {measured.get('api_cpu_ms_per_job')} CPU ms, "
+        f"{measured['postgres_commits_per_job']} Postgres commits, "
+        f"{measured['redis_commands_per_job']} Redis commands |"
     )
     emit(result, row)
     if args.profile:
