@@ -1,7 +1,8 @@
-"""Stable error codes a failed job carries, and how WaveSpeed's task codes map onto them."""
+"""Stable error codes a failed job carries, and how WaveSpeed's failures map onto them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -38,10 +39,26 @@ PERMANENT_TASK_CODES: dict[int, ErrorCode] = {
 }
 
 
-def task_failure(code: int | None) -> tuple[ErrorCode, bool]:
-    """Our error code for a failed WaveSpeed task, and whether a resubmission may succeed."""
-    if code is not None and code in PERMANENT_TASK_CODES:
-        return PERMANENT_TASK_CODES[code], False
-    if code is not None and 5000 <= code < 6000:
-        return ErrorCode.UPSTREAM_UNAVAILABLE, True
-    return ErrorCode.GENERATION_FAILED, False
+@dataclass(frozen=True)
+class Failure:
+    """What a WaveSpeed failure means for a job: its error code, and whether trying the same
+    thing again may succeed."""
+
+    code: ErrorCode
+    retryable: bool
+
+
+def classify(*, status_code: int | None = None, task_code: int | None = None) -> Failure:
+    """The one map from a WaveSpeed failure to our error code: the HTTP status of a call it
+    refused or failed, or the task code of a prediction that failed (`task_code` wins)."""
+    if task_code is not None or status_code is None:
+        if task_code in PERMANENT_TASK_CODES:
+            return Failure(PERMANENT_TASK_CODES[task_code], False)
+        if task_code is not None and 5000 <= task_code < 6000:
+            return Failure(ErrorCode.UPSTREAM_UNAVAILABLE, True)
+        return Failure(ErrorCode.GENERATION_FAILED, False)
+    if status_code in (401, 403):
+        return Failure(ErrorCode.UPSTREAM_AUTH, False)
+    if status_code == 429 or status_code >= 500:
+        return Failure(ErrorCode.UPSTREAM_UNAVAILABLE, True)
+    return Failure(ErrorCode.INVALID_INPUT, False)

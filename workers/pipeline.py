@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config import Settings
 from workers import admission, callbacks, dispatch, jobs, metrics
 from workers.db import unit_of_work
-from workers.errors import ErrorCode, task_failure
+from workers.errors import ErrorCode, classify
 from workers.media import InvalidMedia, probe_video
 from workers.models import Job
 from workers.retry import backoff
@@ -351,7 +351,8 @@ class Pipeline:
             self._retry_submit(job_id, attempt, exc.retry_after, str(exc))
         else:
             self.fail(
-                job_id, JobState.SUBMITTING, _rejection_code(exc), exc.message,
+                job_id, JobState.SUBMITTING, classify(status_code=exc.status_code).code,
+                exc.message,
                 when=Job.submit_attempts == attempt,
             )  # fmt: skip
 
@@ -439,7 +440,7 @@ class Pipeline:
         keeps refusing (404, 400) ends the job after a few tries rather than never."""
         log.warning("poll.failed", job_id=str(job.id), error=str(exc))
         refusals = job.step_failures
-        if exc.status_code in (401, 403):
+        if classify(status_code=exc.status_code).code == ErrorCode.UPSTREAM_AUTH:
             self.fail(job.id, JobState.PROCESSING, ErrorCode.UPSTREAM_AUTH, exc.message,
                       when=_tracks(job))  # fmt: skip
         elif self._timed_out(job, now):
@@ -522,14 +523,14 @@ class Pipeline:
             self.admit()
 
     def _failed_upstream(self, job: Job, prediction: Prediction) -> None:
-        code, retryable = task_failure(prediction.code)
+        failure = classify(task_code=prediction.code)
         message = f"WaveSpeed task failed ({prediction.code}): {prediction.error}"
-        if retryable and job.submit_attempts < self.settings.submit_max_attempts:
+        if failure.retryable and job.submit_attempts < self.settings.submit_max_attempts:
             self._requeue(
                 job.id, JobState.PROCESSING, job.submit_attempts, None, message, when=_tracks(job)
             )
         else:
-            self.fail(job.id, JobState.PROCESSING, code, message, when=_tracks(job))
+            self.fail(job.id, JobState.PROCESSING, failure.code, message, when=_tracks(job))
 
     def _timed_out(self, job: Job, now: datetime) -> bool:
         """Whether the prediction has run past the processing timeout, by the database's
@@ -728,12 +729,6 @@ def _bind(job: Job) -> Job:
     """Put the job's tenant and prediction on every log line of the task that loaded it."""
     structlog.contextvars.bind_contextvars(tenant_id=job.tenant_id, prediction_id=job.prediction_id)
     return job
-
-
-def _rejection_code(exc: WaveSpeedError) -> ErrorCode:
-    if exc.status_code in (401, 403):
-        return ErrorCode.UPSTREAM_AUTH
-    return ErrorCode.INVALID_INPUT
 
 
 def _tracks(job: Job) -> ColumnElement[bool]:

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from workers import metrics
+from workers.errors import classify
 from workers.retry import parse_retry_after
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timeout", "deleted"})
@@ -117,7 +118,7 @@ def _error_for(response: httpx.Response) -> WaveSpeedError:
         "retry_after": _retry_after(response),
     }
     text = f"WaveSpeed answered HTTP {response.status_code}: {message}"
-    if response.status_code == 429 or response.status_code >= 500:
+    if classify(status_code=response.status_code).retryable:
         return WaveSpeedUnavailable(text, **kwargs)
     return WaveSpeedRejected(text, **kwargs)
 

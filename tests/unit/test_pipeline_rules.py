@@ -8,7 +8,7 @@ from email.utils import format_datetime
 import pytest
 
 from config import Settings
-from workers.errors import ErrorCode, task_failure
+from workers.errors import ErrorCode, Failure, classify
 from workers.models import Job
 from workers.pipeline import attempt_key, history_marker, poll_delay
 from workers.retry import RETRY_AFTER_CEILING, backoff, parse_retry_after
@@ -90,7 +90,27 @@ def test_each_submit_attempt_names_its_own_input_and_no_other() -> None:
 def test_wavespeed_task_codes_map_to_ours(
     code: int | None, expected: ErrorCode, retryable: bool
 ) -> None:
-    assert task_failure(code) == (expected, retryable)
+    assert classify(task_code=code) == Failure(expected, retryable)
+
+
+@pytest.mark.parametrize(
+    ("status", "expected", "retryable"),
+    [
+        (400, ErrorCode.INVALID_INPUT, False),
+        (401, ErrorCode.UPSTREAM_AUTH, False),
+        (403, ErrorCode.UPSTREAM_AUTH, False),
+        (404, ErrorCode.INVALID_INPUT, False),
+        (429, ErrorCode.UPSTREAM_UNAVAILABLE, True),
+        (500, ErrorCode.UPSTREAM_UNAVAILABLE, True),
+        (503, ErrorCode.UPSTREAM_UNAVAILABLE, True),
+    ],
+)
+def test_wavespeed_http_statuses_map_to_ours(
+    status: int, expected: ErrorCode, retryable: bool
+) -> None:
+    assert classify(status_code=status) == Failure(expected, retryable)
+    # A failed task's code says more than the status of the call that reported it.
+    assert classify(status_code=status, task_code=1200).code == ErrorCode.CONTENT_MODERATED
 
 
 def test_parts_are_exact_size_except_the_last() -> None:
