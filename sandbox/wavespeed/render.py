@@ -4,8 +4,9 @@ The camera is read from the prompt the way Kling's prompting guide phrases it (p
 pull-out/zoom out, pan left/right, tilt up/down, orbit, handheld shake; a gentle push-in when
 the prompt names none). `guidance_scale` scales how far the camera travels: low is a natural
 drift, high follows the prompt literally. Every frame is a sub-pixel crop of the image resized
-to the output size, so the motion is smooth, and the encoder runs single-threaded so the same
-inputs give the same bytes on any machine.
+to the output size, so the motion is smooth, and the same inputs give the same frames. (Not
+always the same bytes: even single-threaded, the x264 in PyAV's wheels sometimes codes the same
+pictures differently from one encode to the next.)
 """
 
 from __future__ import annotations
@@ -180,8 +181,7 @@ def render_video(
     seed = _seed(image_bytes, prompt, guidance_scale, duration)
     path = camera_path(parse_camera_moves(prompt), strength, n_frames, fps, seed)
     source = prepare_source(image_bytes, width, height, float(path.zoom.max()))
-    frames = (av.VideoFrame.from_image(_frame(source, path, i, (width, height)))
-              for i in range(n_frames))  # fmt: skip
+    frames = (_frame(source, path, i, (width, height)) for i in range(n_frames))
     preset = "veryfast" if width * height <= 1280 * 720 else "superfast"
     return encode_h264(frames, width, height, fps, preset=preset)
 
@@ -220,7 +220,7 @@ def _frame(source: Image.Image, path: CameraPath, i: int, size: tuple[int, int])
 
 
 def encode_h264(
-    frames: Iterable[av.VideoFrame],
+    frames: Iterable[Image.Image | np.ndarray],
     width: int,
     height: int,
     fps: int,
@@ -228,14 +228,15 @@ def encode_h264(
     preset: str = "veryfast",
     bit_rate: int | None = None,
 ) -> bytes:
-    """Encode frames as a faststart MP4, at constant quality or, given `bit_rate`, at that
-    average; single-threaded x264 so the bytes are reproducible."""
+    """Encode frames (RGB images, or yuv420p planes as one array) as a faststart MP4, at
+    constant quality or, given `bit_rate`, at that average."""
     with tempfile.TemporaryDirectory(prefix="wavespeed-sim-") as tmp:
         # faststart rewrites the file to put the index first, which needs a real seekable file.
         target = Path(tmp) / "out.mp4"
         with av.open(str(target), "w", format="mp4", options={"movflags": "+faststart"}) as out:
-            # One thread, asked of x264 itself: PyAV's `thread_count` alone no longer reaches
-            # it, and a threaded x264 gives different bytes from run to run.
+            # One thread, asked of x264 itself (PyAV's `thread_count` alone no longer reaches
+            # it): a threaded x264 also decides differently from run to run, and uses the cores
+            # the simulator's event loop needs.
             options = {"preset": preset, "g": str(2 * fps), "threads": "1"}
             if bit_rate is None:
                 options["crf"] = "23"
@@ -243,7 +244,12 @@ def encode_h264(
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             if bit_rate is not None:
                 stream.bit_rate = bit_rate
-            for index, frame in enumerate(frames):
+            for index, picture in enumerate(frames):
+                frame = (
+                    av.VideoFrame.from_image(picture)
+                    if isinstance(picture, Image.Image)
+                    else av.VideoFrame.from_ndarray(picture, format="yuv420p")
+                )
                 frame.pts, frame.time_base = index, Fraction(1, fps)
                 out.mux(stream.encode(frame))
             out.mux(stream.encode(None))
@@ -254,8 +260,7 @@ def encode_h264(
 def placeholder_video(duration: int, *, fps: int = 24, size: int = 64) -> bytes:
     """A tiny valid MP4 of the right length (a flat grey square), made once per duration."""
     grey = Image.new("RGB", (size, size), (128, 128, 128))
-    frames = (av.VideoFrame.from_image(grey) for _ in range(duration * fps))
-    return encode_h264(frames, size, size, fps, preset="ultrafast")
+    return encode_h264((grey for _ in range(duration * fps)), size, size, fps, preset="ultrafast")
 
 
 # What Kling v2.1 Pro delivers: 1080p at 24 fps, about 5 to 8 MB for 5 s.
@@ -302,9 +307,6 @@ def _full_size_encode(duration: int, fps: int) -> tuple[bytes, hashlib._Hash]:
     # rate, so the size is a real clip's while the encode takes about a second.
     width, height = FULL_SIZE
     noise = np.random.default_rng(0).integers(0, 256, (height * 3 // 2, width), dtype=np.uint8)
-    frames = (
-        av.VideoFrame.from_ndarray(np.roll(noise, 7 * i, axis=1), format="yuv420p")
-        for i in range(duration * fps)
-    )
+    frames = (np.roll(noise, 7 * i, axis=1) for i in range(duration * fps))
     data = encode_h264(frames, width, height, fps, preset="ultrafast", bit_rate=FULL_SIZE_BIT_RATE)
     return data, hashlib.sha256(data)

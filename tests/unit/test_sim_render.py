@@ -138,11 +138,13 @@ def test_render_has_exact_frames_and_duration(scene: bytes) -> None:
 
 
 def test_render_is_deterministic_and_input_sensitive(scene: bytes) -> None:
-    first = render_video(scene, "pan left, handheld", 0.5, 5, width=160, height=90)
-    again = render_video(scene, "pan left, handheld", 0.5, 5, width=160, height=90)
-    other = render_video(scene, "pan right, handheld", 0.5, 5, width=160, height=90)
-    assert first == again
-    assert first != other
+    # The pictures, not the bytes: x264 may code the same pictures differently each time.
+    first = _frames(render_video(scene, "pan left, handheld", 0.5, 5, width=160, height=90))
+    again = _frames(render_video(scene, "pan left, handheld", 0.5, 5, width=160, height=90))
+    other = _frames(render_video(scene, "pan right, handheld", 0.5, 5, width=160, height=90))
+    assert len(first) == len(again) == 120
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
 
 
 def test_render_at_default_size_is_fast(scene: bytes) -> None:
