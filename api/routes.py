@@ -46,7 +46,7 @@ from api.schemas import (
     Text,
     Upload,
 )
-from workers import callbacks, jobs, outbox, tenants
+from workers import callbacks, jobs, listing, outbox, tenants
 from workers.dispatch import NOTIFY
 from workers.intake import (
     GenerationInput,
@@ -298,10 +298,10 @@ def list_generations(
             raise Refusal(422, "metadata", "invalid", "metadata filters are key:value")
         wanted[key] = value
     try:
-        after = jobs.Cursor.decode(cursor) if cursor else None
+        after = listing.Cursor.decode(cursor) if cursor else None
     except ValueError as exc:
         raise Refusal(422, "cursor", "invalid", "not a cursor this API gave out") from exc
-    rows, following = jobs.page(
+    rows, following = listing.page(
         db, tenant.id, limit=limit, status=status, created_after=created_after,
         created_before=created_before, metadata=wanted, after=after,
     )  # fmt: skip
@@ -380,7 +380,7 @@ def get_events(job_id: uuid.UUID, db: Db, tenant: CurrentTenant) -> History:
     _owned(db, tenant, job_id)
     return History(
         events=[EventOut.of(e) for e in jobs.events(db, job_id)],
-        deliveries=[DeliveryOut.of(d, a) for d, a in jobs.deliveries(db, job_id)],
+        deliveries=[DeliveryOut.of(d, a) for d, a in callbacks.of_job(db, job_id)],
     )
 
 
@@ -413,7 +413,7 @@ def replay_delivery(delivery_id: uuid.UUID, res: Res, tenant: CurrentTenant) -> 
         callbacks.replay(db, delivery, utcnow())
     res.dispatch(NOTIFY, delivery_id)
     with res.sessions() as db:
-        found = dict(jobs.deliveries(db, delivery.job_id))
+        found = dict(callbacks.of_job(db, delivery.job_id))
         return DeliveryOut.of(*next((d, a) for d, a in found.items() if d.id == delivery_id))
 
 

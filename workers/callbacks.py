@@ -358,6 +358,23 @@ def _apply(
         )
 
 
+def of_job(
+    session: Session, job_id: uuid.UUID
+) -> list[tuple[WebhookDelivery, list[WebhookAttempt]]]:
+    """A job's callback deliveries, oldest first, each with its attempts."""
+    rows = session.scalars(
+        select(WebhookDelivery)
+        .where(WebhookDelivery.job_id == job_id)
+        .order_by(WebhookDelivery.created_at)
+    ).all()
+    attempts = session.scalars(
+        select(WebhookAttempt)
+        .where(WebhookAttempt.delivery_id.in_([d.id for d in rows]))
+        .order_by(WebhookAttempt.id)
+    ).all()
+    return [(d, [a for a in attempts if a.delivery_id == d.id]) for d in rows]
+
+
 def replay(session: Session, delivery: WebhookDelivery, now: datetime) -> None:
     """Send a delivery again, whatever became of it, with the same `webhook-id`."""
     delivery.status = DeliveryStatus.PENDING

@@ -3,15 +3,12 @@ that writes `jobs`, `job_events` and `outbox`."""
 
 from __future__ import annotations
 
-import base64
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, delete, exists, func, insert, literal, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import Row, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -21,9 +18,6 @@ from workers.models import (
     JobEvent,
     OutboxMessage,
     QuarantinedTask,
-    WaveSpeedWebhook,
-    WebhookAttempt,
-    WebhookDelivery,
 )
 from workers.states import JobState, can_transition
 
@@ -303,97 +297,7 @@ def touch(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
         )
 
 
-def first_delivery(session: Session, webhook_id: str) -> bool:
-    """Record a WaveSpeed webhook id; False if it was delivered before."""
-    row = session.execute(
-        pg_insert(WaveSpeedWebhook)
-        .values(id=webhook_id)
-        .on_conflict_do_nothing()
-        .returning(WaveSpeedWebhook.id)
-    ).first()
-    return row is not None
-
-
-def forget_delivery(session: Session, webhook_id: str) -> None:
-    """Undo `first_delivery` for a webhook that could not be taken, so its retry is."""
-    session.execute(delete(WaveSpeedWebhook).where(WaveSpeedWebhook.id == webhook_id))
-
-
-def prune_deliveries(session: Session, older_than_seconds: float, limit: int = 5000) -> int:
-    """Forget webhook ids old enough that WaveSpeed no longer retries them (a bounded batch,
-    so one sweep never holds the table for long)."""
-    before = func.now() - timedelta(seconds=older_than_seconds)
-    oldest = select(WaveSpeedWebhook.id).where(WaveSpeedWebhook.received_at < before).limit(limit)
-    result = session.execute(delete(WaveSpeedWebhook).where(WaveSpeedWebhook.id.in_(oldest)))
-    return int(getattr(result, "rowcount", 0) or 0)
-
-
-@dataclass(frozen=True)
-class Cursor:
-    """Where a page of the list ended: newest first, so stable while new jobs arrive."""
-
-    created_at: datetime
-    job_id: uuid.UUID
-
-    def encode(self) -> str:
-        raw = f"{self.created_at.isoformat()}|{self.job_id}".encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-    @classmethod
-    def decode(cls, token: str) -> Cursor:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        created_at, job_id = raw.split("|")
-        return cls(datetime.fromisoformat(created_at), uuid.UUID(job_id))
-
-
-def page(
-    session: Session,
-    tenant_id: str,
-    *,
-    limit: int,
-    status: str | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
-    metadata: dict[str, str] | None = None,
-    after: Cursor | None = None,
-) -> tuple[Sequence[Job], Cursor | None]:
-    """One page of a tenant's jobs, newest first, and the cursor of the next page."""
-    query = select(Job).where(Job.tenant_id == tenant_id)
-    if status:
-        query = query.where(Job.status == status)
-    if created_after:
-        query = query.where(Job.created_at >= created_after)
-    if created_before:
-        query = query.where(Job.created_at < created_before)
-    for key, value in (metadata or {}).items():
-        query = query.where(Job.metadata_[key].astext == value)
-    if after:
-        query = query.where(tuple_(Job.created_at, Job.id) < tuple_(after.created_at, after.job_id))
-    rows = session.scalars(
-        query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    ).all()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, Cursor(rows[-1].created_at, rows[-1].id) if more else None
-
-
 def for_tenant(session: Session, tenant_id: str, job_id: uuid.UUID) -> Job | None:
     """The job if it belongs to the tenant: another tenant's job is as good as absent."""
     job = session.get(Job, job_id, populate_existing=True)
     return job if job is not None and job.tenant_id == tenant_id else None
-
-
-def deliveries(
-    session: Session, job_id: uuid.UUID
-) -> list[tuple[WebhookDelivery, list[WebhookAttempt]]]:
-    rows = session.scalars(
-        select(WebhookDelivery)
-        .where(WebhookDelivery.job_id == job_id)
-        .order_by(WebhookDelivery.created_at)
-    ).all()
-    attempts = session.scalars(
-        select(WebhookAttempt)
-        .where(WebhookAttempt.delivery_id.in_([d.id for d in rows]))
-        .order_by(WebhookAttempt.id)
-    ).all()
-    return [(d, [a for a in attempts if a.delivery_id == d.id]) for d in rows]

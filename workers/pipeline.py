@@ -21,7 +21,7 @@ from sqlalchemy import ColumnElement, func
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from workers import admission, callbacks, dispatch, jobs, metrics
+from workers import admission, callbacks, dispatch, jobs, metrics, webhook_in
 from workers.db import unit_of_work
 from workers.errors import ErrorCode, classify
 from workers.media import InvalidMedia, probe_video
@@ -464,7 +464,7 @@ class Pipeline:
             job = jobs.by_prediction(session, prediction_id)
             if job is None or job.status != JobState.PROCESSING:
                 return False
-            if not jobs.first_delivery(session, prediction_id):
+            if not webhook_in.first_seen(session, prediction_id):
                 log.info("wavespeed.webhook.duplicate", prediction_id=prediction_id)
                 return False
         try:
@@ -475,7 +475,7 @@ class Pipeline:
         except BaseException:
             # Not taken after all (the broker or Postgres failed): let WaveSpeed's retry in.
             with unit_of_work(self.sessions) as session:
-                jobs.forget_delivery(session, prediction_id)
+                webhook_in.forget(session, prediction_id)
             raise
         return True
 

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 from sqlalchemy.orm import Session
 
-from workers import callbacks, dispatch, jobs, metrics, quarantine
+from workers import callbacks, dispatch, jobs, metrics, quarantine, webhook_in
 from workers.db import unit_of_work
 from workers.dispatch import RECOVER
 from workers.models import Job
@@ -76,7 +76,7 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
         counts[str(sweep.state)] = _sweep(pipeline, sweep, grace)
     with unit_of_work(sessions) as session:
         deliveries = callbacks.due(session, pipeline.clock())
-        jobs.prune_deliveries(session, WEBHOOK_ID_RETENTION_SECONDS)
+        webhook_in.prune(session, WEBHOOK_ID_RETENTION_SECONDS)
     for delivery_id in deliveries:
         send(dispatch.NOTIFY, delivery_id)
     counts["callbacks"] = len(deliveries)

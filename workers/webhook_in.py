@@ -1,5 +1,5 @@
-"""Verification of the webhooks WaveSpeed sends us (its variant of Standard Webhooks:
-`v3,<hex>` signatures keyed with the secret text itself, not base64-decoded)."""
+"""The webhooks WaveSpeed sends us: verification (its variant of Standard Webhooks: `v3,<hex>`
+signatures keyed with the secret text itself, not base64-decoded) and the ids already seen."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ import hashlib
 import hmac
 import time
 from collections.abc import Mapping
+from datetime import timedelta
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from workers.models import WaveSpeedWebhook
 
 TOLERANCE_SECONDS = 300
 # WaveSpeed's prediction ids are short; the dedupe row keeps them in a String(64) column.
@@ -52,3 +59,28 @@ def verify(
         if version == "v3" and hmac.compare_digest(value, expected):
             return webhook_id
     raise WebhookRejected("no valid signature")
+
+
+def first_seen(session: Session, webhook_id: str) -> bool:
+    """Record a WaveSpeed webhook id; False if it was seen before."""
+    row = session.execute(
+        pg_insert(WaveSpeedWebhook)
+        .values(id=webhook_id)
+        .on_conflict_do_nothing()
+        .returning(WaveSpeedWebhook.id)
+    ).first()
+    return row is not None
+
+
+def forget(session: Session, webhook_id: str) -> None:
+    """Undo `first_seen` for a webhook that could not be taken, so its retry is."""
+    session.execute(delete(WaveSpeedWebhook).where(WaveSpeedWebhook.id == webhook_id))
+
+
+def prune(session: Session, older_than_seconds: float, limit: int = 5000) -> int:
+    """Forget webhook ids old enough that WaveSpeed no longer retries them (a bounded batch,
+    so one sweep never holds the table for long)."""
+    before = func.now() - timedelta(seconds=older_than_seconds)
+    oldest = select(WaveSpeedWebhook.id).where(WaveSpeedWebhook.received_at < before).limit(limit)
+    result = session.execute(delete(WaveSpeedWebhook).where(WaveSpeedWebhook.id.in_(oldest)))
+    return int(getattr(result, "rowcount", 0) or 0)
