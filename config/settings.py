@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from limits import parse
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODEL_ID = "kwaivgi/kling-v2.1-i2v-pro"
@@ -148,6 +148,10 @@ class Settings(BaseSettings):
     # Soft and hard time limit of one task (the store's are derived from `store_stall_seconds`):
     # the soft one lets the task clean up, the hard one kills the process.
     task_time_limit_seconds: float = Field(default=300.0, ge=10.0)
+    # The submit task's hard time limit, from its claim of the job to the end of its POST: the
+    # process is killed past it, so no POST of that attempt can reach WaveSpeed later. A
+    # history lookup counts as a miss only after it; longer than the POST's own timeouts.
+    submit_time_limit_seconds: float = Field(default=90.0, ge=20.0)
 
     # Outages that last minutes. An unanswered submit is looked up in WaveSpeed's history in a
     # window around the POST, widened by the clocks' possible disagreement, reading at most
@@ -184,6 +188,20 @@ class Settings(BaseSettings):
     def _readable_rate(cls, value: str) -> str:
         parse(value)  # raises ValueError on anything `limits` cannot read, naming it
         return value
+
+    @model_validator(mode="after")
+    def _submit_outlasts_its_post(self) -> Settings:
+        if self.submit_time_limit_seconds < self.submit_post_seconds + 10:
+            raise ValueError(
+                "submit_time_limit_seconds must exceed wavespeed_connect_timeout + "
+                f"wavespeed_read_timeout by 10 s or more ({self.submit_post_seconds + 10:.0f})"
+            )
+        return self
+
+    @property
+    def submit_post_seconds(self) -> float:
+        """The longest a submit POST waits for WaveSpeed's answer once sent."""
+        return self.wavespeed_connect_timeout + self.wavespeed_read_timeout
 
     @property
     def upload_body_max_bytes(self) -> int:

@@ -64,6 +64,8 @@ SANDBOX_SETTINGS = {
     "POLL_OVERDUE_GRACE_SECONDS": "5",
     "STORE_STALL_SECONDS": "30",
     "WAVESPEED_READ_TIMEOUT": "10",
+    # A lost submit answer is settled within about a minute, not the default's three.
+    "SUBMIT_TIME_LIMIT_SECONDS": "30",
     "LOG_FORMAT": "json",
     # The simulator has no account tier; gate at a generous one.
     "MAX_IN_FLIGHT": "200",

@@ -15,7 +15,7 @@ from kombu import Exchange, Queue
 from config import Settings
 from config.logging import configure_logging
 from workers import metrics
-from workers.dispatch import NOTIFY, QUEUES, RECONCILE, ROUTES, STORE
+from workers.dispatch import NOTIFY, QUEUES, RECONCILE, ROUTES, STORE, SUBMIT
 
 # The message header that carries the API's request id into tasks.
 REQUEST_ID_HEADER = "request_id"
@@ -36,6 +36,11 @@ def create_celery(settings: Settings) -> Celery:
         task_soft_time_limit=limit,
         task_time_limit=limit + 30,
         task_annotations={
+            # Past its hard limit no submit's POST can still reach WaveSpeed (`recover`).
+            SUBMIT: {
+                "soft_time_limit": settings.submit_time_limit_seconds - 5,
+                "time_limit": settings.submit_time_limit_seconds,
+            },
             # A store holds its job for `store_stall_seconds`; it ends before another try may.
             STORE: {
                 "soft_time_limit": store_limit - min(30.0, lease / 8),

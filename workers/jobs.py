@@ -214,28 +214,39 @@ def _claimed(session: Session, claim: Any) -> tuple[Job, datetime] | None:
 
 
 def record_miss(
-    session: Session, job_id: uuid.UUID, attempt: int, settle_seconds: float
+    session: Session,
+    job_id: uuid.UUID,
+    attempt: int,
+    looked_at: datetime,
+    *,
+    posted_before: datetime,
+    missed_before: datetime,
 ) -> int | None:
-    """Count a history lookup of submit `attempt` that did not find it, if it proves
-    something: the POST can no longer be in flight, and the last miss is `settle_seconds`
-    old. Answers the misses so far, or None when this lookup came too early to count."""
-    settled = func.now() - timedelta(seconds=settle_seconds)
+    """Count a history lookup of submit `attempt`, begun at `looked_at`, that did not find
+    it, if it proves something: the attempt was claimed before `posted_before` (its POST can
+    no longer arrive) and any earlier miss began before `missed_before`. Answers the misses
+    so far, or None when this lookup came too early to count."""
     row = session.execute(
         update(Job)
         .where(
             Job.id == job_id,
             Job.status == JobState.SUBMITTING,
             Job.submit_attempts == attempt,
-            Job.last_submit_at <= settled,
-            Job.last_miss_at.is_(None) | (Job.last_miss_at <= settled),
+            Job.last_submit_at <= posted_before,
+            Job.last_miss_at.is_(None) | (Job.last_miss_at <= missed_before),
         )
         .values(
-            recover_misses=Job.recover_misses + 1, last_miss_at=func.now(), updated_at=func.now()
+            recover_misses=Job.recover_misses + 1, last_miss_at=looked_at, updated_at=func.now()
         )
         .returning(Job.recover_misses)
         .execution_options(synchronize_session=False)
     ).first()
     return int(row[0]) if row is not None else None
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock: the one every worker agrees on."""
+    return session.execute(select(func.now())).scalar_one()
 
 
 def by_prediction(session: Session, prediction_id: str) -> Job | None:

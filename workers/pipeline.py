@@ -125,9 +125,10 @@ class Pipeline:
         self._adopt(job_id, attempt, job.duration, prediction, reason="submitted")
 
     @property
-    def _settle(self) -> float:
-        """The longest a submit POST can be in flight: after this, no answer is coming."""
-        return self.settings.wavespeed_connect_timeout + self.settings.wavespeed_read_timeout
+    def _in_flight(self) -> timedelta:
+        """How long after its claim a submit's POST may still reach WaveSpeed: until the
+        submit task's hard time limit has killed whatever process was sending it."""
+        return timedelta(seconds=self.settings.submit_time_limit_seconds)
 
     def _claim(self, job_id: uuid.UUID) -> tuple[Job, bool]:
         """`queued -> submitting` if the gate admitted the job; answers the job as it was
@@ -144,7 +145,7 @@ class Pipeline:
                 when=Job.admitted_at.is_not(None),
                 submit_attempts=Job.submit_attempts + 1,
                 last_submit_at=func.now(),
-                due_at=jobs.db_in(self._settle),
+                due_at=jobs.db_in(self.settings.submit_time_limit_seconds),
                 recover_misses=0,
                 last_miss_at=None,
             )
@@ -175,11 +176,13 @@ class Pipeline:
 
     def recover(self, job_id: uuid.UUID, attempt: int | None = None) -> None:
         """Resolve a `submitting` job whose POST got no answer: adopt the prediction if
-        WaveSpeed's history has it; resubmit only once two lookups, `_settle` apart and both
-        after the POST ended, missed it. `attempt` ties the message to one submit attempt:
-        a message of an earlier attempt changes nothing (that attempt was settled)."""
+        WaveSpeed's history has it; resubmit only once two lookups missed it, both begun
+        after the submit's POST can no longer arrive and the second one a POST's timeout
+        after the first. `attempt` ties the message to one submit attempt: a message of an
+        earlier attempt changes nothing (that attempt was settled)."""
         with unit_of_work(self.sessions) as session:
             job = _bind(jobs.get(session, job_id))
+            looked_at = jobs.db_now(session)  # before the lookup: what it can prove dates from
         if job.status != JobState.SUBMITTING or job.last_submit_at is None:
             return
         if attempt is not None and attempt != job.submit_attempts:
@@ -193,17 +196,21 @@ class Pipeline:
         if found is not None:
             self._adopt(job_id, attempt, job.duration, found, reason="adopted from history")
         else:
-            self._missed(job_id, attempt)
+            self._missed(job, attempt, looked_at)
 
-    def _missed(self, job_id: uuid.UUID, attempt: int) -> None:
-        settle = self._settle
+    def _missed(self, job: Job, attempt: int, looked_at: datetime) -> None:
+        assert job.last_submit_at is not None
+        spacing = timedelta(seconds=self.settings.submit_post_seconds)
         requeued = False
         with unit_of_work(self.sessions) as session:
-            misses = jobs.record_miss(session, job_id, attempt, settle)
+            misses = jobs.record_miss(
+                session, job.id, attempt, looked_at,
+                posted_before=looked_at - self._in_flight, missed_before=looked_at - spacing,
+            )  # fmt: skip
             if misses is not None and misses >= 2:
                 # Parked: no submit message is on its way; the gate sends one when it admits it.
                 requeued = jobs.transition(
-                    session, job_id, JobState.SUBMITTING, JobState.QUEUED,
+                    session, job.id, JobState.SUBMITTING, JobState.QUEUED,
                     reason=f"attempt {attempt} not in WaveSpeed's history, twice",
                     when=Job.submit_attempts == attempt,
                     admitted_at=None, parked_at=func.now(), due_at=None,
@@ -214,8 +221,10 @@ class Pipeline:
             return
         # A first miss, or a lookup too early to count: look again once it can count (the
         # margin keeps a countdown that fires a little early from missing the mark).
+        can_count = job.last_submit_at + self._in_flight - looked_at
+        delay = max(spacing, can_count).total_seconds() + 1.0
         note = f"attempt {attempt} not in WaveSpeed's history yet" if misses else None
-        self._recover_in(job_id, attempt, settle + 1.0, note=note)
+        self._recover_in(job.id, attempt, delay, note=note)
 
     def _recover_failed(self, job: Job, attempt: int, why: str) -> None:
         """A history lookup failed: back off and look again, until the deadline."""
@@ -281,7 +290,7 @@ class Pipeline:
         settings = self.settings
         skew = timedelta(seconds=settings.history_clock_skew_seconds)
         since = job.last_submit_at - skew
-        until = job.last_submit_at + timedelta(seconds=2 * self._settle) + skew
+        until = job.last_submit_at + self._in_flight + skew
         marker = history_marker(job, attempt)
         for page in range(1, settings.history_max_pages + 1):
             batch = self.wavespeed.history(

@@ -1,6 +1,7 @@
 """An unanswered submit is never paid twice: it is adopted from WaveSpeed's history when it
 arrived, and resubmitted only once the history proves it did not (two misses, far enough
-apart, both after the POST ended), whatever messages come late or twice."""
+apart, both begun once no POST of the attempt can still arrive), whatever messages come late
+or twice."""
 
 from __future__ import annotations
 
@@ -26,8 +27,13 @@ pytestmark = pytest.mark.integration
 
 
 def settle(pipeline: Pipeline) -> float:
-    settings = pipeline.settings
-    return settings.wavespeed_connect_timeout + settings.wavespeed_read_timeout
+    """How long a sent POST waits for its answer."""
+    return pipeline.settings.submit_post_seconds
+
+
+def in_flight(pipeline: Pipeline) -> float:
+    """How long after its claim a POST may still reach WaveSpeed (the submit's hard limit)."""
+    return pipeline.settings.submit_time_limit_seconds
 
 
 def rewind(pipeline: Pipeline, job_id: uuid.UUID, seconds: float, *columns: str) -> None:
@@ -60,21 +66,51 @@ def test_one_miss_is_not_proof_two_far_enough_apart_are(
     wait = settle(pipeline)
     pipeline.recover(job_id, 1)  # the POST may still be in flight: this lookup cannot count
     assert status(pipeline, job_id).recover_misses == 0
-    rewind(pipeline, job_id, wait, "last_submit_at")
+    # Past the POST's own timeouts, but the worker may have stalled between its claim and
+    # the POST (an S3 copy hanging, a paused host): until the submit's hard limit has killed
+    # it, a miss proves nothing.
+    rewind(pipeline, job_id, wait + 1, "last_submit_at")
+    pipeline.recover(job_id, 1)
+    assert status(pipeline, job_id).recover_misses == 0
+    rewind(pipeline, job_id, in_flight(pipeline), "last_submit_at")
     pipeline.recover(job_id, 1)
     job = status(pipeline, job_id)
     assert job.status == JobState.SUBMITTING and job.recover_misses == 1
     pipeline.recover(job_id, 1)  # a duplicate message right after: not a second miss
     assert status(pipeline, job_id).recover_misses == 1
-    # Every lookup asked for exactly one next lookup of the same attempt.
+    # Every lookup asked for exactly one next lookup of the same attempt, no sooner than it
+    # could count: the first two only once the hard limit has passed.
     asked = [(t, c, kw) for t, _, c, kw in dispatcher.take()]
     assert {(t, kw["attempt"]) for t, _, kw in asked} == {(dispatch.RECOVER, 1)}
     assert all(c is not None and c > wait for _, c, _ in asked)
+    assert asked[0][1] > in_flight(pipeline) - 1 and asked[1][1] > in_flight(pipeline) - wait - 2
     rewind(pipeline, job_id, wait, "last_submit_at", "last_miss_at")
     pipeline.recover(job_id, 1)
     # Proof: back to the queue, and (the gate being open) a submit message for attempt 2.
     assert status(pipeline, job_id).status == JobState.QUEUED
     assert [(t, j) for t, j, *_ in dispatcher.take()] == [(dispatch.SUBMIT, job_id)]
+
+
+def test_a_miss_counts_from_when_its_lookup_began(pipeline: Pipeline, portrait: bytes) -> None:
+    """Two lookups of one attempt that overlap (two chains, a slow history answer) are one
+    miss, however far apart their answers come back."""
+    job_id = claimed_but_never_posted(pipeline, portrait)
+    rewind(pipeline, job_id, 2 * in_flight(pipeline), "last_submit_at")
+    spacing = timedelta(seconds=settle(pipeline))
+    with unit_of_work(pipeline.sessions) as session:
+        began = jobs.db_now(session)
+
+    def miss(looked_at: Any) -> int | None:
+        with unit_of_work(pipeline.sessions) as session:
+            return jobs.record_miss(
+                session, job_id, 1, looked_at,
+                posted_before=looked_at - timedelta(seconds=in_flight(pipeline)),
+                missed_before=looked_at - spacing,
+            )  # fmt: skip
+
+    assert miss(began) == 1
+    assert miss(began + timedelta(seconds=1)) is None  # began a second after the first
+    assert miss(began + spacing) == 2
 
 
 def test_a_recover_message_of_an_earlier_attempt_changes_nothing(
@@ -83,7 +119,7 @@ def test_a_recover_message_of_an_earlier_attempt_changes_nothing(
     job_id = claimed_but_never_posted(pipeline, portrait)
     with unit_of_work(pipeline.sessions) as session:  # attempt 2 is being POSTed right now
         session.execute(update(Job).where(Job.id == job_id).values(submit_attempts=2))
-    rewind(pipeline, job_id, 10 * settle(pipeline), "last_submit_at")
+    rewind(pipeline, job_id, 10 * in_flight(pipeline), "last_submit_at")
     for _ in range(3):
         pipeline.recover(job_id, 1)
     job = status(pipeline, job_id)
@@ -138,7 +174,7 @@ def test_while_history_fails_lookups_back_off_one_chain_and_no_resubmit(
 ) -> None:
     down = history_down(pipeline)
     job_id = claimed_but_never_posted(down, portrait)
-    rewind(down, job_id, 10 * settle(down), "last_submit_at")
+    rewind(down, job_id, 10 * in_flight(down), "last_submit_at")
     delays = []
     for failures in range(1, 5):
         down.recover(job_id, 1)
