@@ -105,7 +105,11 @@ def update_fields(
     **values: Any,
 ) -> bool:
     """Change fields of a job that is still in `state` (and matches `when`), without a
-    transition; `note` records why in the job's history (a retry of its step, say)."""
+    transition; `note` records why in the job's history (a retry of its step, say). A try
+    of the step that ran and recorded its failure is progress: its message got through, so
+    the resends so far (counted against `reconcile_max_resends`) start again from zero."""
+    if "step_failures" in values:
+        values.setdefault("resends", 0)
     query = update(Job).where(Job.id == job_id, Job.status == state)
     if when is not None:
         query = query.where(when)
@@ -284,12 +288,12 @@ def quarantined(subject: Any) -> ColumnElement[bool]:
 def set_next_poll(
     session: Session, job_id: uuid.UUID, seq: int, delay: float, failures: int = 0
 ) -> bool:
-    """Record when the chain `seq` checks next, and the refusals in a row so far; False if the
-    job moved on or the chain died."""
+    """Record when the chain `seq` checks next, and the refusals in a row so far (the poll
+    ran: resends start again from zero); False if the job moved on or the chain died."""
     row = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobState.PROCESSING, Job.poll_seq == seq)
-        .values(due_at=db_in(delay), step_failures=failures, updated_at=func.now())
+        .values(due_at=db_in(delay), step_failures=failures, resends=0, updated_at=func.now())
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     ).first()

@@ -21,12 +21,13 @@ from tests.integration.flow import (
     submitted,
 )
 from tests.support import RecordingDispatcher, SimulatorAdmin, wait_for
-from workers import dispatch, jobs
+from workers import dispatch, jobs, quarantine
 from workers.admission import ADMISSION_LOCK
 from workers.db import unit_of_work
 from workers.models import Job, OutboxMessage
 from workers.outbox import relay
 from workers.pipeline import Pipeline, video_key
+from workers.reconciler import reconcile
 from workers.states import JobState
 from workers.wavespeed import Prediction
 
@@ -254,6 +255,34 @@ def test_a_store_that_fails_past_its_deadline_fails_and_can_be_restored(
     job = status(pipeline, job_id)
     assert job.status == JobState.COMPLETED and job.error_code is None
     assert not pipeline.restore(job_id)  # only failed stores are restored
+
+
+def test_a_store_that_keeps_failing_is_retried_to_its_deadline_not_put_aside(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    """Hours of S3 or CDN trouble: every try is sent by the reconciler and fails. Those are
+    resends that got through, not a message lost again and again, so the resend cap (which
+    puts a job aside for an operator, with no deadline running) must not be reached."""
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    poll_until_left_processing(pipeline, job_id)
+    simulator.set_faults(output_truncate=1.0)
+    cap = pipeline.settings.reconcile_max_resends
+    for tries in (1, 2):
+        with unit_of_work(pipeline.sessions) as session:  # resent up to the cap, this try last
+            session.execute(update(Job).where(Job.id == job_id).values(resends=cap))
+        make_due(pipeline, job_id)
+        pipeline.store(job_id)
+        overdue = func.now() - timedelta(hours=1)
+        with unit_of_work(pipeline.sessions) as session:
+            session.execute(
+                update(Job).where(Job.id == job_id).values(due_at=overdue, updated_at=overdue)
+            )
+        assert reconcile(pipeline)["storing"] == 1  # sent again, not put aside
+        with pipeline.sessions() as session:
+            assert job_id not in [entry.subject_id for entry in quarantine.active(session)]
+        job = status(pipeline, job_id)
+        assert job.status == JobState.STORING and job.step_failures == tries and job.resends == 1
 
 
 def events_of(pipeline: Pipeline, job_id: Any) -> list[Any]:
