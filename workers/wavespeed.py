@@ -101,6 +101,12 @@ def _parse_time(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+# Answers to a POST that may come after WaveSpeed created the prediction: its own error after
+# the insert (500), or a gateway's that lost the origin's answer (502, 504). 429 and 503 say
+# the request was turned away; 4xx that it was refused.
+MAY_HAVE_CREATED = frozenset({500, 502, 504})
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     return parse_retry_after(response.headers.get("retry-after"))
 
@@ -192,11 +198,17 @@ class WaveSpeedClient:
             method, self._base + path, headers=self._headers, may_create=may_create, **kwargs
         )
         if not response.is_success:
-            raise _error_for(response)
+            error = _error_for(response)
+            if may_create and response.status_code in MAY_HAVE_CREATED:
+                raise WaveSpeedAmbiguous(error.message, status_code=response.status_code)
+            raise error
         try:
             envelope = response.json()
         except ValueError as exc:
-            raise WaveSpeedUnavailable(f"WaveSpeed answered non-JSON: {exc}") from exc
+            message = f"WaveSpeed answered non-JSON: {exc}"
+            if may_create:  # a success we cannot read: whatever it created is unknown
+                raise WaveSpeedAmbiguous(message, status_code=response.status_code) from exc
+            raise WaveSpeedUnavailable(message) from exc
         if int(envelope.get("code", 200)) != 200:
             raise WaveSpeedRejected(
                 f"WaveSpeed answered code {envelope.get('code')}: {envelope.get('message')}",

@@ -133,6 +133,29 @@ def test_a_submit_without_answer_is_ambiguous(error: type[httpx.TransportError])
     assert caught.value.ambiguous and not caught.value.retryable
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(500, json={"message": "internal error"}),
+        httpx.Response(502, text="bad gateway"),
+        httpx.Response(504, text="gateway timeout"),
+        httpx.Response(200, text="<html>not json</html>"),
+    ],
+)
+def test_a_submit_answered_after_it_may_have_created_is_ambiguous(answer: httpx.Response) -> None:
+    # WaveSpeed may have created (and will bill) the prediction: only its history can say.
+    with pytest.raises(WaveSpeedAmbiguous) as caught:
+        client_for(lambda _: answer).submit(MODEL, {})
+    assert caught.value.ambiguous and not caught.value.retryable
+    assert caught.value.status_code == answer.status_code
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_submit_turned_away_is_retryable(status: int) -> None:
+    with pytest.raises(WaveSpeedUnavailable):
+        client_for(lambda _: httpx.Response(status, text="busy")).submit(MODEL, {})
+
+
 def test_a_read_without_answer_is_just_retryable() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("slow", request=request)
