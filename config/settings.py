@@ -162,8 +162,11 @@ class Settings(BaseSettings):
     history_max_pages: int = Field(default=200, ge=1)
     recover_max_interval_seconds: float = Field(default=300.0, gt=0.0)
     recover_deadline_seconds: float = Field(default=24 * 3600.0, gt=0.0)
-    # Polls WaveSpeed refuses in a row (404, 400) before the job fails as `prediction_lost`.
-    poll_max_rejections: int = Field(default=3, ge=1)
+    # Polls WaveSpeed refuses in a row (404, 400) before the job fails as `prediction_lost`;
+    # after each refusal the next poll waits `poll_refusal_base_seconds`, doubling, so a blip
+    # of a few seconds does not end a live (and paid) prediction: about 4 to 7 min in all.
+    poll_max_rejections: int = Field(default=5, ge=1)
+    poll_refusal_base_seconds: float = Field(default=30.0, ge=0.0)
     # WaveSpeed keeps outputs 7 days: a 403/404 before then is a CDN hiccup and is retried,
     # as is any failed store, backing off to `store_retry_max_seconds`, until
     # `store_deadline_seconds` after the output was reported.

@@ -63,6 +63,7 @@ SANDBOX_SETTINGS = {
     "OUTBOX_GRACE_SECONDS": "3",
     "POLL_OVERDUE_GRACE_SECONDS": "5",
     "STORE_STALL_SECONDS": "30",
+    "POLL_REFUSAL_BASE_SECONDS": "1",
     "WAVESPEED_READ_TIMEOUT": "10",
     # A lost submit answer is settled within about a minute, not the default's three.
     "SUBMIT_TIME_LIMIT_SECONDS": "30",

@@ -458,9 +458,12 @@ class Pipeline:
             message = f"WaveSpeed refused {refusals + 1} polls in a row: {exc.message}"
             self.fail(job.id, JobState.PROCESSING, ErrorCode.PREDICTION_LOST, message,
                       when=_tracks(job))  # fmt: skip
+        elif exc.retryable:
+            self._reschedule(job, exc.retry_after, refusals)  # keeps the refusals in a row
         else:
-            # A transient error keeps the count of refusals in a row; a refusal adds one.
-            self._reschedule(job, exc.retry_after, refusals + (0 if exc.retryable else 1))
+            base = self.settings.poll_refusal_base_seconds
+            wait = backoff(refusals + 1, base, 8 * base, exc.retry_after)
+            self._reschedule(job, wait, refusals + 1)
 
     def take_webhook(self, prediction_id: str, reported: dict[str, Any] | None) -> bool:
         """WaveSpeed's verified webhook says a prediction finished. Settle its job here and

@@ -37,13 +37,23 @@ pytestmark = pytest.mark.integration
 def test_a_prediction_wavespeed_keeps_refusing_ends_the_job_after_a_few_polls(
     pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
 ) -> None:
+    settings = pipeline.settings.model_copy(update={"poll_refusal_base_seconds": 20.0})
+    pipeline = replace(pipeline, settings=settings)
     job_id, _ = submitted(pipeline, portrait)
     with unit_of_work(pipeline.sessions) as session:  # a prediction WaveSpeed no longer knows
         session.execute(update(Job).where(Job.id == job_id).values(prediction_id="gone-404"))
+    dispatcher.take()
+    base = pipeline.settings.poll_refusal_base_seconds
+    waits = []
     for refusals in range(1, pipeline.settings.poll_max_rejections):
         pipeline.poll(job_id)
         job = status(pipeline, job_id)
         assert job.status == JobState.PROCESSING and job.step_failures == refusals
+        ((task, _, countdown, _),) = dispatcher.take()
+        assert task == dispatch.POLL and countdown is not None
+        waits.append(countdown)
+    # Each refusal waits longer, so a blip of WaveSpeed's does not end a live prediction.
+    assert waits[0] >= base / 2 and waits[-1] >= base * 2 ** (len(waits) - 1) / 2
     pipeline.poll(job_id)
     job = status(pipeline, job_id)
     assert job.status == JobState.FAILED and job.error_code == "prediction_lost"
