@@ -52,6 +52,9 @@ class DeliveryStatus(StrEnum):
     SUCCEEDED = "succeeded"
     EXHAUSTED = "exhausted"  # every scheduled attempt failed; replayable
     GONE = "gone"  # the receiver answered 410: nothing more goes to that URL
+    # The job moved on (a failed store restored): what it said is no longer true, so it is
+    # not sent late, after the news that replaced it.
+    SUPERSEDED = "superseded"
 
 
 Post = Callable[[str, bytes, dict[str, str]], httpx.Response]
@@ -373,6 +376,15 @@ def of_job(
         .order_by(WebhookAttempt.id)
     ).all()
     return [(d, [a for a in attempts if a.delivery_id == d.id]) for d in rows]
+
+
+def supersede(session: Session, job_id: uuid.UUID) -> None:
+    """Stop every callback of the job still waiting to be sent."""
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.job_id == job_id, WebhookDelivery.status == DeliveryStatus.PENDING)
+        .values(status=DeliveryStatus.SUPERSEDED, next_attempt_at=None)
+    )
 
 
 def replay(session: Session, delivery: WebhookDelivery, now: datetime) -> None:

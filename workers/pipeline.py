@@ -646,6 +646,8 @@ class Pipeline:
                 error_code=None, error_message=None, completed_at=None, due_at=func.now(),
                 store_deadline_at=jobs.db_in(self.settings.store_deadline_seconds),
             )  # fmt: skip
+            if moved:  # a `failed` callback still retrying would arrive after `completed`
+                callbacks.supersede(session, job_id)
         if moved:
             self.dispatch(dispatch.STORE, job_id)
         return moved

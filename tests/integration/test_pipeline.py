@@ -21,7 +21,7 @@ from tests.integration.flow import (
     submitted,
 )
 from tests.support import RecordingDispatcher, SimulatorAdmin, wait_for
-from workers import dispatch, jobs, quarantine
+from workers import callbacks, dispatch, jobs, quarantine
 from workers.admission import ADMISSION_LOCK
 from workers.db import unit_of_work
 from workers.models import Job, OutboxMessage
@@ -238,7 +238,7 @@ def test_a_truncated_download_is_retried_and_leaves_no_object(
 def test_a_store_that_fails_past_its_deadline_fails_and_can_be_restored(
     pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, dispatcher: RecordingDispatcher
 ) -> None:
-    job_id = new_job(pipeline, portrait)
+    job_id = new_job(pipeline, portrait, webhook_url="https://hooks.example.com/kling")
     submit(pipeline, job_id)
     poll_until_left_processing(pipeline, job_id)
     simulator.set_faults(output_truncate=1.0)
@@ -251,6 +251,10 @@ def test_a_store_that_fails_past_its_deadline_fails_and_can_be_restored(
     dispatcher.take()
     assert pipeline.restore(job_id)
     assert [t for t, *_ in dispatcher.take()] == [dispatch.STORE]
+    with pipeline.sessions() as session:  # its `failed` callback is not sent late
+        assert [(d.event, d.status) for d, _ in callbacks.of_job(session, job_id)] == [
+            (callbacks.FAILED, callbacks.DeliveryStatus.SUPERSEDED)
+        ]
     pipeline.store(job_id)
     job = status(pipeline, job_id)
     assert job.status == JobState.COMPLETED and job.error_code is None
