@@ -22,11 +22,16 @@ from sqlalchemy.orm import Session
 
 ADMISSION_LOCK = 0x6B6C696E67  # "kling": one pump at a time across every worker host
 
-# In flight: submitting or processing at WaveSpeed, or admitted and about to be submitted.
+# In flight: submitting or processing at WaveSpeed, or admitted and about to be submitted;
+# a job put aside for an operator holds no slot (its step is not running, and three of them
+# must not stop every admission).
 _FAIR_CANDIDATES = text("""
 WITH in_flight AS (
     SELECT tenant_id, count(*) AS n FROM jobs
-    WHERE status IN ('submitting', 'processing') OR (status = 'queued' AND admitted_at IS NOT NULL)
+    WHERE (status IN ('submitting', 'processing')
+           OR (status = 'queued' AND admitted_at IS NOT NULL))
+      AND NOT EXISTS (SELECT 1 FROM quarantined_tasks q
+                      WHERE q.subject_id = jobs.id AND q.released_at IS NULL)
     GROUP BY tenant_id
 ), waiting AS (
     SELECT id, tenant_id, created_at,
@@ -42,8 +47,11 @@ LIMIT :free
 
 _USAGE = text("""
 SELECT
-    count(*) FILTER (WHERE status IN ('submitting', 'processing')
-                     OR (status = 'queued' AND admitted_at IS NOT NULL)) AS in_flight,
+    count(*) FILTER (WHERE (status IN ('submitting', 'processing')
+                            OR (status = 'queued' AND admitted_at IS NOT NULL))
+                           AND NOT EXISTS (SELECT 1 FROM quarantined_tasks q
+                                           WHERE q.subject_id = jobs.id
+                                             AND q.released_at IS NULL)) AS in_flight,
     count(*) FILTER (WHERE last_submit_at > :minute_ago
                      OR (status = 'queued' AND admitted_at IS NOT NULL)) AS last_minute
 FROM jobs

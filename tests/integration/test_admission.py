@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from workers.admission import Gate, admit
 from workers.db import unit_of_work
 from workers.models import Job, Tenant
+from workers.quarantine import put_aside
 from workers.states import JobState
 
 pytestmark = pytest.mark.integration
@@ -60,6 +61,18 @@ def test_admits_up_to_the_global_cap_counting_what_is_in_flight(
     add_jobs(sessions, "a", 10)
     assert len(run(sessions, Gate(5, 100, 100))) == 3
     assert run(sessions, Gate(5, 100, 100)) == []  # the admitted ones count as in flight now
+
+
+def test_jobs_put_aside_for_an_operator_hold_no_slot(sessions: sessionmaker[Session]) -> None:
+    stuck = add_jobs(sessions, "a", 3, status=JobState.PROCESSING)
+    add_jobs(sessions, "b", 2)
+    assert run(sessions, Gate(3, 100, 100)) == []  # three in flight: the gate is full
+    with unit_of_work(sessions) as session:
+        for job_id in stuck:
+            put_aside(session, "generation.poll", job_id, "killed its worker", 6)
+    assert len(run(sessions, Gate(3, 100, 100))) == 2  # put aside, they stop holding slots
+    add_jobs(sessions, "c", 2)
+    assert len(run(sessions, Gate(3, 100, 100))) == 1  # the two admitted do hold theirs
 
 
 def test_admits_no_more_than_the_rate_per_minute(sessions: sessionmaker[Session]) -> None:
