@@ -655,7 +655,10 @@ class Pipeline:
     def _copy_output(self, url: str, key: str, copy: Path) -> Any:
         timeout = httpx.Timeout(self.settings.download_timeout_seconds, connect=5.0)
         try:
-            with self.http.stream("GET", url, timeout=timeout) as response:
+            # The bytes as the CDN keeps them: `iter_raw` does not decompress, so a CDN that
+            # compressed its answer would hand S3 a gzip file instead of the MP4.
+            identity = {"Accept-Encoding": "identity"}
+            with self.http.stream("GET", url, timeout=timeout, headers=identity) as response:
                 if response.status_code in (403, 404, 410):
                     raise OutputGone(f"output answered HTTP {response.status_code}")
                 response.raise_for_status()

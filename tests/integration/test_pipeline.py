@@ -9,6 +9,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import func, select, text, update
 
@@ -197,6 +198,21 @@ def test_an_expired_output_fails_with_output_expired(
     pipeline.store(job_id)
     job = status(pipeline, job_id)
     assert job.status == JobState.FAILED and job.error_code == "output_expired"
+
+
+def test_the_output_is_asked_for_uncompressed(pipeline: Pipeline, portrait: bytes) -> None:
+    """The store streams the raw bytes into S3: a CDN allowed to gzip them would store a
+    gzip file (and fail it as invalid) instead of the MP4."""
+    asked: list[httpx.Request] = []
+    recording = httpx.Client(event_hooks={"request": [asked.append]})
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    poll_until_left_processing(pipeline, job_id)
+    replace(pipeline, http=recording).store(job_id)
+    recording.close()
+    assert status(pipeline, job_id).status == JobState.COMPLETED
+    ((download,),) = [[r for r in asked if r.url.path.startswith("/_sim/outputs/")]]
+    assert download.headers["accept-encoding"] == "identity"
 
 
 def test_a_cdn_404_just_after_completion_is_retried_not_failed(
