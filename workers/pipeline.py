@@ -292,6 +292,7 @@ class Pipeline:
         since = job.last_submit_at - skew
         until = job.last_submit_at + self._in_flight + skew
         marker = history_marker(job, attempt)
+        blind = 0  # predictions of the window that do not show their input
         for page in range(1, settings.history_max_pages + 1):
             batch = self.wavespeed.history(
                 model=settings.wavespeed_model, created_after=since, created_before=until,
@@ -300,12 +301,19 @@ class Pipeline:
             for prediction in batch:
                 if marker in str(prediction.input.get("image", "")):
                     return prediction
+                blind += not prediction.input
             if len(batch) < HISTORY_PAGE_SIZE:
-                return None
-        raise HistoryInconclusive(
-            f"more than {settings.history_max_pages * HISTORY_PAGE_SIZE} predictions between "
-            f"{since.isoformat()} and {until.isoformat()}"
-        )
+                break
+        else:
+            raise HistoryInconclusive(
+                f"more than {settings.history_max_pages * HISTORY_PAGE_SIZE} predictions "
+                f"between {since.isoformat()} and {until.isoformat()}"
+            )
+        if blind:
+            # Any of them may be ours: absence is not proven (WaveSpeed documents history
+            # items without `input`; then an unanswered submit ends as `submit_unconfirmed`).
+            raise HistoryInconclusive(f"{blind} predictions in the window show no input")
+        return None
 
     def _adopt(
         self, job_id: uuid.UUID, attempt: int, duration: int, prediction: Prediction, *,

@@ -169,6 +169,35 @@ def history_down(pipeline: Pipeline) -> Pipeline:
     )
 
 
+class InputlessHistory(WaveSpeedClient):
+    """WaveSpeed's history as its documentation shows it: items without their `input`."""
+
+    def history(self, **kwargs: Any) -> list[Any]:
+        return [replace(p, input={}) for p in super().history(**kwargs)]
+
+
+def test_a_history_that_hides_inputs_proves_nothing_missing(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    """An unanswered submit whose prediction WaveSpeed did create: a history without inputs
+    cannot say which item is ours, so the job is never resubmitted (paid twice) on it."""
+    settings = pipeline.settings
+    key = settings.wavespeed_api_key.get_secret_value()
+    blind = replace(
+        pipeline, wavespeed=InputlessHistory(pipeline.http, settings.wavespeed_base_url, key)
+    )
+    job_id = new_job(blind, portrait)
+    simulator.set_faults(submit_drop_after_create=1.0)
+    submit(blind, job_id)
+    simulator.reset_faults()
+    rewind(blind, job_id, in_flight(blind) + 1, "last_submit_at")  # every lookup can count
+    for _ in range(3):
+        blind.recover(job_id, 1)
+    job = status(blind, job_id)
+    assert job.status == JobState.SUBMITTING and job.recover_misses == 0
+    assert job.step_failures == 3 and len(ours(simulator, job_id)) == 1
+
+
 def test_while_history_fails_lookups_back_off_one_chain_and_no_resubmit(
     pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
 ) -> None:
