@@ -74,11 +74,15 @@ def create_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
-        beat_schedule={
-            "reconcile": {"task": RECONCILE, "schedule": settings.reconcile_interval_seconds},
-        },
+        beat_schedule={"reconcile": _every(settings.reconcile_interval_seconds, RECONCILE)},
     )
     return celery
+
+
+def _every(seconds: float, task: str) -> dict[str, Any]:
+    # Each tick expires when the next is due: ticks that waited out a backlog (or a worker
+    # outage) are dropped, not run late back to back; the next one does their work.
+    return {"task": task, "schedule": seconds, "options": {"expires": seconds}}
 
 
 @signals.setup_logging.connect
