@@ -20,7 +20,10 @@ from config import Settings
 from config.logging import configure_logging
 from workers.celery_app import create_celery
 from workers.metrics import BacklogCollector, scrape_registry
+from workers.migrate import SchemaNotAtHead, require_head
 from workers.runtime import build_pipeline, close_pipeline
+
+log = structlog.get_logger(__name__)
 
 # Threads (and database connections) kept for WaveSpeed's webhook alone.
 WEBHOOK_THREADS = 4
@@ -32,14 +35,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Before anything is built: an API on another schema would fail request by request.
+        try:
+            await anyio.to_thread.run_sync(require_head, settings)
+        except SchemaNotAtHead as exc:
+            log.critical("schema.not_at_head", error=str(exc))
+            raise
         celery = create_celery(settings)
         # A request never waits on the broker for long: one try, then the outbox's job.
         pipeline = build_pipeline(settings, celery, publish_retry=False)
         webhook_pipeline = build_pipeline(
             settings, celery, pool_size=WEBHOOK_THREADS, publish_retry=False
         )
+        timeout = settings.broker_timeout_seconds
         broker = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+            settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         app.state.resources = Resources(
             settings=settings,
@@ -49,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             dispatch=pipeline.dispatch,
             pipeline=pipeline,
             metrics=scrape_registry(BacklogCollector(pipeline.sessions, broker)),
+            broker=broker,
             rate_limit=KeyRateLimit(
                 settings.redis_url, settings.rate_limit, settings.broker_timeout_seconds
             ),

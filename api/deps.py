@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
+import redis
 from fastapi import Depends, HTTPException, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry
@@ -32,6 +34,8 @@ class Resources:
     dispatch: Dispatcher
     pipeline: Pipeline
     metrics: CollectorRegistry
+    # One client for the process's own broker checks (readiness, queue depths).
+    broker: redis.Redis
     rate_limit: KeyRateLimit
     batches: TenantSlots
     fetches: TenantSlots
@@ -57,6 +61,7 @@ def session(res: Annotated[Resources, Depends(resources)]) -> Iterator[Session]:
 TENANT_STATE = "tenant"
 
 _bearer = HTTPBearer(auto_error=False)
+METRICS_UNAUTHORIZED = "missing or invalid metrics token"
 
 
 async def tenant(
@@ -69,6 +74,20 @@ async def tenant(
     if not isinstance(found, Tenant):  # a route under /v1 the middleware left open
         raise HTTPException(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
     return found
+
+
+async def metrics_reader(
+    res: Annotated[Resources, Depends(resources)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """With `METRICS_TOKEN` set, /metrics is read only with it as the bearer token (a tenant's
+    API key is no use there, and /metrics is outside the routes `api.edge` authenticates)."""
+    token = res.settings.metrics_token
+    if token is None:
+        return
+    sent = credentials.credentials if credentials else ""
+    if not hmac.compare_digest(sent.encode(), token.get_secret_value().encode()):
+        raise HTTPException(401, METRICS_UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
 
 
 def rate_limit_key(credentials: HTTPAuthorizationCredentials | None) -> str:

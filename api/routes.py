@@ -11,7 +11,6 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import anyio
-import redis
 import structlog
 from fastapi import (
     APIRouter,
@@ -31,7 +30,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from api import problems
-from api.deps import CurrentTenant, Db, Res, rate_limited, spend
+from api.deps import CurrentTenant, Db, Res, Resources, metrics_reader, rate_limited, spend
 from api.schemas import (
     BatchCreate,
     BatchItem,
@@ -92,8 +91,8 @@ def healthz() -> dict[str, str]:
 def readyz(res: Res) -> JSONResponse:
     """Postgres, Redis and S3 answer."""
     checks = {
-        "postgres": _check(lambda: res.sessions().execute(text("SELECT 1"))),
-        "redis": _check(lambda: redis.Redis.from_url(res.settings.redis_url).ping()),
+        "postgres": _check(lambda: _select_one(res)),
+        "redis": _check(res.broker.ping),
         "s3": _check(res.storage.check),
     }
     ready = all(v == "ok" for v in checks.values())
@@ -101,10 +100,19 @@ def readyz(res: Res) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/metrics", tags=["operations"], include_in_schema=False)
+@router.get(
+    "/metrics", tags=["operations"], include_in_schema=False,
+    dependencies=[Depends(metrics_reader)],
+)  # fmt: skip
 def metrics(res: Res) -> Response:
     """Prometheus metrics: this API's counters, jobs by state and broker queue depths."""
     return Response(generate_latest(res.metrics), media_type=CONTENT_TYPE_LATEST)
+
+
+def _select_one(res: Resources) -> None:
+    # Closed at once: an unclosed session would keep its pooled connection until collected.
+    with res.sessions() as db:
+        db.execute(text("SELECT 1"))
 
 
 def _check(probe: Any) -> str:

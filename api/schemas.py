@@ -20,6 +20,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
+from config.settings import Duration
 from workers.callbacks import DEFAULT_EVENTS, webhook_id
 from workers.models import JobEvent, WebhookAttempt, WebhookDelivery
 from workers.representation import Generation
@@ -148,7 +149,7 @@ class GenerationCreate(BaseModel):
     prompt: Text = Field(min_length=1, max_length=2500)
     negative_prompt: Text | None = Field(None, max_length=2500)
     guidance_scale: float = Field(0.5, ge=0.0, le=1.0)
-    duration: Literal[5, 10] = 5
+    duration: Duration = 5
     webhook_url: AnyHttpUrl | None = Field(None, max_length=2048)
     webhook_events: list[Event] = Field(
         default_factory=lambda: list(DEFAULT_EVENTS)  # type: ignore[arg-type]

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from limits import parse
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODEL_ID = "kwaivgi/kling-v2.1-i2v-pro"
+# The clip lengths, in seconds, the model renders and a request may ask for.
+Duration = Literal[5, 10]
+DURATIONS: tuple[int, ...] = get_args(Duration)
 # Multipart framing around an uploaded image: boundaries, part headers, a long file name.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
@@ -19,7 +23,13 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 class Settings(BaseSettings):
     """Every knob of the API, the workers and the CLI. Built once per entrypoint, passed down."""
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+    # A refusal names the setting, never shows the values: the input holds the secrets too.
+    model_config = SettingsConfigDict(
+        env_file=None, extra="ignore", frozen=True, hide_input_in_errors=True
+    )
+
+    # `production` refuses, at start, settings that only make sense in development.
+    environment: Literal["development", "production"] = "development"
 
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/kling"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -44,6 +54,8 @@ class Settings(BaseSettings):
     # them at /metrics on its own port.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     metrics_host: str = "0.0.0.0"  # noqa: S104 - scraped from other machines
+    # The bearer token the API's /metrics asks for; none (or empty): open.
+    metrics_token: SecretStr | None = None
 
     # USD per clip, by duration in seconds (WaveSpeed's price table).
     price_usd: dict[int, Decimal] = Field(
@@ -192,6 +204,19 @@ class Settings(BaseSettings):
         parse(value)  # raises ValueError on anything `limits` cannot read, naming it
         return value
 
+    @field_validator("metrics_token")
+    @classmethod
+    def _empty_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        # Compose passes an unset variable as an empty one; neither asks for a token.
+        return value if value is not None and value.get_secret_value() else None
+
+    @model_validator(mode="after")
+    def _fit_for_production(self) -> Settings:
+        refusals = production_refusals(self) if self.environment == "production" else []
+        if refusals:
+            raise ValueError("ENVIRONMENT=production refuses: " + "; ".join(refusals))
+        return self
+
     @model_validator(mode="after")
     def _submit_outlasts_its_post(self) -> Settings:
         if self.submit_time_limit_seconds < self.submit_post_seconds + 10:
@@ -215,6 +240,26 @@ class Settings(BaseSettings):
     def webhook_url(self) -> str:
         """Where WaveSpeed pushes completions for this deployment."""
         return f"{self.public_base_url.rstrip('/')}/v1/wavespeed/webhook"
+
+
+def production_refusals(settings: Settings) -> list[str]:
+    """What production mode refuses in `settings`: each names the setting and its rule."""
+    refusals = []
+    if not settings.wavespeed_api_key.get_secret_value():
+        refusals.append("WAVESPEED_API_KEY must not be empty")
+    secret = settings.wavespeed_webhook_secret
+    if secret is None or not secret.get_secret_value():
+        refusals.append("WAVESPEED_WEBHOOK_SECRET must be set, to verify WaveSpeed's webhooks")
+    public = urlsplit(settings.public_base_url)
+    if public.scheme != "https" or not public.hostname:
+        refusals.append("PUBLIC_BASE_URL must be https: WaveSpeed sends its webhooks there")
+    unpriced = [d for d in DURATIONS if d not in settings.price_usd]
+    if unpriced:
+        durations = list(DURATIONS)
+        refusals.append(f"PRICE_USD must price every duration {durations}: {unpriced} unpriced")
+    if settings.metrics_token is None:
+        refusals.append("METRICS_TOKEN must be set, so that /metrics is not open")
+    return refusals
 
 
 def settings_from(env: Mapping[str, str], **overrides: Any) -> Settings:

@@ -252,12 +252,15 @@ class Stack:
         queues: Iterable[str] = QUEUES,
         app: str = "workers.celery_app",
         through: Mapping[str, ProxyHandle] | None = None,
+        node: str | None = None,
     ) -> Process:
         """One more Celery worker on this stack (all queues unless told), reaching the services
-        named in `through` by those proxies (a host of its own); waits until ready."""
+        named in `through` by those proxies (a host of its own); waits until ready. Its node
+        name is `node`, or a unique one."""
+        node = node or f"{name}-{secrets.token_hex(3)}@%h"
         argv = [sys.executable, "-m", "celery", "-A", app, "worker",
                 "-Q", ",".join(queues), "-c", str(concurrency),
-                "-n", f"{name}-{secrets.token_hex(3)}@%h", "--loglevel", "INFO"]  # fmt: skip
+                "-n", node, "--loglevel", "INFO"]  # fmt: skip
         log = self.logs / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0  # a restarted worker appends
         base = self.env_through(through or {})

@@ -14,8 +14,10 @@ from kombu import Exchange, Queue
 
 from config import Settings
 from config.logging import configure_logging
-from workers import metrics
+from workers import metrics, migrate
 from workers.dispatch import NOTIFY, QUEUES, RECONCILE, ROUTES, STORE, SUBMIT
+
+log = structlog.get_logger(__name__)
 
 # The message header that carries the API's request id into tasks.
 REQUEST_ID_HEADER = "request_id"
@@ -72,11 +74,15 @@ def create_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
-        beat_schedule={
-            "reconcile": {"task": RECONCILE, "schedule": settings.reconcile_interval_seconds},
-        },
+        beat_schedule={"reconcile": _every(settings.reconcile_interval_seconds, RECONCILE)},
     )
     return celery
+
+
+def _every(seconds: float, task: str) -> dict[str, Any]:
+    # Each tick expires when the next is due: ticks that waited out a backlog (or a worker
+    # outage) are dropped, not run late back to back; the next one does their work.
+    return {"task": task, "schedule": seconds, "options": {"expires": seconds}}
 
 
 @signals.setup_logging.connect
@@ -108,6 +114,20 @@ def _bind_task_context(task: Any = None, args: Any = None, **_: Any) -> None:
 @signals.task_postrun.connect
 def _clear_task_context(**_: Any) -> None:
     structlog.contextvars.clear_contextvars()
+
+
+@signals.worker_init.connect
+def _require_schema(**_: Any) -> None:
+    # In the main process, before the pool forks: a worker on another schema would fail (or,
+    # worse, half-succeed) task by task. Celery logs and ignores an exception in a signal
+    # handler, so the refusal is an exit. Celery sets up logging only after this signal.
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        migrate.require_head(settings)
+    except migrate.SchemaNotAtHead as exc:
+        log.critical("schema.not_at_head", error=str(exc))
+        raise SystemExit(f"refusing to start: {exc}") from exc
 
 
 @signals.worker_init.connect

@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
+import psycopg
 import pytest
+import redis
 from sqlalchemy import func, update
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -354,6 +357,47 @@ def test_readyz_checks_every_dependency(stack_info: dict[str, Any]) -> None:
     assert answer.json() == {
         "status": "ready", "checks": {"postgres": "ok", "redis": "ok", "s3": "ok"},
     }  # fmt: skip
+
+
+def test_readyz_gives_back_every_connection_it_takes(stack: Stack) -> None:
+    # An API of its own, so that only /readyz runs in it while it is counted.
+    port = free_port()
+    api = stack.start_api("readyz-api", port)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            assert client.get("/readyz").status_code == 200  # the pools' first connections
+            before, accepted = held_connections(stack, api.pid), redis_connections_accepted(stack)
+            for _ in range(50):
+                assert client.get("/readyz").status_code == 200
+            after = held_connections(stack, api.pid)
+            accepted = redis_connections_accepted(stack) - accepted
+    finally:
+        api.stop()
+    # A call that closes its session and reuses the process's one client holds nothing more
+    # after 50 calls than after one, and opens no Redis connection of its own each time.
+    assert after["postgres"] <= before["postgres"] + 1, (before, after)
+    assert after["redis"] <= before["redis"], (before, after)
+    assert accepted < 25, accepted  # the stack's worker and beat may open a few meanwhile
+
+
+def held_connections(stack: Stack, pid: int | None) -> dict[str, int]:
+    """Postgres backends and Redis clients, as the servers list them, that are connections
+    of process `pid`."""
+    ports = {c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp") if c.raddr}
+    dsn = stack.env["DATABASE_URL"].replace("+psycopg", "")
+    with psycopg.connect(dsn) as conn:
+        backends = [row[0] for row in conn.execute("SELECT client_port FROM pg_stat_activity")]
+    with redis.Redis.from_url(stack.env["REDIS_URL"], socket_timeout=10) as broker:
+        clients = [int(c["addr"].rsplit(":", 1)[1]) for c in broker.client_list()]
+    return {
+        "postgres": sum(port in ports for port in backends),
+        "redis": sum(port in ports for port in clients),
+    }
+
+
+def redis_connections_accepted(stack: Stack) -> int:
+    with redis.Redis.from_url(stack.env["REDIS_URL"], socket_timeout=10) as broker:
+        return int(broker.info("stats")["total_connections_received"])
 
 
 def test_an_api_without_secret_keys_starts_and_refuses_only_the_secret_routes(

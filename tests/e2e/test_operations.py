@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,9 +19,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sandbox.processes import free_port
 from sandbox.stack import Stack
 from tests.e2e.test_generation import PROMPT, wait_terminal
 from tests.support import SimulatorAdmin, wait_for
+from tests.unit.test_compose import SERVICES, option
 from workers.dispatch import QUEUES
 
 pytestmark = pytest.mark.integration
@@ -94,6 +102,74 @@ def test_metrics_move_when_a_job_completes(
     assert value(api_after, "kling_jobs", state="completed") >= 1
     for queue in QUEUES:
         assert ("kling_queue_depth", frozenset({("queue", queue)})) in api_after
+
+
+def test_metrics_ask_for_the_metrics_token_once_one_is_set(
+    stack: Stack, stack_info: dict[str, Any]
+) -> None:
+    token = secrets.token_urlsafe(24)
+    port = free_port()
+    api = stack.start_api("metrics-token-api", port, {"METRICS_TOKEN": token})
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        for authorization in (
+            None,
+            "Bearer wrong-token",
+            f"Bearer {token}x",
+            f"Basic {token}",
+            f"Bearer {stack_info['api_key']}",  # a tenant's key is no metrics token
+        ):
+            headers = {"Authorization": authorization} if authorization else {}
+            refused = httpx.get(url, headers=headers, timeout=10)
+            assert refused.status_code == 401, authorization
+            assert refused.headers["content-type"].startswith("application/problem+json")
+            assert refused.headers["www-authenticate"] == "Bearer"
+            assert refused.json()["code"] == "unauthorized"
+            assert "kling_" not in refused.text
+        allowed = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert allowed.status_code == 200 and "kling_jobs" in allowed.text
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+    finally:
+        api.stop()
+    # Without a token (the stack's own API) the metrics stay open.
+    assert httpx.get(stack_info["metrics_urls"]["api"], timeout=10).status_code == 200
+    log = (Path(stack_info["logs"]) / "metrics-token-api.log").read_text(errors="replace")
+    assert token not in log
+
+
+def test_the_compose_worker_health_check_passes_only_while_that_worker_consumes(
+    stack: Stack,
+) -> None:
+    service = SERVICES["worker-store"]
+    command = service["command"]
+    # Run as the container's shell runs it: `$$` is compose's escape, HOSTNAME Docker's.
+    script = service["healthcheck"]["test"][1].replace("$$", "$")
+    env = {
+        **stack.env,
+        "REDIS_URL": re.sub(r"/\d+$", "", stack.env["REDIS_URL"]) + "/4",  # queues of its own
+        "HOSTNAME": socket.gethostname(),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    worker = stack.start_worker(
+        "health-worker", concurrency=1, env=env, node=option(command, "-n"),
+        queues=option(command, "-Q").split(","),
+    )  # fmt: skip
+    try:
+        healthy = check()
+        assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+        assert "pong" in healthy.stdout
+    finally:
+        worker.stop()
+    # Gone (as a worker that lost the broker is, to it): no answer, and the check fails.
+    unhealthy = check()
+    assert unhealthy.returncode != 0
+    assert "No nodes replied" in unhealthy.stdout + unhealthy.stderr
 
 
 def test_logs_carry_the_job_context_and_no_secret(

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from typing import Any
@@ -8,7 +9,10 @@ import pytest
 from alembic import command
 from sqlalchemy import create_engine, text
 
-from workers.migrate import alembic_config, check
+from config import Settings
+from sandbox.processes import Process, free_port
+from sandbox.stack import Stack
+from workers.migrate import SchemaNotAtHead, alembic_config, check, require_head
 from workers.sealing import Sealer, new_key
 
 pytestmark = pytest.mark.integration
@@ -75,3 +79,76 @@ def test_revision_0003_seals_plaintext_secrets_and_refuses_without_a_key(
     command.downgrade(config, "0002")
     row = tenant_row(database_url)
     assert (row["webhook_secret"], row["previous_webhook_secret"]) == PLAIN
+
+
+def at_revision(database_url: str, revision: str | None) -> None:
+    """Make the database claim `revision` (none: no alembic_version at all)."""
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        if revision is None:
+            conn.execute(text("DROP TABLE alembic_version"))
+        else:
+            conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("revision", "said"),
+    [
+        ("0003", "at revision 0003, this code needs 0004 (head); run `kling migrate` first"),
+        ("0999", "at revision 0999, this code needs 0004 (head); it is unknown to this code"),
+        (None, "at revision none (an empty database), this code needs 0004 (head)"),
+    ],
+)
+def test_a_schema_not_at_head_is_refused_naming_both_revisions(
+    settings: Settings, revision: str | None, said: str
+) -> None:
+    require_head(settings)  # the test's database is migrated: at head
+    at_revision(settings.database_url, revision)
+    with pytest.raises(SchemaNotAtHead) as refused:
+        require_head(settings)
+    assert said in str(refused.value)
+
+
+def test_an_unreachable_database_is_not_taken_for_a_wrong_schema(settings: Settings) -> None:
+    # Starting during an outage is allowed: the process answers 503 and retries meanwhile.
+    gone = settings.model_copy(update={"database_url": f"postgresql+psycopg://x@{closed()}/k"})
+    require_head(gone)
+
+
+def closed() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+def exit_of(stack: Stack, name: str, argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """The exit code and log of a process expected to refuse to start (it is stopped, and
+    the test fails, if it is still running after a minute)."""
+    log = stack.logs / f"{name}.log"
+    process = Process(name, argv, log, env=env).start()
+    assert process.popen is not None
+    try:
+        code = process.popen.wait(60)
+    finally:
+        process.stop()
+    return code, log.read_text(errors="replace")
+
+
+API = [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--port", "0"]
+WORKER = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+          "-Q", "maintenance", "-c", "1", "--loglevel", "INFO"]  # fmt: skip
+
+
+def test_the_api_and_a_worker_start_at_head_and_refuse_any_other_schema(
+    stack: Stack, database_url: str
+) -> None:
+    # Queues of their own, so the worker started here takes none of the stack's tasks.
+    redis_url = re.sub(r"/\d+$", "", stack.env["REDIS_URL"]) + "/5"
+    env = {**stack.env, "DATABASE_URL": database_url, "REDIS_URL": redis_url}
+    stack.start_api("head-api", free_port(), env).stop()
+    stack.start_worker("head-worker", concurrency=1, env=env, queues=["maintenance"]).stop()
+
+    at_revision(database_url, "0003")
+    for name, argv in (("stale-api", API), ("stale-worker", [*WORKER, "-n", "stale@%h"])):
+        code, log = exit_of(stack, name, argv, env)
+        assert code != 0, log
+        assert "the database schema is at revision 0003, this code needs 0004 (head)" in log

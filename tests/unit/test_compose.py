@@ -1,6 +1,7 @@
 """docker-compose.yml and the Dockerfile describe something that can run: every command names
 a module, app, queue or subcommand that exists, every image is real, the image holds every
-package the commands import, and every app service waits for what it needs."""
+package the commands import, every app service waits for what it needs, health checks check
+what they claim to, and a stopped worker has time to finish its longest task."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import typer
 import yaml
 
 from api.cli import app as cli_app
-from workers.dispatch import QUEUES
+from config.settings import settings_from
+from workers.celery_app import create_celery
+from workers.dispatch import QUEUES, ROUTES
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -130,3 +133,59 @@ def test_every_app_service_takes_secret_keys_from_the_environment_and_requires_i
     # No default: a key written in this file would seal every deployment's secrets alike.
     for name, service in APP_SERVICES.items():
         assert re.fullmatch(r"\$\{SECRET_KEYS:\?.+\}", service["environment"]["SECRET_KEYS"]), name
+
+
+WORKERS = {name: s for name, s in APP_SERVICES.items() if s["command"][3:4] == ["worker"]}
+
+
+def test_every_queue_has_a_worker_service_of_its_own() -> None:
+    # The reconciler's queue too: a backlog of one queue never delays another's tasks.
+    queues = [option(s["command"], "-Q") for s in WORKERS.values()]
+    assert sorted(queues) == sorted(QUEUES)
+
+
+def test_worker_health_checks_ping_their_own_node_through_the_broker() -> None:
+    for name, service in WORKERS.items():
+        node = option(service["command"], "-n").replace("%h", "$$HOSTNAME")
+        kind, script = service["healthcheck"]["test"]
+        assert kind == "CMD-SHELL", name
+        assert script.startswith("celery -A workers.celery_app inspect ping "), name
+        assert f" -d {node} " in f"{script} ", name
+        assert int(option(script.split(), "-t")) < seconds(service["healthcheck"]["timeout"])
+
+
+def test_the_api_is_healthy_only_when_ready() -> None:
+    assert "/readyz" in " ".join(APP_SERVICES["api"]["healthcheck"]["test"])
+
+
+def seconds(duration: str) -> float:
+    """A compose duration (`1m30s`, `15m`, `20s`) in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|m|s)", duration)
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def hard_time_limit(queue: str) -> float:
+    """The longest a task on `queue` can run before Celery kills it, as compose runs it (the
+    limits are settings compose leaves at their defaults)."""
+    conf = create_celery(settings_from({})).conf
+    return max(
+        conf.task_annotations.get(task, {}).get("time_limit", conf.task_time_limit)
+        for task, routed in ROUTES.items()
+        if routed == queue
+    )
+
+
+def test_a_stopped_worker_has_time_to_finish_its_longest_task() -> None:
+    for name, service in WORKERS.items():
+        env = service["environment"]
+        limits = {k for k in env if k.endswith("TIME_LIMIT_SECONDS") or k == "STORE_STALL_SECONDS"}
+        assert not limits, f"{name} sets {limits}: derive the limits from them"
+        longest = max(hard_time_limit(q) for q in option(service["command"], "-Q").split(","))
+        assert seconds(service["stop_grace_period"]) > longest, name
+    assert hard_time_limit("store") == 840.0  # STORE_STALL_SECONDS' default less 60 s
+
+
+def test_flower_asks_for_basic_auth_from_a_variable_without_default() -> None:
+    auth = SERVICES["flower"]["environment"]["FLOWER_BASIC_AUTH"]
+    assert re.fullmatch(r"\$\{FLOWER_BASIC_AUTH:\?.+\}", auth)

@@ -4,6 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from config import Settings
+from config.settings import settings_from
 
 
 def test_defaults_point_at_the_real_wavespeed() -> None:
@@ -38,3 +39,63 @@ def test_invalid_values_are_refused_at_start(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("LOG_FORMAT", "xml")
     with pytest.raises(ValidationError, match="log_format"):
         Settings()
+
+
+# Production settings that follow every rule production mode has.
+PRODUCTION = {
+    "ENVIRONMENT": "production",
+    "WAVESPEED_API_KEY": "ws-key-for-the-test",
+    "WAVESPEED_WEBHOOK_SECRET": "whsec_dGVzdA",
+    "PUBLIC_BASE_URL": "https://kling.example.com",
+    "METRICS_TOKEN": "metrics-token-for-the-test",
+}
+
+
+def test_production_takes_settings_that_follow_its_rules() -> None:
+    assert settings_from(PRODUCTION).environment == "production"
+    # Development starts without any of them.
+    assert settings_from({}).environment == "development"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "rule"),
+    [
+        ("WAVESPEED_API_KEY", "", "must not be empty"),
+        ("WAVESPEED_API_KEY", None, "must not be empty"),
+        ("WAVESPEED_WEBHOOK_SECRET", "", "must be set"),
+        ("WAVESPEED_WEBHOOK_SECRET", None, "must be set"),
+        ("PUBLIC_BASE_URL", "http://kling.example.com", "must be https"),
+        ("PUBLIC_BASE_URL", "https://", "must be https"),
+        ("PUBLIC_BASE_URL", None, "must be https"),  # the default is a loopback http URL
+        ("PRICE_USD", '{"5": "0.45"}', "must price every duration [5, 10]: [10] unpriced"),
+        ("METRICS_TOKEN", "", "must be set"),
+        ("METRICS_TOKEN", None, "must be set"),
+    ],
+)
+def test_production_refuses_each_unfit_setting_by_name_and_rule(
+    name: str, value: str | None, rule: str
+) -> None:
+    env = {key: v for key, v in PRODUCTION.items() if key != name}
+    if value is not None:
+        env[name] = value
+    with pytest.raises(ValidationError) as refused:
+        settings_from(env)
+    message = str(refused.value)
+    assert f"{name} {rule}" in message
+    assert message.count(" must ") == 1, message  # that one setting, no other
+
+
+def test_production_names_every_refusal_at_once_and_shows_no_value() -> None:
+    env = {"ENVIRONMENT": "production", "WAVESPEED_API_KEY": "ws-very-secret-key"}
+    with pytest.raises(ValidationError) as refused:
+        settings_from(env)
+    message = str(refused.value)
+    for name in ("WAVESPEED_WEBHOOK_SECRET", "PUBLIC_BASE_URL", "METRICS_TOKEN"):
+        assert f"{name} must" in message
+    assert "ws-very-secret-key" not in message
+
+
+def test_an_empty_metrics_token_is_no_token() -> None:
+    assert settings_from({"METRICS_TOKEN": ""}).metrics_token is None
+    token = settings_from({"METRICS_TOKEN": "t"}).metrics_token
+    assert token is not None and token.get_secret_value() == "t"
