@@ -33,10 +33,13 @@ PERMANENT_TASK_CODES: dict[int, ErrorCode] = {
     1200: ErrorCode.CONTENT_MODERATED,
     1400: ErrorCode.INVALID_INPUT,
     1401: ErrorCode.INVALID_INPUT,
-    1402: ErrorCode.IMAGE_UNREACHABLE,
     1403: ErrorCode.GENERATION_FAILED,
     1405: ErrorCode.GENERATION_FAILED,
 }
+# "Media URL not reachable": the image WaveSpeed reads is always our own copy in S3 (the API
+# stages every input), so this is our storage's outage, not a bad input. Tried again (the
+# failed task is refunded) with the other retryable failures, up to `submit_max_attempts`.
+MEDIA_UNREACHABLE = 1402
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ def classify(*, status_code: int | None = None, task_code: int | None = None) ->
     if task_code is not None or status_code is None:
         if task_code in PERMANENT_TASK_CODES:
             return Failure(PERMANENT_TASK_CODES[task_code], False)
+        if task_code == MEDIA_UNREACHABLE:
+            return Failure(ErrorCode.IMAGE_UNREACHABLE, True)
         if task_code is not None and 5000 <= task_code < 6000:
             return Failure(ErrorCode.UPSTREAM_UNAVAILABLE, True)
         return Failure(ErrorCode.GENERATION_FAILED, False)

@@ -200,6 +200,21 @@ def test_an_expired_output_fails_with_output_expired(
     assert job.status == JobState.FAILED and job.error_code == "output_expired"
 
 
+def test_wavespeed_unable_to_read_our_copy_of_the_image_is_tried_again(
+    pipeline: Pipeline, portrait: bytes
+) -> None:
+    """1402 "media URL not reachable" names our own S3 copy: an outage of ours (S3 cut while
+    the job was submitted), not a bad input, so the job goes back to the queue."""
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    first = status(pipeline, job_id).prediction_id
+    assert first
+    failure = {"id": first, "status": "failed", "code": 1402, "error": "media URL not reachable"}
+    assert pipeline.take_webhook(first, failure)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.QUEUED and job.error_code is None and job.not_before
+
+
 def test_the_output_is_asked_for_uncompressed(pipeline: Pipeline, portrait: bytes) -> None:
     """The store streams the raw bytes into S3: a CDN allowed to gzip them would store a
     gzip file (and fail it as invalid) instead of the MP4."""

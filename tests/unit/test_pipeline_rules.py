@@ -80,7 +80,7 @@ def test_each_submit_attempt_names_its_own_input_and_no_other() -> None:
     [
         (1200, ErrorCode.CONTENT_MODERATED, False),
         (1401, ErrorCode.INVALID_INPUT, False),
-        (1402, ErrorCode.IMAGE_UNREACHABLE, False),
+        (1402, ErrorCode.IMAGE_UNREACHABLE, True),  # our own S3 copy: our outage
         (1403, ErrorCode.GENERATION_FAILED, False),
         (5000, ErrorCode.UPSTREAM_UNAVAILABLE, True),
         (5003, ErrorCode.UPSTREAM_UNAVAILABLE, True),
