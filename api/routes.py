@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from api import problems
 from api.deps import CurrentTenant, Db, Res, Resources, metrics_reader, rate_limited, spend
@@ -53,10 +54,10 @@ from workers.intake import (
     accept,
     check_budget,
     check_callback_url,
+    commit_staged,
     load_image,
     stage,
     store_upload,
-    unstage,
 )
 from workers.models import IdempotencyKey, Job, Tenant, WebhookDelivery
 from workers.pipeline import utcnow
@@ -148,18 +149,16 @@ def _create(
     with res.fetches.slot(tenant.id), res.sessions() as db:
         image = load_image(db, res.guard, tenant, request, settings)
     staged = stage(res.storage, settings, request, image)
-    try:
-        with res.sessions() as db, db.begin():
-            check_budget(db, tenant, settings.price_usd[request.duration], utcnow(), settings)
-            job = accept(db, tenant, request, staged)
-            if idempotency:
-                key, digest = idempotency
-                db.add(
-                    IdempotencyKey(tenant_id=tenant.id, key=key, request_hash=digest, job_id=job.id)
-                )
-    except BaseException:
-        unstage(res.storage, staged)
-        raise
+
+    def write(db: Session) -> Job:
+        check_budget(db, tenant, settings.price_usd[request.duration], utcnow(), settings)
+        job = accept(db, tenant, request, staged)
+        if idempotency:
+            key, digest = idempotency
+            db.add(IdempotencyKey(tenant_id=tenant.id, key=key, request_hash=digest, job_id=job.id))
+        return job
+
+    job = commit_staged(res.sessions, res.storage, staged, write)
     _publish(res, job.id)
     log.info("generation.accepted", job_id=str(job.id))
     return job

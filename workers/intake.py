@@ -7,10 +7,11 @@ is never created is removed again."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import func, select, text
@@ -24,6 +25,8 @@ from workers.models import Job, Tenant, Upload
 from workers.states import JobState
 from workers.storage import Storage, StorageError
 from workers.urlguard import UrlGuard, UrlRefused
+
+T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
@@ -267,9 +270,27 @@ def create_job(
 ) -> Job:
     """Stage the image and commit the job (for service-layer callers: tests, benchmarks)."""
     staged = stage(storage, settings, request, image)
+    return commit_staged(sessions, storage, staged, lambda s: accept(s, tenant, request, staged))
+
+
+def commit_staged(
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    staged: StagedInput,
+    write: Callable[[Session], T],
+) -> T:
+    """Run `write` in one transaction and commit it. The staged image is removed only when
+    no job can exist: the transaction failed before its COMMIT was sent. A COMMIT that
+    raised may still have committed (the answer lost on the way back), and that job would
+    need its image: it stays (the bucket's lifecycle rule for `inputs/` removes it if not)."""
+    sent = False
     try:
         with unit_of_work(sessions) as session:
-            return accept(session, tenant, request, staged)
+            written = write(session)
+            session.flush()
+            sent = True  # every row written; what may fail now is the COMMIT itself
+        return written
     except BaseException:
-        unstage(storage, staged)
+        if not sent:
+            unstage(storage, staged)
         raise

@@ -11,7 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import event, func, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
 from tests.integration.flow import (
@@ -22,9 +23,10 @@ from tests.integration.flow import (
     submitted,
 )
 from tests.support import RecordingDispatcher, SimulatorAdmin, wait_for
-from workers import callbacks, dispatch, jobs, quarantine
+from workers import callbacks, dispatch, jobs, quarantine, tenants
 from workers.admission import ADMISSION_LOCK
 from workers.db import unit_of_work
+from workers.intake import GenerationInput, accept, commit_staged, stage
 from workers.models import Job, OutboxMessage
 from workers.outbox import relay
 from workers.pipeline import Pipeline, video_key
@@ -45,6 +47,38 @@ def test_accept_stores_job_event_and_outbox_together(pipeline: Pipeline, portrai
         rows = session.scalars(select(OutboxMessage).where(OutboxMessage.job_id == job_id)).all()
         assert [(r.task, r.published_at) for r in rows] == [(dispatch.SUBMIT, None)]
     assert pipeline.storage.get_bytes(job.input_key) == portrait
+
+
+def test_a_commit_whose_answer_is_lost_keeps_the_image_a_failed_write_does_not(
+    pipeline: Pipeline, portrait: bytes
+) -> None:
+    """Postgres commits, then the answer never reaches us: the job exists, so its image in
+    S3 must too. A transaction that failed before its COMMIT leaves nothing behind."""
+    storage, settings = pipeline.storage, pipeline.settings
+    request = GenerationInput(prompt="slow push-in", guidance_scale=0.5, duration=5,
+                              image_url="https://example.com/portrait.png")  # fmt: skip
+    with unit_of_work(pipeline.sessions) as session:
+        owner = tenants.create_tenant(session, "lost-answers", pipeline.sealer)
+
+    def answer_lost(session: Session) -> None:
+        raise ConnectionError("server closed the connection after COMMIT")
+
+    lossy = sessionmaker(bind=pipeline.sessions.kw["bind"], expire_on_commit=False)
+    event.listen(lossy, "after_commit", answer_lost)
+    staged = stage(storage, settings, request, portrait)
+    with pytest.raises(ConnectionError):
+        commit_staged(lossy, storage, staged, lambda s: accept(s, owner, request, staged))
+    with pipeline.sessions() as session:
+        assert jobs.get(session, staged.job_id).status == JobState.QUEUED  # it committed
+    assert storage.get_bytes(staged.key) == portrait
+
+    def refused(session: Session) -> None:
+        raise ValueError("over budget")
+
+    staged = stage(storage, settings, request, portrait)
+    with pytest.raises(ValueError):
+        commit_staged(pipeline.sessions, storage, staged, refused)
+    assert storage.head(staged.key) is None
 
 
 def test_relay_publishes_once_and_marks(
