@@ -8,6 +8,7 @@ Duplicate, late or replayed messages therefore change nothing.
 from __future__ import annotations
 
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,12 +109,20 @@ class Pipeline:
             job, claimed = self._claim(job_id)
         if not claimed:
             return
+        claimed_at = time.monotonic()
         attempt = job.submit_attempts + 1
         try:
             inputs = self._inputs(job, attempt)
         except StorageError as exc:
             # Nothing was sent, so nothing can be charged: a plain retry.
             self._retry_submit(job_id, attempt, None, f"input copy failed: {exc}")
+            return
+        # `recover` takes a miss as proof once the submit's time limit has passed since the
+        # claim. Celery's timer cannot be relied on for that (it stops while the worker has
+        # lost the broker), so the POST itself is not sent unless it can end within it.
+        late = time.monotonic() - claimed_at
+        if late > self.settings.submit_time_limit_seconds - self.settings.submit_post_seconds - 5:
+            self._retry_submit(job_id, attempt, None, f"not sent: {late:.0f}s after its claim")
             return
         try:
             prediction = self.wavespeed.submit(
@@ -172,6 +181,7 @@ class Pipeline:
             max_in_flight=settings.max_in_flight,
             per_minute=settings.submits_per_minute,
             tenant_max_in_flight=settings.tenant_max_in_flight or settings.max_in_flight,
+            recovery_after=self._in_flight,
         )
 
     def recover(self, job_id: uuid.UUID, attempt: int | None = None) -> None:
@@ -207,7 +217,8 @@ class Pipeline:
                 session, job.id, attempt, looked_at,
                 posted_before=looked_at - self._in_flight, missed_before=looked_at - spacing,
             )  # fmt: skip
-            if misses is not None and misses >= 2:
+            proven = misses is not None and misses >= 2
+            if proven and attempt < self.settings.submit_max_attempts:
                 # Parked: no submit message is on its way; the gate sends one when it admits it.
                 requeued = jobs.transition(
                     session, job.id, JobState.SUBMITTING, JobState.QUEUED,
@@ -215,7 +226,12 @@ class Pipeline:
                     when=Job.submit_attempts == attempt,
                     admitted_at=None, parked_at=func.now(), due_at=None,
                 )  # fmt: skip
-        if misses is not None and misses >= 2:
+        if proven and not requeued:
+            # Nothing was created, and no attempts are left: nothing is charged either.
+            message = f"attempt {attempt} not in WaveSpeed's history, twice; no attempts left"
+            self.fail(job.id, JobState.SUBMITTING, ErrorCode.UPSTREAM_UNAVAILABLE, message,
+                      when=Job.submit_attempts == attempt)  # fmt: skip
+        if proven:
             if requeued:
                 self.admit()
             return

@@ -5,6 +5,7 @@ or twice."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import replace
 from datetime import timedelta
@@ -89,6 +90,55 @@ def test_one_miss_is_not_proof_two_far_enough_apart_are(
     # Proof: back to the queue, and (the gate being open) a submit message for attempt 2.
     assert status(pipeline, job_id).status == JobState.QUEUED
     assert [(t, j) for t, j, *_ in dispatcher.take()] == [(dispatch.SUBMIT, job_id)]
+
+
+def test_with_no_attempts_left_a_proven_miss_fails_the_job_uncharged(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    job_id = claimed_but_never_posted(pipeline, portrait)
+    last = pipeline.settings.submit_max_attempts
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(submit_attempts=last))
+    rewind(pipeline, job_id, in_flight(pipeline), "last_submit_at")
+    pipeline.recover(job_id, last)
+    rewind(pipeline, job_id, settle(pipeline), "last_submit_at", "last_miss_at")
+    pipeline.recover(job_id, last)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.FAILED and job.error_code == "upstream_unavailable"
+    assert ours(simulator, job_id) == []
+
+
+class Stalling:
+    """The pipeline's storage, with every presign taking `seconds` (an S3 endpoint that
+    hangs between the claim and the POST)."""
+
+    def __init__(self, inner: Any, seconds: float) -> None:
+        self.inner, self.seconds = inner, seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def presign_get(self, key: str, expires_in: int) -> str:
+        time.sleep(self.seconds)
+        return str(self.inner.presign_get(key, expires_in))
+
+
+def test_a_post_that_could_outlast_the_submit_limit_is_not_sent(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    """Past `submit_time_limit_seconds` a history miss proves the POST never arrived, so a
+    worker that stalled before its POST must not send it late (Celery's time limit does not
+    fire while the worker has lost the broker)."""
+    post = pipeline.settings.submit_post_seconds
+    tight = pipeline.settings.model_copy(update={"submit_time_limit_seconds": post + 10})
+    stalled = replace(pipeline, settings=tight, storage=Stalling(pipeline.storage, 5.5))
+    job_id = new_job(pipeline, portrait)
+    submit(stalled, job_id)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.QUEUED and job.prediction_id is None
+    assert ours(simulator, job_id) == []
+    with pipeline.sessions() as session:
+        assert "not sent" in (jobs.events(session, job_id)[-1].reason or "")
 
 
 def test_a_miss_counts_from_when_its_lookup_began(pipeline: Pipeline, portrait: bytes) -> None:
@@ -215,7 +265,8 @@ def test_while_history_fails_lookups_back_off_one_chain_and_no_resubmit(
     assert delays == sorted(delays) and delays[-1] > delays[0]  # backing off
     # The chain's next lookup is scheduled, so the reconciler starts no second chain.
     assert reconcile(down)["submitting"] == 0
-    reasons = [e.reason or "" for e in jobs.events(down.sessions(), job_id)]
+    with down.sessions() as session:
+        reasons = [e.reason or "" for e in jobs.events(session, job_id)]
     assert sum("history lookup" in r for r in reasons) == 4  # every failure is on record
 
 
