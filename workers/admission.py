@@ -15,20 +15,24 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 ADMISSION_LOCK = 0x6B6C696E67  # "kling": one pump at a time across every worker host
 
-# In flight: submitting or processing at WaveSpeed, or admitted and about to be submitted;
-# a job put aside for an operator holds no slot (its step is not running, and three of them
-# must not stop every admission).
+# In flight: submitting or processing at WaveSpeed, or admitted and about to be submitted.
+# Two kinds hold no slot, so that a few of them cannot stop every admission: a job put aside
+# for an operator, and an unanswered submit in recovery (past its time limit), which may be
+# settled only at the recover deadline; if WaveSpeed did create it, a job admitted over the
+# cap waits in WaveSpeed's queue rather than failing.
 _FAIR_CANDIDATES = text("""
 WITH in_flight AS (
     SELECT tenant_id, count(*) AS n FROM jobs
-    WHERE (status IN ('submitting', 'processing')
+    WHERE (status = 'processing'
+           OR (status = 'submitting'
+               AND (last_submit_at IS NULL OR last_submit_at >= :recovering_before))
            OR (status = 'queued' AND admitted_at IS NOT NULL))
       AND NOT EXISTS (SELECT 1 FROM quarantined_tasks q
                       WHERE q.subject_id = jobs.id AND q.released_at IS NULL)
@@ -47,7 +51,9 @@ LIMIT :free
 
 _USAGE = text("""
 SELECT
-    count(*) FILTER (WHERE (status IN ('submitting', 'processing')
+    count(*) FILTER (WHERE (status = 'processing'
+                            OR (status = 'submitting'
+               AND (last_submit_at IS NULL OR last_submit_at >= :recovering_before))
                             OR (status = 'queued' AND admitted_at IS NOT NULL))
                            AND NOT EXISTS (SELECT 1 FROM quarantined_tasks q
                                            WHERE q.subject_id = jobs.id
@@ -94,6 +100,8 @@ class Gate:
     max_in_flight: int
     per_minute: int
     tenant_max_in_flight: int
+    # A submit claimed longer ago than this is in recovery (`submit_time_limit_seconds`).
+    recovery_after: timedelta = timedelta(seconds=90)
 
 
 def admit(
@@ -116,15 +124,20 @@ def admit(
     session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK})
     if park is not None:
         session.execute(_PARK, {"now": now, "id": park})
-    usage = session.execute(_USAGE, {"minute_ago": minute_ago}).one()
+    recovering_before = now - gate.recovery_after
+    usage = session.execute(
+        _USAGE, {"minute_ago": minute_ago, "recovering_before": recovering_before}
+    ).one()
     # `last_submit_at` keeps only a job's latest attempt, so a job retried within the minute
     # counts once: the rate is a close lower bound, which WaveSpeed's 429 backs up.
     free = min(gate.max_in_flight - usage.in_flight, gate.per_minute - usage.last_minute)
     if free <= 0:
         return []
     ids = session.scalars(
-        _FAIR_CANDIDATES, {"now": now, "tenant_cap": gate.tenant_max_in_flight, "free": free}
-    ).all()
+        _FAIR_CANDIDATES,
+        {"now": now, "tenant_cap": gate.tenant_max_in_flight, "free": free,
+         "recovering_before": recovering_before},
+    ).all()  # fmt: skip
     if not ids:
         return []
     rows = session.execute(_MARK_ADMITTED, {"now": now, "ids": list(ids)}).all()

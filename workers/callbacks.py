@@ -383,7 +383,8 @@ def supersede(session: Session, job_id: uuid.UUID) -> None:
     session.execute(
         update(WebhookDelivery)
         .where(WebhookDelivery.job_id == job_id, WebhookDelivery.status == DeliveryStatus.PENDING)
-        .values(status=DeliveryStatus.SUPERSEDED, next_attempt_at=None)
+        # Clearing the lease makes an attempt running now record itself and decide nothing.
+        .values(status=DeliveryStatus.SUPERSEDED, next_attempt_at=None, sending_until=None)
     )
 
 

@@ -75,6 +75,16 @@ def test_jobs_put_aside_for_an_operator_hold_no_slot(sessions: sessionmaker[Sess
     assert len(run(sessions, Gate(3, 100, 100))) == 1  # the two admitted do hold theirs
 
 
+def test_unanswered_submits_in_recovery_hold_no_slot(sessions: sessionmaker[Session]) -> None:
+    """A submit whose answer was lost may be settled only at the recover deadline, a day
+    later; meanwhile it must not keep others from being admitted."""
+    recovery = timedelta(seconds=90)
+    add_jobs(sessions, "a", 2, status=JobState.SUBMITTING, last_submit_at=NOW - 2 * recovery)
+    add_jobs(sessions, "a", 1, status=JobState.SUBMITTING, last_submit_at=NOW)  # POSTing now
+    add_jobs(sessions, "b", 3)
+    assert len(run(sessions, Gate(3, 100, 100, recovery_after=recovery))) == 2
+
+
 def test_admits_no_more_than_the_rate_per_minute(sessions: sessionmaker[Session]) -> None:
     add_jobs(
         sessions, "a", 4, status=JobState.PROCESSING, last_submit_at=NOW - timedelta(seconds=30)

@@ -31,6 +31,7 @@ from workers.models import Job, OutboxMessage
 from workers.outbox import relay
 from workers.pipeline import Pipeline, video_key
 from workers.reconciler import reconcile
+from workers.runtime import build_callbacks
 from workers.states import JobState
 from workers.wavespeed import Prediction
 
@@ -352,6 +353,34 @@ def test_a_store_that_keeps_failing_is_retried_to_its_deadline_not_put_aside(
             assert job_id not in [entry.subject_id for entry in quarantine.active(session)]
         job = status(pipeline, job_id)
         assert job.status == JobState.STORING and job.step_failures == tries and job.resends == 1
+
+
+def test_a_restore_during_a_failed_callbacks_attempt_still_supersedes_it(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    """The `generation.failed` attempt is mid-POST when the store is restored: however the
+    attempt ends, the callback stays superseded and is not retried after `completed`."""
+    job_id = new_job(pipeline, portrait, webhook_url="https://hooks.example.com/kling")
+    submit(pipeline, job_id)
+    poll_until_left_processing(pipeline, job_id)
+    simulator.set_faults(output_truncate=1.0)
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(store_deadline_at=func.now()))
+    pipeline.store(job_id)
+    simulator.reset_faults()
+    with pipeline.sessions() as session:
+        ((delivery, _),) = callbacks.of_job(session, job_id)
+
+    def restored_mid_post(url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        assert pipeline.restore(job_id)
+        return httpx.Response(500)
+
+    service = build_callbacks(pipeline)
+    assert replace(service, post=restored_mid_post).deliver(delivery.id) is None
+    with pipeline.sessions() as session:
+        ((delivery, attempts),) = callbacks.of_job(session, job_id)
+    assert delivery.status == callbacks.DeliveryStatus.SUPERSEDED
+    assert delivery.next_attempt_at is None and [a.status_code for a in attempts] == [500]
 
 
 def events_of(pipeline: Pipeline, job_id: Any) -> list[Any]:
