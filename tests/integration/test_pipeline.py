@@ -301,9 +301,8 @@ def test_a_truncated_download_is_retried_and_leaves_no_object(
     assert status(pipeline, job_id).status == JobState.COMPLETED
 
 
-def test_a_store_that_fails_past_its_deadline_fails_and_can_be_restored(
-    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, dispatcher: RecordingDispatcher
-) -> None:
+def store_failed_for_good(pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin) -> Any:
+    """A job with a callback URL whose store broke at its deadline (the CDN then healthy)."""
     job_id = new_job(pipeline, portrait, webhook_url="https://hooks.example.com/kling")
     submit(pipeline, job_id)
     poll_until_left_processing(pipeline, job_id)
@@ -311,9 +310,16 @@ def test_a_store_that_fails_past_its_deadline_fails_and_can_be_restored(
     with unit_of_work(pipeline.sessions) as session:
         session.execute(update(Job).where(Job.id == job_id).values(store_deadline_at=func.now()))
     pipeline.store(job_id)
+    simulator.reset_faults()
+    return job_id
+
+
+def test_a_store_that_fails_past_its_deadline_fails_and_can_be_restored(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, dispatcher: RecordingDispatcher
+) -> None:
+    job_id = store_failed_for_good(pipeline, portrait, simulator)
     job = status(pipeline, job_id)
     assert job.status == JobState.FAILED and job.error_code == "storage_failed"
-    simulator.reset_faults()
     dispatcher.take()
     assert pipeline.restore(job_id)
     assert [t for t, *_ in dispatcher.take()] == [dispatch.STORE]
@@ -360,14 +366,7 @@ def test_a_restore_during_a_failed_callbacks_attempt_still_supersedes_it(
 ) -> None:
     """The `generation.failed` attempt is mid-POST when the store is restored: however the
     attempt ends, the callback stays superseded and is not retried after `completed`."""
-    job_id = new_job(pipeline, portrait, webhook_url="https://hooks.example.com/kling")
-    submit(pipeline, job_id)
-    poll_until_left_processing(pipeline, job_id)
-    simulator.set_faults(output_truncate=1.0)
-    with unit_of_work(pipeline.sessions) as session:
-        session.execute(update(Job).where(Job.id == job_id).values(store_deadline_at=func.now()))
-    pipeline.store(job_id)
-    simulator.reset_faults()
+    job_id = store_failed_for_good(pipeline, portrait, simulator)
     with pipeline.sessions() as session:
         ((delivery, _),) = callbacks.of_job(session, job_id)
 
