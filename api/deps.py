@@ -122,5 +122,7 @@ def rate_limited(
 
 
 Res = Annotated[Resources, Depends(resources)]
-Db = Annotated[Session, Depends(session)]
+# Function scope: the commit ends before the response is sent, so a 2xx is never answered for
+# rows that are not (yet) committed; a request-scoped exit would run after the response.
+Db = Annotated[Session, Depends(session, scope="function")]
 CurrentTenant = Annotated[Tenant, Depends(tenant)]
