@@ -28,7 +28,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from api import problems
 from api.deps import CurrentTenant, Db, Res, Resources, metrics_reader, rate_limited, spend
@@ -46,7 +45,7 @@ from api.schemas import (
     Text,
     Upload,
 )
-from workers import callbacks, jobs, listing, outbox, tenants
+from workers import callbacks, jobs, listing, tenants
 from workers.dispatch import NOTIFY
 from workers.intake import (
     GenerationInput,
@@ -63,6 +62,7 @@ from workers.models import IdempotencyKey, Job, Tenant, WebhookDelivery
 from workers.pipeline import utcnow
 from workers.representation import Generation
 from workers.webhook_in import WebhookRejected, verify
+from workers.work import Work
 
 log = structlog.get_logger(__name__)
 
@@ -150,28 +150,20 @@ def _create(
         image = load_image(db, res.guard, tenant, request, settings)
     staged = stage(res.storage, settings, request, image)
 
-    def write(db: Session) -> Job:
+    def write(work: Work) -> Job:
+        db = work.session
         check_budget(db, tenant, settings.price_usd[request.duration], utcnow(), settings)
-        job = accept(db, tenant, request, staged)
+        job = accept(work, tenant, request, staged)
         if idempotency:
             key, digest = idempotency
             db.add(IdempotencyKey(tenant_id=tenant.id, key=key, request_hash=digest, job_id=job.id))
         return job
 
-    job = commit_staged(res.sessions, res.storage, staged, write)
-    _publish(res, job.id)
+    # The first task goes out after the commit, tried once: the job exists either way, so the
+    # caller is answered 201 whatever the broker does, and its outbox row is published later.
+    job = commit_staged(res.pipeline.work, res.storage, staged, write)
     log.info("generation.accepted", job_id=str(job.id))
     return job
-
-
-def _publish(res: Res, job_id: uuid.UUID) -> None:
-    """Publish a committed job's first task, best effort and briefly: its outbox row is the
-    durable record, and the reconciler publishes it if this cannot. The job exists either way,
-    so the caller is answered 201 whatever the broker does."""
-    try:
-        outbox.relay(res.sessions, res.dispatch, job_id=job_id)
-    except Exception as exc:  # Postgres failing after the commit: still the outbox's job
-        log.warning("generation.publish_deferred", job_id=str(job_id), error=type(exc).__name__)
 
 
 @v1.post(

@@ -104,6 +104,11 @@ class Gate:
     recovery_after: timedelta = timedelta(seconds=90)
 
 
+def anyone_waiting(session: Session, now: datetime) -> bool:
+    """Whether some queued job waits for the gate to admit it."""
+    return bool(session.scalar(_ANY_WAITING, {"now": now}))
+
+
 def admit(
     session: Session,
     gate: Gate,
@@ -117,7 +122,7 @@ def admit(
     `park` is a queued job whose own submit message just found it unadmitted: it is parked
     first, under the gate's lock, so the gate sends it a message whenever it admits it later.
     """
-    if park is None and not session.scalar(_ANY_WAITING, {"now": now}):
+    if park is None and not anyone_waiting(session, now):
         return []
     # The lock comes before any job row: admitting locks its candidates' rows under it, so a
     # row locked first (by parking) would invert the order and deadlock with another gate pass.

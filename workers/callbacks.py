@@ -26,17 +26,18 @@ import httpx
 import structlog
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
 from config import Settings
 from workers import jobs, metrics
-from workers.db import unit_of_work
+from workers.dispatch import NOTIFY
 from workers.models import CallbackHost, Tenant, WebhookAttempt, WebhookDelivery
 from workers.representation import Generation
 from workers.retry import parse_retry_after
 from workers.sealing import Sealer
 from workers.tenants import signing_secrets
+from workers.work import Units, Work
 
 log = structlog.get_logger(__name__)
 
@@ -157,9 +158,10 @@ def record(session: Session, job_id: uuid.UUID, event: str, now: datetime) -> uu
 @dataclass
 class Callbacks:
     """Makes the callback attempts that are due: claim, POST with no transaction open,
-    record. Collaborators are passed in."""
+    record, and ask for the next attempt when it is a short wait away. Collaborators are
+    passed in."""
 
-    sessions: sessionmaker[Session]
+    work: Units
     post: Post
     policy: Policy
     clock: Callable[[], datetime]
@@ -171,24 +173,33 @@ class Callbacks:
         outcome without an attempt when the receiver's host must be left alone for now. A
         secret that none of the keys opens raises `SealingError` before anything is sent: a
         callback is never signed with anything but the tenant's secret."""
-        with unit_of_work(self.sessions) as session:
-            claimed = _claim(session, delivery_id, self.clock(), self.policy, self.sealer)
-        if not isinstance(claimed, Attempt):
-            return claimed
+        with self.work() as work:
+            claimed = _claim(work.session, delivery_id, self.clock(), self.policy, self.sealer)
+            if not isinstance(claimed, Attempt):
+                _again(work, delivery_id, claimed)
+                return claimed
         started = time.monotonic()
         status_code, error, retry_after = _attempt(self.post, claimed)
         duration_ms = int((time.monotonic() - started) * 1000)
         retry_after = min(retry_after, self.policy.retry_after_max) if retry_after else None
-        with unit_of_work(self.sessions) as session:
+        with self.work() as work:
             outcome = _record(
-                session, claimed, (status_code, error, retry_after), duration_ms, self.clock(),
-                self.policy,
+                work.session, claimed, (status_code, error, retry_after), duration_ms,
+                self.clock(), self.policy,
             )  # fmt: skip
+            _again(work, delivery_id, outcome)
         log.info(
             "callback.attempt", delivery_id=str(delivery_id), job_id=str(claimed.job_id),
             status_code=status_code, error=error, outcome=outcome and outcome.status,
         )  # fmt: skip
         return outcome
+
+
+def _again(work: Work, delivery_id: uuid.UUID, outcome: Outcome | None) -> None:
+    """A short wait for the next attempt is a countdown; a long one (which `send` drops) is
+    left in `next_attempt_at` for the reconciler."""
+    if outcome is not None and outcome.retry_in is not None:
+        work.send(NOTIFY, delivery_id, outcome.retry_in)
 
 
 def _claim(

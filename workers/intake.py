@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -19,12 +20,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
 from workers import callbacks, dispatch, jobs
-from workers.db import unit_of_work
 from workers.media import IMAGE_TYPES, ImageInfo, InvalidMedia, inspect_image
 from workers.models import Job, Tenant, Upload
 from workers.states import JobState
 from workers.storage import Storage, StorageError
 from workers.urlguard import UrlGuard, UrlRefused
+from workers.work import Work, unsent
 
 T = TypeVar("T")
 
@@ -241,8 +242,9 @@ def unstage(storage: Storage, staged: StagedInput) -> None:
         log.warning("intake.unstage_failed", key=staged.key, error=str(exc))
 
 
-def accept(session: Session, tenant: Tenant, request: GenerationInput, staged: StagedInput) -> Job:
-    """Add the queued job and its outbox row to the session; the caller commits."""
+def accept(work: Work, tenant: Tenant, request: GenerationInput, staged: StagedInput) -> Job:
+    """Add the queued job to the unit of work, with its first task backed by the outbox; the
+    caller commits."""
     job = Job(
         id=staged.job_id,
         tenant_id=tenant.id,
@@ -257,7 +259,9 @@ def accept(session: Session, tenant: Tenant, request: GenerationInput, staged: S
         webhook_events=list(request.webhook_events),
         metadata_=request.metadata,
     )
-    return jobs.create(session, job, first_task=dispatch.SUBMIT)
+    jobs.create(work.session, job)
+    work.send_durable(dispatch.SUBMIT, job.id)
+    return job
 
 
 def create_job(
@@ -268,26 +272,29 @@ def create_job(
     request: GenerationInput,
     image: InputImage | bytes,
 ) -> Job:
-    """Stage the image and commit the job (for service-layer callers: tests, benchmarks)."""
+    """Stage the image and commit the job, for service-layer callers (tests, benchmarks): its
+    first task is left to the outbox relay."""
     staged = stage(storage, settings, request, image)
-    return commit_staged(sessions, storage, staged, lambda s: accept(s, tenant, request, staged))
+    return commit_staged(
+        lambda: unsent(sessions), storage, staged, lambda w: accept(w, tenant, request, staged)
+    )
 
 
 def commit_staged(
-    sessions: sessionmaker[Session],
+    unit: Callable[[], AbstractContextManager[Work]],
     storage: Storage,
     staged: StagedInput,
-    write: Callable[[Session], T],
+    write: Callable[[Work], T],
 ) -> T:
-    """Run `write` in one transaction and commit it. The staged image is removed only when
+    """Run `write` in one unit of work and commit it. The staged image is removed only when
     no job can exist: the transaction failed before its COMMIT was sent. A COMMIT that
     raised may still have committed (the answer lost on the way back), and that job would
     need its image: it stays (the bucket's lifecycle rule for `inputs/` removes it if not)."""
     sent = False
     try:
-        with unit_of_work(sessions) as session:
-            written = write(session)
-            session.flush()
+        with unit() as work:
+            written = write(work)
+            work.session.flush()
             sent = True  # every row written; what may fail now is the COMMIT itself
         return written
     except BaseException:

@@ -1,5 +1,5 @@
 """Queries on the job aggregate: creation, conditional transitions, reads. The only place
-that writes `jobs`, `job_events` and `outbox`."""
+that writes `jobs` and `job_events`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from workers import metrics
 from workers.models import (
     Job,
     JobEvent,
-    OutboxMessage,
     QuarantinedTask,
 )
 from workers.states import JobState, can_transition
@@ -39,16 +38,15 @@ def get(session: Session, job_id: uuid.UUID) -> Job:
     return job
 
 
-def create(session: Session, job: Job, *, first_task: str) -> Job:
-    """Insert a queued job, its first event and the outbox row of its first task, unflushed
-    into the caller's transaction so all three commit (or vanish) together."""
+def create(session: Session, job: Job) -> Job:
+    """Insert a queued job and its first event into the caller's transaction, so both commit
+    (or vanish) together with the job's first task (`Work.send_durable`)."""
     job.status = JobState.QUEUED
     session.add(job)
     session.flush()
     session.add(
         JobEvent(job_id=job.id, from_state=None, to_state=JobState.QUEUED, reason="accepted")
     )
-    session.add(OutboxMessage(task=first_task, job_id=job.id))
     session.flush()
     metrics.TRANSITIONS.labels(JobState.QUEUED).inc()
     return job
@@ -139,49 +137,6 @@ def events(session: Session, job_id: uuid.UUID) -> Sequence[JobEvent]:
     return session.scalars(
         select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
     ).all()
-
-
-def claim_unpublished(
-    session: Session,
-    *,
-    lease_seconds: float,
-    older_than: float | None = None,
-    job_id: uuid.UUID | None = None,
-    limit: int = 500,
-) -> Sequence[Row[int, str, uuid.UUID]]:
-    """Outbox rows nobody published (all of one job's, or those `older_than` seconds old)
-    and no other relay holds: taken for `lease_seconds`, their attempts counted. Answers
-    their id, task and job; the caller publishes them after this commits."""
-    conditions: list[ColumnElement[bool]] = [
-        OutboxMessage.published_at.is_(None),
-        OutboxMessage.claimed_until.is_(None) | (OutboxMessage.claimed_until < func.now()),
-    ]
-    if older_than is not None:
-        conditions.append(OutboxMessage.created_at <= func.now() - timedelta(seconds=older_than))
-    if job_id is not None:
-        conditions.append(OutboxMessage.job_id == job_id)
-    free = (
-        select(OutboxMessage.id)
-        .where(*conditions)
-        .order_by(OutboxMessage.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    return session.execute(
-        update(OutboxMessage)
-        .where(OutboxMessage.id.in_(free.scalar_subquery()))
-        .values(claimed_until=db_in(lease_seconds), attempts=OutboxMessage.attempts + 1)
-        .returning(OutboxMessage.id, OutboxMessage.task, OutboxMessage.job_id)
-    ).all()
-
-
-def mark_published(session: Session, outbox_ids: Sequence[int]) -> None:
-    if outbox_ids:
-        session.execute(
-            update(OutboxMessage)
-            .where(OutboxMessage.id.in_(outbox_ids))
-            .values(published_at=func.now(), claimed_until=None)
-        )
 
 
 def claim_poll(session: Session, job_id: uuid.UUID, seq: int | None) -> tuple[Job, datetime] | None:

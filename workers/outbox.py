@@ -1,15 +1,21 @@
-"""The outbox relay: publish task messages that were committed together with their job."""
+"""The outbox: task messages committed together with the change that calls for them, and the
+relay that publishes those nobody has published (the reconciler runs it)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from datetime import timedelta
 
 import structlog
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
 
-from workers import jobs
 from workers.db import unit_of_work
 from workers.dispatch import Dispatcher
+from workers.jobs import db_in
+from workers.models import OutboxMessage
 
 log = structlog.get_logger(__name__)
 
@@ -17,15 +23,19 @@ log = structlog.get_logger(__name__)
 LEASE_SECONDS = 30.0
 
 
+def add(session: Session, task: str, job_id: uuid.UUID) -> int:
+    """Write the outbox row of `task` into the caller's transaction; answers its id."""
+    row = OutboxMessage(task=task, job_id=job_id)
+    session.add(row)
+    session.flush()
+    return row.id
+
+
 def relay(
-    sessions: sessionmaker[Session],
-    dispatch: Dispatcher,
-    *,
-    job_id: uuid.UUID | None = None,
-    older_than: float | None = None,
+    sessions: sessionmaker[Session], dispatch: Dispatcher, *, older_than: float | None = None
 ) -> int:
-    """Publish unpublished rows (all of one job's, or those `older_than` seconds old) and mark
-    them; answers how many were published.
+    """Publish unpublished rows (those `older_than` seconds old, or all) and mark them;
+    answers how many were published.
 
     The rows are taken under a lease in one short transaction, published with none open, and
     marked in another: a crash in between publishes a message twice, never zero times (the
@@ -33,9 +43,7 @@ def relay(
     wait for the lease to end and the reconciler's next relay.
     """
     with unit_of_work(sessions) as session:
-        rows = jobs.claim_unpublished(
-            session, lease_seconds=LEASE_SECONDS, older_than=older_than, job_id=job_id
-        )
+        rows = claim_unpublished(session, lease_seconds=LEASE_SECONDS, older_than=older_than)
     published: list[int] = []
     try:
         for row in rows:
@@ -46,5 +54,45 @@ def relay(
         error = f"{type(exc).__name__}: {exc}"
         log.warning("outbox.publish_failed", published=len(published), left=left, error=error)
     with unit_of_work(sessions) as session:
-        jobs.mark_published(session, published)
+        mark_published(session, published)
     return len(published)
+
+
+def claim_unpublished(
+    session: Session,
+    *,
+    lease_seconds: float,
+    older_than: float | None = None,
+    limit: int = 500,
+) -> Sequence[Row[int, str, uuid.UUID]]:
+    """Outbox rows nobody published (those `older_than` seconds old, or all)
+    and no other relay holds: taken for `lease_seconds`, their attempts counted. Answers
+    their id, task and job; the caller publishes them after this commits."""
+    conditions: list[ColumnElement[bool]] = [
+        OutboxMessage.published_at.is_(None),
+        OutboxMessage.claimed_until.is_(None) | (OutboxMessage.claimed_until < func.now()),
+    ]
+    if older_than is not None:
+        conditions.append(OutboxMessage.created_at <= func.now() - timedelta(seconds=older_than))
+    free = (
+        select(OutboxMessage.id)
+        .where(*conditions)
+        .order_by(OutboxMessage.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return session.execute(
+        update(OutboxMessage)
+        .where(OutboxMessage.id.in_(free.scalar_subquery()))
+        .values(claimed_until=db_in(lease_seconds), attempts=OutboxMessage.attempts + 1)
+        .returning(OutboxMessage.id, OutboxMessage.task, OutboxMessage.job_id)
+    ).all()
+
+
+def mark_published(session: Session, outbox_ids: Sequence[int]) -> None:
+    if outbox_ids:
+        session.execute(
+            update(OutboxMessage)
+            .where(OutboxMessage.id.in_(outbox_ids))
+            .values(published_at=func.now(), claimed_until=None)
+        )

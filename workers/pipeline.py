@@ -1,8 +1,9 @@
 """The generation pipeline: submit -> poll -> store, one method per task.
 
 Every step reloads the job, acts only if the row is in the state it expects (a conditional
-UPDATE in `workers.jobs`), and asks for follow-up tasks only after its change committed.
-Duplicate, late or replayed messages therefore change nothing.
+UPDATE in `workers.jobs`), and asks for its follow-up tasks in the same unit of work
+(`workers.work`), which sends them once the change has committed. Duplicate, late or replayed
+messages therefore change nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from workers.states import JobState
 from workers.storage import Storage, StorageError
 from workers.urlguard import UrlGuard
 from workers.wavespeed import Prediction, WaveSpeedClient, WaveSpeedError
+from workers.work import Units, Work, settle_outbox
 
 log = structlog.get_logger(__name__)
 
@@ -90,23 +92,34 @@ class Pipeline:
     guard: UrlGuard
     sealer: Sealer
     clock: Clock = utcnow
+    work: Units = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.work = Units(
+            self.sessions, self.dispatch, self.settings.max_countdown_seconds, self.clock,
+            admit=self.admit,
+        )  # fmt: skip
 
     # -- submit ---------------------------------------------------------------------------
 
-    def submit(self, job_id: uuid.UUID) -> None:
-        """Claim a queued job, POST it to WaveSpeed once, record the prediction.
+    def submit(self, job_id: uuid.UUID, outbox: int | None = None) -> None:
+        """Claim a queued job, POST it to WaveSpeed once, record the prediction. `outbox` is
+        the outbox row that announced this message, settled now that it arrived.
 
         The claim (with the attempt count) commits *before* the POST: a crash after sending
         leaves the job `submitting`, which `recover` resolves through WaveSpeed's history
         instead of paying for a second prediction.
         """
-        job, claimed = self._claim(job_id)
-        if not claimed and job.status == JobState.QUEUED and job.admitted_at is None:
-            # Not admitted yet: park the job and let the gate pick the fairest jobs. Claim
-            # again whatever it picked: if this gate pass, or another one since the claim
-            # above, admitted this job, no other message is coming for it.
-            self.admit(park=job.id)
-            job, claimed = self._claim(job_id)
+        with self.work() as work:
+            settle_outbox(work.session, outbox)
+            job, claimed = self._claim(work.session, job_id)
+            if not claimed and job.status == JobState.QUEUED and job.admitted_at is None:
+                # Not admitted yet: park the job and let the gate pick the fairest jobs, in
+                # this same transaction (the failed claim locked no row, so the gate's lock
+                # still comes first). Claim again whatever it picked: if this gate pass, or
+                # another one since, admitted this job, no other message is coming for it.
+                self._admit(work, park=job.id)
+                job, claimed = self._claim(work.session, job_id)
         if not claimed:
             return
         claimed_at = time.monotonic()
@@ -139,39 +152,42 @@ class Pipeline:
         submit task's hard time limit has killed whatever process was sending it."""
         return timedelta(seconds=self.settings.submit_time_limit_seconds)
 
-    def _claim(self, job_id: uuid.UUID) -> tuple[Job, bool]:
+    def _claim(self, session: Session, job_id: uuid.UUID) -> tuple[Job, bool]:
         """`queued -> submitting` if the gate admitted the job; answers the job as it was
         before, and whether it was claimed. The claim's due time is when the POST must have
         answered: past it (plus the sweep's grace) the reconciler sends `recover`."""
-        with unit_of_work(self.sessions) as session:
-            job = _bind(jobs.get(session, job_id))
-            claimed = jobs.transition(
-                session,
-                job_id,
-                JobState.QUEUED,
-                JobState.SUBMITTING,
-                reason=f"attempt {job.submit_attempts + 1}",
-                when=Job.admitted_at.is_not(None),
-                submit_attempts=Job.submit_attempts + 1,
-                last_submit_at=func.now(),
-                due_at=jobs.db_in(self.settings.submit_time_limit_seconds),
-                recover_misses=0,
-                last_miss_at=None,
-            )
-            return job, claimed
+        job = _bind(jobs.get(session, job_id))
+        claimed = jobs.transition(
+            session,
+            job_id,
+            JobState.QUEUED,
+            JobState.SUBMITTING,
+            reason=f"attempt {job.submit_attempts + 1}",
+            when=Job.admitted_at.is_not(None),
+            submit_attempts=Job.submit_attempts + 1,
+            last_submit_at=func.now(),
+            due_at=jobs.db_in(self.settings.submit_time_limit_seconds),
+            recover_misses=0,
+            last_miss_at=None,
+        )
+        return job, claimed
 
-    def admit(self, park: uuid.UUID | None = None) -> int:
+    def admit(self) -> int:
         """Admit as many queued jobs as the gate allows and send the submit tasks they need;
-        answers how many it admitted. `park` is a job whose own message found it unadmitted
-        (`admission.admit`): it gets no message from here, its caller claims it itself."""
+        answers how many it admitted."""
+        with self.work() as work:
+            return self._admit(work)
+
+    def _admit(self, work: Work, park: uuid.UUID | None = None) -> int:
+        """The gate's pass inside `work`. `park` is a job whose own message found it
+        unadmitted (`admission.admit`): it gets no message from here, its caller claims it."""
         now = self.clock()
-        with unit_of_work(self.sessions) as session:
-            admitted = admission.admit(
-                session, self.gate, now, now - timedelta(minutes=1), park=park
-            )
+        admitted = admission.admit(
+            work.session, self.gate, now, now - timedelta(minutes=1), park=park
+        )
         for entry in admitted:
             if entry.needs_message and entry.job_id != park:
-                self.dispatch(dispatch.SUBMIT, entry.job_id)
+                work.send(dispatch.SUBMIT, entry.job_id)
         return len(admitted)
 
     @property
@@ -211,29 +227,27 @@ class Pipeline:
     def _missed(self, job: Job, attempt: int, looked_at: datetime) -> None:
         assert job.last_submit_at is not None
         spacing = timedelta(seconds=self.settings.submit_post_seconds)
-        requeued = False
-        with unit_of_work(self.sessions) as session:
+        with self.work() as work:
             misses = jobs.record_miss(
-                session, job.id, attempt, looked_at,
+                work.session, job.id, attempt, looked_at,
                 posted_before=looked_at - self._in_flight, missed_before=looked_at - spacing,
             )  # fmt: skip
             proven = misses is not None and misses >= 2
             if proven and attempt < self.settings.submit_max_attempts:
                 # Parked: no submit message is on its way; the gate sends one when it admits it.
-                requeued = jobs.transition(
-                    session, job.id, JobState.SUBMITTING, JobState.QUEUED,
+                if jobs.transition(
+                    work.session, job.id, JobState.SUBMITTING, JobState.QUEUED,
                     reason=f"attempt {attempt} not in WaveSpeed's history, twice",
                     when=Job.submit_attempts == attempt,
                     admitted_at=None, parked_at=func.now(), due_at=None,
-                )  # fmt: skip
-        if proven and not requeued:
-            # Nothing was created, and no attempts are left: nothing is charged either.
-            message = f"attempt {attempt} not in WaveSpeed's history, twice; no attempts left"
-            self.fail(job.id, JobState.SUBMITTING, ErrorCode.UPSTREAM_UNAVAILABLE, message,
-                      when=Job.submit_attempts == attempt)  # fmt: skip
+                ):  # fmt: skip
+                    work.free_slot()
+            elif proven:
+                # Nothing was created, and no attempts are left: nothing is charged either.
+                message = f"attempt {attempt} not in WaveSpeed's history, twice; no attempts left"
+                self.fail(job.id, JobState.SUBMITTING, ErrorCode.UPSTREAM_UNAVAILABLE,
+                           message, when=Job.submit_attempts == attempt, work=work)  # fmt: skip
         if proven:
-            if requeued:
-                self.admit()
             return
         # A first miss, or a lookup too early to count: look again once it can count (the
         # margin keeps a countdown that fires a little early from missing the mark).
@@ -276,13 +290,12 @@ class Pipeline:
         values: dict[str, Any] = {"due_at": jobs.db_in(delay)}
         if failures is not None:
             values["step_failures"] = failures
-        with unit_of_work(self.sessions) as session:
-            ours = jobs.update_fields(
-                session, job_id, JobState.SUBMITTING, when=Job.submit_attempts == attempt,
+        with self.work() as work:
+            if jobs.update_fields(
+                work.session, job_id, JobState.SUBMITTING, when=Job.submit_attempts == attempt,
                 note=note, **values,
-            )  # fmt: skip
-        if ours:
-            self.later(dispatch.RECOVER, job_id, delay, attempt=attempt)
+            ):  # fmt: skip
+                work.send(dispatch.RECOVER, job_id, delay, attempt=attempt)
 
     def _inputs(self, job: Job, attempt: int) -> dict[str, Any]:
         """The body of submit `attempt` (copying the input image for a later attempt)."""
@@ -337,7 +350,8 @@ class Pipeline:
     ) -> None:  # fmt: skip
         now = self.clock()
         first = self.settings.poll_first_delay_seconds.get(duration, 60.0)
-        with unit_of_work(self.sessions) as session:
+        with self.work() as work:
+            session = work.session
             moved = jobs.transition(
                 session,
                 job_id,
@@ -355,9 +369,10 @@ class Pipeline:
                 session, job_id, JobState.CANCELLED, when=Job.prediction_id.is_(None),
                 prediction_id=prediction.id,
             )  # fmt: skip
-            delivery = self._event(session, job_id, callbacks.PROCESSING) if moved else None
             job = jobs.get(session, job_id)
-        self._notify(delivery)
+            if moved:
+                self._event(work, job_id, callbacks.PROCESSING)
+                work.send(dispatch.POLL, job_id, first, seq=job.poll_seq)
         if not kept:
             log.error(
                 "submit.orphaned", job_id=str(job_id), attempt=attempt,
@@ -366,7 +381,6 @@ class Pipeline:
         if moved:
             metrics.adopted(job.created_at, now, job.cost_usd)
             log.info("submit.done", job_id=str(job_id), prediction_id=prediction.id)
-            self.dispatch(dispatch.POLL, job_id, countdown=first, seq=job.poll_seq)
 
     def _submit_failed(self, job_id: uuid.UUID, attempt: int, exc: WaveSpeedError) -> None:
         log.warning(
@@ -395,16 +409,20 @@ class Pipeline:
         """Submit `attempt` surely created nothing: queue the job again, or fail it once its
         attempts are used up."""
         attempt_matches = Job.submit_attempts == attempt
-        if attempt < self.settings.submit_max_attempts:
-            self._requeue(job_id, JobState.SUBMITTING, attempt, retry_after, why, attempt_matches)
-        else:
-            self.fail(
-                job_id, JobState.SUBMITTING, ErrorCode.UPSTREAM_UNAVAILABLE, why,
-                when=attempt_matches,
-            )  # fmt: skip
+        with self.work() as work:
+            if attempt < self.settings.submit_max_attempts:
+                self._requeue(
+                    work, job_id, JobState.SUBMITTING, attempt, retry_after, why, attempt_matches
+                )
+            else:
+                self.fail(
+                    job_id, JobState.SUBMITTING, ErrorCode.UPSTREAM_UNAVAILABLE, why,
+                    when=attempt_matches, work=work,
+                )  # fmt: skip
 
     def _requeue(
         self,
+        work: Work,
         job_id: uuid.UUID,
         src: JobState,
         attempt: int,
@@ -417,39 +435,32 @@ class Pipeline:
             attempt, settings.retry_base_seconds, settings.retry_max_seconds, retry_after,
             settings.retry_after_max_seconds,
         )  # fmt: skip
-        with unit_of_work(self.sessions) as session:
-            moved = jobs.transition(
-                session,
-                job_id,
-                src,
-                JobState.QUEUED,
-                reason=f"retry in {delay:.1f}s: {why}"[:2000],
-                when=when,
-                prediction_id=None,
-                admitted_at=None,
-                due_at=None,
-                not_before=self.clock() + timedelta(seconds=delay),
-                # Unparked when the countdown message below is on its way; a wait too long for
-                # a countdown parks the job, and the gate sends it a message once admitted.
-                parked_at=None if self._countdown(delay) else func.now(),
-            )
-        if moved:
-            # The message first: nothing else would send it, and admitting can fail.
+        if jobs.transition(
+            work.session,
+            job_id,
+            src,
+            JobState.QUEUED,
+            reason=f"retry in {delay:.1f}s: {why}"[:2000],
+            when=when,
+            prediction_id=None,
+            admitted_at=None,
+            due_at=None,
+            not_before=self.clock() + timedelta(seconds=delay),
+            # Unparked when the countdown message below is on its way; a wait too long for
+            # a countdown parks the job, and the gate sends it a message once admitted.
+            parked_at=None if self._countdown(delay) else func.now(),
+        ):
             # The gate is asked again when the wait is over (beat asks too, if this is lost).
-            self.later(dispatch.SUBMIT, job_id, delay)
-            self.admit()  # its slot is free for another job meanwhile
+            work.send(dispatch.SUBMIT, job_id, delay)
+            work.free_slot()  # its slot is free for another job meanwhile
 
     # -- poll -----------------------------------------------------------------------------
 
-    def poll(
-        self, job_id: uuid.UUID, seq: int | None = None, reported: dict[str, Any] | None = None
-    ) -> None:
+    def poll(self, job_id: uuid.UUID, seq: int | None = None) -> None:
         """Check the prediction once; reschedule itself with a countdown if it is not done.
 
         Never sleeps. `seq` ties a message to one poll chain: a webhook or the reconciler
-        (seq None) takes the chain over and the older message finds itself stale. `reported`
-        is the prediction a verified WaveSpeed webhook carried (`take_webhook`): a finished
-        one is taken as the result without asking WaveSpeed again.
+        (seq None) takes the chain over and the older message finds itself stale.
         """
         with unit_of_work(self.sessions) as session:
             claimed = jobs.claim_poll(session, job_id, seq)
@@ -459,35 +470,35 @@ class Pipeline:
         prediction_id = job.prediction_id
         assert prediction_id is not None
         _bind(job)
-        prediction = _finished_report(reported, prediction_id)
-        if prediction is None:
-            try:
-                prediction = self.wavespeed.result(prediction_id)
-            except WaveSpeedError as exc:
-                self._poll_failed(job, now, exc)
-                return
-        self._on_prediction(job, now, prediction)
+        try:
+            prediction = self.wavespeed.result(prediction_id)
+        except WaveSpeedError as exc:
+            with self.work() as work:
+                self._poll_failed(work, job, now, exc)
+            return
+        with self.work() as work:
+            self._on_prediction(work, job, now, prediction)
 
-    def _poll_failed(self, job: Job, now: datetime, exc: WaveSpeedError) -> None:
+    def _poll_failed(self, work: Work, job: Job, now: datetime, exc: WaveSpeedError) -> None:
         """`/result` answered an error: the timeout still counts, and a prediction WaveSpeed
         keeps refusing (404, 400) ends the job after a few tries rather than never."""
         log.warning("poll.failed", job_id=str(job.id), error=str(exc))
         refusals = job.step_failures
         if classify(status_code=exc.status_code).code == ErrorCode.UPSTREAM_AUTH:
             self.fail(job.id, JobState.PROCESSING, ErrorCode.UPSTREAM_AUTH, exc.message,
-                      when=_tracks(job))  # fmt: skip
+                       when=_tracks(job), work=work)  # fmt: skip
         elif self._timed_out(job, now):
-            self._fail_timed_out(job, f"{exc.message}")
+            self._fail_timed_out(work, job, f"{exc.message}")
         elif not exc.retryable and refusals + 1 >= self.settings.poll_max_rejections:
             message = f"WaveSpeed refused {refusals + 1} polls in a row: {exc.message}"
             self.fail(job.id, JobState.PROCESSING, ErrorCode.PREDICTION_LOST, message,
-                      when=_tracks(job))  # fmt: skip
+                       when=_tracks(job), work=work)  # fmt: skip
         elif exc.retryable:
-            self._reschedule(job, exc.retry_after, refusals)  # keeps the refusals in a row
+            self._reschedule(work, job, exc.retry_after, refusals)  # keeps the refusals in a row
         else:
             base = self.settings.poll_refusal_base_seconds
             wait = backoff(refusals + 1, base, 8 * base, exc.retry_after)
-            self._reschedule(job, wait, refusals + 1)
+            self._reschedule(work, job, wait, refusals + 1)
 
     def take_webhook(self, prediction_id: str, reported: dict[str, Any] | None) -> bool:
         """WaveSpeed's verified webhook says a prediction finished. Settle its job here and
@@ -495,31 +506,37 @@ class Pipeline:
         body does not settle it, ask for a poll at once. The poll takes the job's chain over,
         so the scheduled poll arriving later is harmless; WaveSpeed's retries of a webhook
         already taken change nothing. False when there was nothing to do: no job of ours
-        waits on the prediction (nothing is recorded then), or it was taken already."""
-        with unit_of_work(self.sessions) as session:
-            job = jobs.by_prediction(session, prediction_id)
+        waits on the prediction (nothing is recorded then), or it was taken already.
+
+        Its id, the poll chain's takeover and the job's settling commit together: a failure
+        before the commit leaves the webhook untaken, for WaveSpeed's retry, and so does a
+        message that could not go after it (its id is forgotten)."""
+        with self.work() as work:
+            job = jobs.by_prediction(work.session, prediction_id)
             if job is None or job.status != JobState.PROCESSING:
                 return False
-            if not webhook_in.first_seen(session, prediction_id):
+            if not webhook_in.first_seen(work.session, prediction_id):
                 log.info("wavespeed.webhook.duplicate", prediction_id=prediction_id)
                 return False
-        try:
-            if _finished_report(reported, prediction_id) is None:
-                self.dispatch(dispatch.POLL, job.id)
-            else:
-                self.poll(job.id, reported=reported)
-        except BaseException:
-            # Not taken after all (the broker or Postgres failed): let WaveSpeed's retry in.
+            finished = _finished_report(reported, prediction_id)
+            claimed = None if finished is None else jobs.claim_poll(work.session, job.id, None)
+            if finished is None:
+                work.send(dispatch.POLL, job.id)
+            elif claimed is not None and claimed[0].prediction_id == prediction_id:
+                self._on_prediction(work, *claimed, finished)
+        if work.unsent is not None:
+            # WaveSpeed's retry brings the webhook again: it finds the job settled, or cues
+            # the poll that did not go this time.
             with unit_of_work(self.sessions) as session:
                 webhook_in.forget(session, prediction_id)
-            raise
+            raise work.unsent
         return True
 
-    def _on_prediction(self, job: Job, now: datetime, prediction: Prediction) -> None:
+    def _on_prediction(self, work: Work, job: Job, now: datetime, prediction: Prediction) -> None:
         if prediction.status == "completed":
-            self._completed_upstream(job, prediction)
+            self._completed_upstream(work, job, prediction)
         elif prediction.status == "failed":
-            self._failed_upstream(job, prediction)
+            self._failed_upstream(work, job, prediction)
         elif prediction.terminal:
             self.fail(
                 job.id,
@@ -527,46 +544,48 @@ class Pipeline:
                 ErrorCode.UPSTREAM_CANCELLED,
                 f"WaveSpeed reports the prediction {prediction.status}",
                 when=_tracks(job),
+                work=work,
             )
         elif self._timed_out(job, now):
-            self._fail_timed_out(job, f"still {prediction.status}")
+            self._fail_timed_out(work, job, f"still {prediction.status}")
         else:
-            self._reschedule(job, None)
+            self._reschedule(work, job, None)
 
-    def _completed_upstream(self, job: Job, prediction: Prediction) -> None:
+    def _completed_upstream(self, work: Work, job: Job, prediction: Prediction) -> None:
         if not prediction.outputs:
             self.fail(
-                job.id, JobState.PROCESSING, ErrorCode.OUTPUT_INVALID, "completed, no output",
-                when=_tracks(job),
+                job.id, JobState.PROCESSING, ErrorCode.OUTPUT_INVALID,
+                "completed, no output", when=_tracks(job), work=work,
             )  # fmt: skip
             return
-        with unit_of_work(self.sessions) as session:
-            moved = jobs.transition(
-                session,
-                job.id,
-                JobState.PROCESSING,
-                JobState.STORING,
-                reason="completed upstream",
-                when=_tracks(job),
-                output_url=prediction.outputs[0],
-                inference_ms=prediction.inference_ms,
-                output_at=func.now(),
-                store_deadline_at=jobs.db_in(self.settings.store_deadline_seconds),
-                due_at=func.now(),
-            )
-        if moved:
-            self.dispatch(dispatch.STORE, job.id)
-            self.admit()
+        if jobs.transition(
+            work.session,
+            job.id,
+            JobState.PROCESSING,
+            JobState.STORING,
+            reason="completed upstream",
+            when=_tracks(job),
+            output_url=prediction.outputs[0],
+            inference_ms=prediction.inference_ms,
+            output_at=func.now(),
+            store_deadline_at=jobs.db_in(self.settings.store_deadline_seconds),
+            due_at=func.now(),
+        ):
+            work.send(dispatch.STORE, job.id)
+            work.free_slot()
 
-    def _failed_upstream(self, job: Job, prediction: Prediction) -> None:
+    def _failed_upstream(self, work: Work, job: Job, prediction: Prediction) -> None:
         failure = classify(task_code=prediction.code)
         message = f"WaveSpeed task failed ({prediction.code}): {prediction.error}"
         if failure.retryable and job.submit_attempts < self.settings.submit_max_attempts:
             self._requeue(
-                job.id, JobState.PROCESSING, job.submit_attempts, None, message, when=_tracks(job)
-            )
+                work, job.id, JobState.PROCESSING, job.submit_attempts, None, message,
+                when=_tracks(job),
+            )  # fmt: skip
         else:
-            self.fail(job.id, JobState.PROCESSING, failure.code, message, when=_tracks(job))
+            self.fail(
+                job.id, JobState.PROCESSING, failure.code, message, when=_tracks(job), work=work
+            )
 
     def _timed_out(self, job: Job, now: datetime) -> bool:
         """Whether the prediction has run past the processing timeout, by the database's
@@ -574,19 +593,19 @@ class Pipeline:
         started = job.submitted_at or job.created_at
         return (now - started).total_seconds() > self.settings.processing_timeout_seconds
 
-    def _fail_timed_out(self, job: Job, why: str) -> None:
+    def _fail_timed_out(self, work: Work, job: Job, why: str) -> None:
         timeout = self.settings.processing_timeout_seconds
         self.fail(job.id, JobState.PROCESSING, ErrorCode.PROCESSING_TIMEOUT,
-                  f"{why} after {timeout:.0f}s", when=_tracks(job))  # fmt: skip
+                   f"{why} after {timeout:.0f}s", when=_tracks(job), work=work)  # fmt: skip
 
-    def _reschedule(self, job: Job, retry_after: float | None, failures: int = 0) -> None:
+    def _reschedule(
+        self, work: Work, job: Job, retry_after: float | None, failures: int = 0
+    ) -> None:
         settings = self.settings
         retry_after = min(retry_after or 0.0, settings.retry_after_max_seconds)
         delay = max(poll_delay(settings, job.poll_seq), retry_after)
-        with unit_of_work(self.sessions) as session:
-            still_ours = jobs.set_next_poll(session, job.id, job.poll_seq, delay, failures)
-        if still_ours:
-            self.later(dispatch.POLL, job.id, delay, seq=job.poll_seq)
+        if jobs.set_next_poll(work.session, job.id, job.poll_seq, delay, failures):
+            work.send(dispatch.POLL, job.id, delay, seq=job.poll_seq)
 
     # -- store ----------------------------------------------------------------------------
 
@@ -614,9 +633,9 @@ class Pipeline:
             except Exception as exc:  # any other failure, time limits included: try again
                 self._store_failed(job, now, exc)
                 return
-        with unit_of_work(self.sessions) as session:
+        with self.work() as work:
             moved = jobs.transition(
-                session,
+                work.session,
                 job_id,
                 JobState.STORING,
                 JobState.COMPLETED,
@@ -632,8 +651,8 @@ class Pipeline:
                 due_at=None,
                 completed_at=self.clock(),
             )
-            delivery = self._event(session, job_id, callbacks.COMPLETED) if moved else None
-        self._notify(delivery)
+            if moved:
+                self._event(work, job_id, callbacks.COMPLETED)
         if moved:
             metrics.completed(job.created_at, self.clock())
             log.info("store.done", job_id=str(job_id), key=key, bytes=stored.bytes)
@@ -662,18 +681,17 @@ class Pipeline:
         """Store again a paid-for output whose store failed (`storage_failed`, or
         `output_expired` if WaveSpeed may still have it), with a fresh deadline; False when
         the job is not such a job."""
-        with unit_of_work(self.sessions) as session:
+        with self.work() as work:
             moved = jobs.transition(
-                session, job_id, JobState.FAILED, JobState.STORING, reason="restored",
+                work.session, job_id, JobState.FAILED, JobState.STORING, reason="restored",
                 when=Job.error_code.in_([ErrorCode.STORAGE_FAILED, ErrorCode.OUTPUT_EXPIRED])
                 & Job.output_url.is_not(None),
                 error_code=None, error_message=None, completed_at=None, due_at=func.now(),
                 store_deadline_at=jobs.db_in(self.settings.store_deadline_seconds),
             )  # fmt: skip
             if moved:  # a `failed` callback still retrying would arrive after `completed`
-                callbacks.supersede(session, job_id)
-        if moved:
-            self.dispatch(dispatch.STORE, job_id)
+                callbacks.supersede(work.session, job_id)
+                work.send(dispatch.STORE, job_id)
         return moved
 
     def _copy_output(self, url: str, key: str, copy: Path) -> Any:
@@ -701,18 +719,11 @@ class Pipeline:
     def _countdown(self, delay: float) -> bool:
         return delay <= self.settings.max_countdown_seconds
 
-    def later(self, task: str, job_id: uuid.UUID, delay: float, **kwargs: Any) -> None:
-        """Ask for `task` in `delay` seconds: a countdown when short; a longer wait is left
-        to the job's `due_at`, which the reconciler turns into the task when it comes."""
-        if self._countdown(delay):
-            self.dispatch(task, job_id, countdown=delay, **kwargs)
-
-    def _event(self, session: Session, job_id: uuid.UUID, event: str) -> uuid.UUID | None:
-        return callbacks.record(session, job_id, event, self.clock())
-
-    def _notify(self, delivery: uuid.UUID | None) -> None:
+    def _event(self, work: Work, job_id: uuid.UUID, event: str) -> None:
+        """Record the job's callback of `event`, if it has one, and send it after the commit."""
+        delivery = callbacks.record(work.session, job_id, event, self.clock())
         if delivery is not None:
-            self.dispatch(dispatch.NOTIFY, delivery)
+            work.send(dispatch.NOTIFY, delivery)
 
     def fail(
         self,
@@ -721,33 +732,37 @@ class Pipeline:
         code: ErrorCode,
         message: str,
         when: ColumnElement[bool] | None = None,
+        *,
+        work: Work | None = None,
     ) -> bool:
         """Fail a job still in `src` (and matching `when`) with a stable code and a human
-        message."""
-        with unit_of_work(self.sessions) as session:
-            moved = jobs.transition(
-                session,
-                job_id,
-                src,
-                JobState.FAILED,
-                reason=f"{code}: {message}",
-                when=when,
-                error_code=code,
-                error_message=message[:2000],
-                due_at=None,
-                completed_at=self.clock(),
-            )
-            delivery = self._event(session, job_id, callbacks.FAILED) if moved else None
-        self._notify(delivery)
+        message, inside `work` or a unit of its own."""
+        if work is None:
+            with self.work() as work:
+                return self.fail(job_id, src, code, message, when, work=work)
+        moved = jobs.transition(
+            work.session,
+            job_id,
+            src,
+            JobState.FAILED,
+            reason=f"{code}: {message}",
+            when=when,
+            error_code=code,
+            error_message=message[:2000],
+            due_at=None,
+            completed_at=self.clock(),
+        )
         if moved:
             log.warning("job.failed", job_id=str(job_id), code=code, message=message)
-            self.admit()
+            self._event(work, job_id, callbacks.FAILED)
+            work.free_slot()
         return moved
 
     def cancel(self, job_id: uuid.UUID) -> Job:
         """Stop a job. A queued job is never submitted; one already at WaveSpeed stops being
         tracked (WaveSpeed has no cancel), and the record says it may still be charged."""
-        with unit_of_work(self.sessions) as session:
+        with self.work() as work:
+            session = work.session
             job = jobs.get(session, job_id)
             note = "cancelled by the caller"
             if job.prediction_id or job.status == JobState.SUBMITTING:
@@ -758,11 +773,9 @@ class Pipeline:
                 reason=note, error_code=ErrorCode.CANCELLED, error_message=note, due_at=None,
                 completed_at=self.clock(),
             )  # fmt: skip
-            delivery = self._event(session, job_id, callbacks.CANCELLED) if moved else None
-        self._notify(delivery)
-        if moved:
-            self.admit()
-        with self.sessions() as session:
+            if moved:
+                self._event(work, job_id, callbacks.CANCELLED)
+                work.free_slot()
             return jobs.get(session, job_id)
 
 

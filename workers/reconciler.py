@@ -25,7 +25,6 @@ import structlog
 from sqlalchemy.orm import Session
 
 from workers import callbacks, dispatch, jobs, metrics, quarantine, webhook_in
-from workers.db import unit_of_work
 from workers.dispatch import RECOVER
 from workers.models import Job
 from workers.outbox import relay
@@ -65,20 +64,25 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
     """One sweep; answers how many items of each kind it re-sent, and how many jobs the
     admission gate let through (retries whose backoff ended, capacity freed elsewhere)."""
     sessions, send, settings = pipeline.sessions, pipeline.dispatch, pipeline.settings
-    counts = {"outbox": relay(sessions, send, older_than=settings.outbox_grace_seconds)}
     plan = sweeps(pipeline)
     backlog = {q: send.waiting(q) for q in sorted({dispatch.ROUTES[s.task] for s in plan})}
+    # A new job's outbox row is settled by its submit task: under a backlog of submits, it
+    # is late only because that queue is, like the sweeps' work.
+    grace = settings.outbox_grace_seconds
+    if backlog[dispatch.ROUTES[dispatch.SUBMIT]]:
+        grace += settings.reconcile_backlog_grace_seconds
+    counts = {"outbox": relay(sessions, send, older_than=grace)}
     for sweep in plan:
         grace = sweep.grace
         if backlog[dispatch.ROUTES[sweep.task]]:
             metrics.RECONCILER_DEFERRED.labels(str(sweep.state)).inc()
             grace += settings.reconcile_backlog_grace_seconds
         counts[str(sweep.state)] = _sweep(pipeline, sweep, grace)
-    with unit_of_work(sessions) as session:
-        deliveries = callbacks.due(session, pipeline.clock())
-        webhook_in.prune(session, WEBHOOK_ID_RETENTION_SECONDS)
-    for delivery_id in deliveries:
-        send(dispatch.NOTIFY, delivery_id)
+    with pipeline.work() as work:
+        deliveries = callbacks.due(work.session, pipeline.clock())
+        webhook_in.prune(work.session, WEBHOOK_ID_RETENTION_SECONDS)
+        for delivery_id in deliveries:
+            work.send(dispatch.NOTIFY, delivery_id)
     counts["callbacks"] = len(deliveries)
     for kind, count in counts.items():
         metrics.RECONCILER_RESENT.labels(kind).inc(count)
@@ -90,18 +94,18 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
 
 def _sweep(pipeline: Pipeline, sweep: Sweep, grace: float) -> int:
     cap = pipeline.settings.reconcile_max_resends
-    with unit_of_work(pipeline.sessions) as session:
-        rows = jobs.overdue(session, sweep.state, sweep.column, grace)
+    with pipeline.work() as work:
+        rows = jobs.overdue(work.session, sweep.state, sweep.column, grace)
         resend = [row for row in rows if row.resends < cap]
         for row in rows:
             if row.resends >= cap:
-                _put_aside(session, sweep, row.id, row.resends)
+                _put_aside(work.session, sweep, row.id, row.resends)
         # Touch the rows so the next sweep does not resend before this message had its chance.
-        jobs.touch(session, [row.id for row in resend])
-    for row in resend:
-        # A recover message names the attempt it is for, so a late one finds itself stale.
-        extra = {"attempt": row.submit_attempts} if sweep.task == RECOVER else {}
-        pipeline.dispatch(sweep.task, row.id, **extra)
+        jobs.touch(work.session, [row.id for row in resend])
+        for row in resend:
+            # A recover message names the attempt it is for, so a late one finds itself stale.
+            extra = {"attempt": row.submit_attempts} if sweep.task == RECOVER else {}
+            work.send(sweep.task, row.id, **extra)
     return len(resend)
 
 

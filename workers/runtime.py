@@ -84,15 +84,15 @@ def close_pipeline(pipeline: Pipeline) -> None:
 
 
 def build_callbacks(pipeline: Pipeline) -> Callbacks:
-    """The callback service beside a pipeline: its sessions, sealer and clock, and POSTs
-    through its URL guard."""
+    """The callback service beside a pipeline: its units of work, sealer and clock, and
+    POSTs through its URL guard."""
     timeout = pipeline.settings.callback_timeout_seconds
 
     def post(url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
         return pipeline.guard.post(url, content=body, headers=headers, timeout=timeout)
 
     return Callbacks(
-        sessions=pipeline.sessions,
+        work=pipeline.work,
         post=post,
         policy=Policy.of(pipeline.settings),
         clock=pipeline.clock,

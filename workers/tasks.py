@@ -101,9 +101,9 @@ task = partial(
 
 
 @task(name=dispatch.SUBMIT)
-def submit(job_id: str) -> None:
-    """POST a queued job to WaveSpeed, once."""
-    pipeline().submit(uuid.UUID(job_id))
+def submit(job_id: str, outbox: int | None = None) -> None:
+    """POST a queued job to WaveSpeed, once (`outbox`: the row that announced it)."""
+    pipeline().submit(uuid.UUID(job_id), outbox)
 
 
 @task(name=dispatch.RECOVER)
@@ -126,12 +126,8 @@ def store(job_id: str) -> None:
 
 @task(name=dispatch.NOTIFY)
 def notify(delivery_id: str) -> None:
-    """Make a due callback attempt to the producer; a short wait for the next one is a
-    countdown, a long one is left in `next_attempt_at` for the reconciler."""
-    service = runtime()
-    outcome = service.callbacks.deliver(uuid.UUID(delivery_id))
-    if outcome is not None and outcome.retry_in is not None:
-        service.pipeline.later(dispatch.NOTIFY, uuid.UUID(delivery_id), outcome.retry_in)
+    """Make a due callback attempt to the producer."""
+    runtime().callbacks.deliver(uuid.UUID(delivery_id))
 
 
 @task(name=dispatch.RECONCILE)

@@ -88,14 +88,14 @@ def test_the_outbox_keeps_what_it_could_not_publish_and_counts_each_try(
     pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
 ) -> None:
     job_id = new_job(pipeline, portrait)
-    assert relay(pipeline.sessions, broker_down, job_id=job_id) == 0  # no exception either
+    assert relay(pipeline.sessions, broker_down) == 0  # no exception either
     with unit_of_work(pipeline.sessions) as session:
         row = session.scalars(select(OutboxMessage).where(OutboxMessage.job_id == job_id)).one()
         assert row.published_at is None and row.attempts == 1
         # No relay may take it while the failed one's lease runs; then the reconciler's may.
-        assert relay(pipeline.sessions, dispatcher, job_id=job_id) == 0
+        assert relay(pipeline.sessions, dispatcher) == 0
         session.execute(update(OutboxMessage).values(claimed_until=func.now()))
-    assert relay(pipeline.sessions, dispatcher, job_id=job_id) == 1
+    assert relay(pipeline.sessions, dispatcher) == 1
     assert [(t, j) for t, j, *_ in dispatcher.take()] == [(dispatch.SUBMIT, job_id)]
 
 

@@ -34,6 +34,7 @@ from workers.reconciler import reconcile
 from workers.runtime import build_callbacks
 from workers.states import JobState
 from workers.wavespeed import Prediction
+from workers.work import Work, unsent
 
 pytestmark = pytest.mark.integration
 
@@ -68,17 +69,19 @@ def test_a_commit_whose_answer_is_lost_keeps_the_image_a_failed_write_does_not(
     event.listen(lossy, "after_commit", answer_lost)
     staged = stage(storage, settings, request, portrait)
     with pytest.raises(ConnectionError):
-        commit_staged(lossy, storage, staged, lambda s: accept(s, owner, request, staged))
+        commit_staged(
+            lambda: unsent(lossy), storage, staged, lambda w: accept(w, owner, request, staged)
+        )
     with pipeline.sessions() as session:
         assert jobs.get(session, staged.job_id).status == JobState.QUEUED  # it committed
     assert storage.get_bytes(staged.key) == portrait
 
-    def refused(session: Session) -> None:
+    def refused(work: Work) -> None:
         raise ValueError("over budget")
 
     staged = stage(storage, settings, request, portrait)
     with pytest.raises(ValueError):
-        commit_staged(pipeline.sessions, storage, staged, refused)
+        commit_staged(pipeline.work, storage, staged, refused)
     assert storage.head(staged.key) is None
 
 
@@ -425,8 +428,8 @@ def test_a_job_admitted_by_another_gate_pass_while_its_message_waited_is_still_s
     job_id = new_job(pipeline, portrait)
     claim = pipeline._claim
 
-    def claim_then_another_worker_admits(job: Any) -> Any:
-        found = claim(job)
+    def claim_then_another_worker_admits(session: Session, job: Any) -> Any:
+        found = claim(session, job)
         # Between this message's failed claim and its parking, another worker's gate pass
         # admits the job; as it was not parked, that pass sends it no message.
         monkeypatch.setattr(pipeline, "_claim", claim)
@@ -516,7 +519,8 @@ def test_a_poll_that_stalled_past_a_resubmission_changes_nothing(
     assert second and second != first
     # The stalled poll gets the first prediction's failure back, late: it must neither fail
     # the job nor requeue it (which would abandon, and pay again for, the second prediction).
-    pipeline._on_prediction(stalled, pipeline.clock(), Prediction.from_data(failure))
+    with pipeline.work() as work:
+        pipeline._on_prediction(work, stalled, pipeline.clock(), Prediction.from_data(failure))
     job = status(pipeline, job_id)
     assert job.status == JobState.PROCESSING and job.prediction_id == second
     # Two predictions for this job (the image URL carries its id), not a third.
@@ -550,11 +554,18 @@ def test_a_webhook_that_could_not_be_taken_is_taken_when_wavespeed_retries_it(
     ids=["not-finished", "another-prediction", "completed-without-output", "failed-without-code"],
 )
 def test_a_report_that_does_not_settle_the_job_falls_back_to_a_real_poll(
-    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, reported: dict[str, Any]
+    pipeline: Pipeline,
+    portrait: bytes,
+    simulator: SimulatorAdmin,
+    dispatcher: RecordingDispatcher,
+    reported: dict[str, Any],
 ) -> None:
     simulator.set_faults(inference_seconds=[30, 30])
     job_id, prediction_id = submitted(pipeline, portrait)
-    pipeline.poll(job_id, reported={"id": prediction_id, "outputs": ["https://x/o.mp4"]} | reported)
+    body = {"id": prediction_id, "outputs": ["https://x/o.mp4"]} | reported
+    assert pipeline.take_webhook(prediction_id, body)
+    assert [(t, j, kw) for t, j, _, kw in dispatcher.take()] == [(dispatch.POLL, job_id, {})]
+    pipeline.poll(job_id)
     job = status(pipeline, job_id)
     # WaveSpeed was asked, and says the 30 s inference is still running.
     assert job.status == JobState.PROCESSING and job.output_url is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -43,6 +44,23 @@ def test_an_unpublished_outbox_row_is_published_by_the_reconciler(
     dispatcher.take()
     counts = reconcile(pipeline)
     assert counts["outbox"] == 1
+    assert (dispatch.SUBMIT, job_id) in sent(dispatcher)
+
+
+def test_under_a_backlog_of_submits_an_outbox_row_waits_for_its_task(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    """The row is settled by its submit task when it runs: while the submit queue is busy,
+    a row past the outbox grace is only waiting its turn, and publishing it again would
+    lengthen the queue it waits in."""
+    job_id = new_job(pipeline, portrait)
+    age = timedelta(seconds=pipeline.settings.outbox_grace_seconds + 5)
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(update(OutboxMessage).values(created_at=OutboxMessage.created_at - age))
+    dispatcher(dispatch.SUBMIT, uuid.uuid4())  # another job's submit, not yet taken
+    assert reconcile(pipeline)["outbox"] == 0
+    dispatcher.take()  # the queue drained
+    assert reconcile(pipeline)["outbox"] == 1
     assert (dispatch.SUBMIT, job_id) in sent(dispatcher)
 
 

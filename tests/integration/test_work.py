@@ -1,0 +1,222 @@
+"""Units of work: messages after the commit, one admission pass per freed slot, the outbox
+settled by the task it announced, and what a job costs Postgres."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy import event, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from tests.integration.flow import new_job, status
+from tests.support import RecordingDispatcher, SimulatorAdmin, wait_for
+from workers import dispatch
+from workers.db import make_engine, make_session_factory, unit_of_work
+from workers.intake import GenerationInput, accept, commit_staged, create_job, stage
+from workers.models import Job, OutboxMessage, Tenant
+from workers.outbox import relay
+from workers.pipeline import Pipeline, utcnow
+from workers.runtime import build_callbacks
+from workers.states import JobState
+from workers.work import OUTBOX, Units
+
+pytestmark = pytest.mark.usefixtures("stack")
+
+
+def units(
+    sessions: sessionmaker[Session], dispatcher: Any, admit: Any = None, max_countdown: float = 60
+) -> Units:
+    return Units(sessions, dispatcher, max_countdown, utcnow, admit=admit)
+
+
+def test_messages_go_after_the_commit_and_never_for_a_rollback(
+    sessions: sessionmaker[Session], dispatcher: RecordingDispatcher
+) -> None:
+    unit = units(sessions, dispatcher)
+    subject = uuid.uuid4()
+    with unit() as work:
+        work.send(dispatch.POLL, subject, 5, seq=3)
+        work.session.execute(text("SELECT 1"))
+        assert dispatcher.sent == []  # nothing before the commit
+    assert dispatcher.take() == [(dispatch.POLL, subject, 5, {"seq": 3})]
+    with pytest.raises(RuntimeError), unit() as work:
+        work.send(dispatch.POLL, subject)
+        raise RuntimeError("the change failed")
+    assert dispatcher.take() == []
+
+
+def test_a_wait_longer_than_the_broker_should_hold_is_left_to_the_row(
+    sessions: sessionmaker[Session], dispatcher: RecordingDispatcher
+) -> None:
+    with units(sessions, dispatcher, max_countdown=60)() as work:
+        work.send(dispatch.RECOVER, uuid.uuid4(), 61, attempt=1)
+        work.send(dispatch.RECOVER, uuid.uuid4(), 60, attempt=1)
+    assert [countdown for _, _, countdown, _ in dispatcher.take()] == [60]
+
+
+def test_a_broker_failure_after_the_commit_keeps_the_change_and_stops_the_rest(
+    pipeline: Pipeline, portrait: bytes
+) -> None:
+    tried: list[str] = []
+
+    def broker_down(task: str, *_: Any, **__: Any) -> None:
+        tried.append(task)
+        raise ConnectionError("redis is restarting")
+
+    job_id = new_job(pipeline, portrait)
+    with units(pipeline.sessions, broker_down)() as work:
+        work.session.execute(update(Job).where(Job.id == job_id).values(prompt="kept"))
+        work.send(dispatch.SUBMIT, job_id)
+        work.send(dispatch.POLL, job_id)
+    assert isinstance(work.unsent, ConnectionError)
+    assert tried == [dispatch.SUBMIT]  # the first failure stops the rest
+    assert status(pipeline, job_id).prompt == "kept"
+
+
+def test_the_gate_is_asked_once_after_a_freeing_unit_and_only_when_a_job_waits(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    passes: list[int] = []
+    unit = units(pipeline.sessions, dispatcher, admit=lambda: passes.append(1))
+    with unit() as work:
+        work.free_slot()
+        work.free_slot()
+    assert passes == []  # nobody waits: no pass, and no transaction for one
+    new_job(pipeline, portrait)  # queued, not admitted
+    with unit() as work:
+        work.free_slot()
+        work.free_slot()
+    assert passes == [1]
+    with unit() as work:
+        pass
+    assert passes == [1]
+
+
+def test_the_first_task_settles_its_outbox_row_and_the_relay_leaves_it_alone(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    with pipeline.sessions() as session:
+        row = session.scalars(select(OutboxMessage).where(OutboxMessage.job_id == job_id)).one()
+    pipeline.submit(job_id, row.id)
+    assert status(pipeline, job_id).status == JobState.PROCESSING
+    with pipeline.sessions() as session:
+        assert session.get_one(OutboxMessage, row.id).published_at is not None
+    assert relay(pipeline.sessions, dispatcher) == 0
+
+
+def test_the_api_sends_the_first_task_with_the_outbox_row_behind_it(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, tenant: Tenant
+) -> None:
+    request = GenerationInput(prompt="slow pan left", guidance_scale=0.5, duration=5)
+    staged = stage(pipeline.storage, pipeline.settings, request, portrait)
+    job = commit_staged(
+        pipeline.work, pipeline.storage, staged, lambda w: accept(w, tenant, request, staged)
+    )
+    ((task, job_id, countdown, kwargs),) = dispatcher.take()
+    assert (task, job_id, countdown) == (dispatch.SUBMIT, job.id, None)
+    with pipeline.sessions() as session:
+        row = session.get_one(OutboxMessage, kwargs[OUTBOX])
+        assert row.job_id == job.id and row.published_at is None  # until its task runs
+
+
+def test_a_job_from_accept_to_its_callback_is_eight_transactions(
+    pipeline: Pipeline,
+    portrait: bytes,
+    dispatcher: RecordingDispatcher,
+    simulator: SimulatorAdmin,
+    tenant: Tenant,
+) -> None:
+    """Accepted, submitted, settled by WaveSpeed's webhook, stored, called back: the path of
+    nearly every job, and what each one costs Postgres in commits."""
+    simulator.set_faults(inference_seconds=[0, 0])
+    commits: list[int] = []
+    engine = pipeline.sessions.kw["bind"]
+    event.listen(engine, "commit", lambda _: commits.append(1))
+    received: list[int] = []
+    service = replace(build_callbacks(pipeline), post=lambda *_: _answered(received))
+
+    request = GenerationInput(
+        prompt="slow pan left", guidance_scale=0.5, duration=5,
+        webhook_url="https://hooks.example.com/kling",
+    )  # fmt: skip
+    settings, storage = pipeline.settings, pipeline.storage
+    job_id = create_job(pipeline.sessions, storage, settings, tenant, request, portrait).id
+    with pipeline.sessions() as session:
+        outbox = session.scalars(select(OutboxMessage.id)).one()
+    pipeline.submit(job_id, outbox)
+    prediction_id = status(pipeline, job_id).prediction_id
+    assert prediction_id
+    finished = wait_for(lambda: _finished(pipeline, prediction_id), timeout=30, interval=0.2)
+    assert pipeline.take_webhook(prediction_id, finished)
+    pipeline.store(job_id)
+    (delivery,) = [j for t, j, *_ in dispatcher.take() if t == dispatch.NOTIFY]
+    service.deliver(delivery)
+    assert status(pipeline, job_id).status == JobState.COMPLETED and received == [204]
+    assert len(commits) <= 8, len(commits)
+
+
+def _answered(received: list[int]) -> httpx.Response:
+    received.append(204)
+    return httpx.Response(204)
+
+
+def _finished(pipeline: Pipeline, prediction_id: str) -> dict[str, Any] | None:
+    prediction = pipeline.wavespeed.result(prediction_id)
+    if prediction.status != "completed":
+        return None
+    return {"id": prediction.id, "status": "completed", "outputs": prediction.outputs}
+
+
+def _xact_commit(database_url: str, name: str) -> int:
+    # Read from another database, so that the reads are not counted in the figure they read.
+    server = make_url(database_url).set(drivername="postgresql", database="postgres")
+    with psycopg.connect(server.render_as_string(hide_password=False), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (name,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_unit_of_work_is_one_transaction_for_postgres(database_url: str) -> None:
+    """The pool tests a connection only after it sat idle: a busy process pays no ping,
+    and so no extra round trip and no extra commit, per transaction."""
+    name = database_url.rpartition("/")[2]
+    engine = make_engine(database_url, pool_size=1, max_overflow=0)
+    sessions = make_session_factory(engine)
+    before = _xact_commit(database_url, name)
+    for _ in range(50):
+        with unit_of_work(sessions) as session:
+            session.execute(text("SELECT 1"))
+    engine.dispose()  # a backend's statistics are flushed when it exits
+
+    def settled() -> int | None:
+        first = _xact_commit(database_url, name)
+        time.sleep(0.5)
+        return first if _xact_commit(database_url, name) == first else None
+
+    # One more for the engine's first connect; every checkout pinged would be 100 or more.
+    assert 50 <= wait_for(settled, timeout=30, interval=0.5) - before <= 51
+
+
+def test_a_connection_that_died_while_idle_is_replaced_before_use(database_url: str) -> None:
+    engine = make_engine(database_url, pool_size=1, max_overflow=0, ping_after=0.2)
+    sessions = make_session_factory(engine)
+    try:
+        with sessions() as session:
+            pid = session.scalar(text("SELECT pg_backend_pid()"))
+        with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.3)
+        with unit_of_work(sessions) as session:  # no error: tested, found dead, replaced
+            assert session.scalar(text("SELECT pg_backend_pid()")) != pid
+    finally:
+        engine.dispose()
