@@ -69,19 +69,25 @@ def _handing_on(head: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def _parts(chunks: Iterable[bytes], part_size: int) -> Iterator[bytes]:
-    """Regroup arbitrary chunks into parts of exactly `part_size` (the last may be shorter)."""
-    buffer = bytearray()
+    """Regroup arbitrary chunks into parts of exactly `part_size` (the last may be shorter).
+
+    Each part is one join of the chunks it spans: every byte is copied once. (Growing a
+    bytearray and slicing parts off it copied each byte two or three times, which showed in
+    the store's CPU.) Views cut the chunk that straddles two parts without copying it."""
+    pending: list[bytes | memoryview] = []
+    size = 0
     for chunk in chunks:
-        buffer += chunk
-        while len(buffer) >= part_size:
-            # One copy instead of two (a bytearray slice copies too). The view must be released
-            # before `del`: a bytearray with a live export refuses to resize.
-            with memoryview(buffer) as view:
-                part = bytes(view[:part_size])
-            del buffer[:part_size]
-            yield part
-    if buffer:
-        yield bytes(buffer)
+        pending.append(chunk)
+        size += len(chunk)
+        while size >= part_size:
+            last = memoryview(pending.pop())
+            cut = len(last) - (size - part_size)  # what of `last` belongs to this part
+            pending.append(last[:cut])
+            yield b"".join(pending)
+            rest = last[cut:]
+            pending, size = ([rest] if len(rest) else []), len(rest)
+    if size:
+        yield b"".join(pending)
 
 
 class _PartWindow:
