@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limits={
             app.url_path_for("create_upload"): settings.upload_body_max_bytes,
             app.url_path_for("create_batch"): settings.batch_body_max_bytes,
-            app.url_path_for("wavespeed_webhook"): settings.webhook_body_max_bytes,
+            app.url_path_for("wavespeed_webhook"): settings.wavespeed_webhook_body_max_bytes,
         },
         open_paths={app.url_path_for("wavespeed_webhook")},  # signed by WaveSpeed instead
     )

@@ -46,7 +46,6 @@ from api.schemas import (
     Upload,
 )
 from workers import callbacks, jobs, listing, tenants
-from workers.dispatch import NOTIFY
 from workers.intake import (
     GenerationInput,
     Refusal,
@@ -55,10 +54,11 @@ from workers.intake import (
     check_callback_url,
     commit_staged,
     load_image,
+    replayed,
     stage,
     store_upload,
 )
-from workers.models import IdempotencyKey, Job, Tenant, WebhookDelivery
+from workers.models import Job, Tenant
 from workers.pipeline import utcnow
 from workers.representation import Generation
 from workers.webhook_in import WebhookRejected, verify
@@ -151,13 +151,9 @@ def _create(
     staged = stage(res.storage, settings, request, image)
 
     def write(work: Work) -> Job:
-        db = work.session
-        check_budget(db, tenant, settings.price_usd[request.duration], utcnow(), settings)
-        job = accept(work, tenant, request, staged)
-        if idempotency:
-            key, digest = idempotency
-            db.add(IdempotencyKey(tenant_id=tenant.id, key=key, request_hash=digest, job_id=job.id))
-        return job
+        price = settings.price_usd[request.duration]
+        check_budget(work.session, tenant, price, utcnow(), settings)
+        return accept(work, tenant, request, staged, idempotency)
 
     # The first task goes out after the commit, tried once: the job exists either way, so the
     # caller is answered 201 whatever the broker does, and its outbox row is published later.
@@ -208,17 +204,9 @@ def _create_once(
 
 
 def _replay(res: Res, tenant: Tenant, idempotency: tuple[str, str]) -> Generation | None:
-    key, digest = idempotency
     with res.sessions() as db:
-        seen = db.get(IdempotencyKey, (tenant.id, key))
-        if seen is None:
-            return None
-        if seen.request_hash != digest:
-            raise Refusal(
-                409, "Idempotency-Key", "idempotency_conflict",
-                "this key was used with a different request body",
-            )  # fmt: skip
-        return Generation.of(jobs.get(db, seen.job_id))
+        job = replayed(db, tenant, *idempotency)
+        return Generation.of(job) if job is not None else None
 
 
 @v1.post(
@@ -405,15 +393,11 @@ def create_upload(
 )  # fmt: skip
 def replay_delivery(delivery_id: uuid.UUID, res: Res, tenant: CurrentTenant) -> DeliveryOut:
     """Send a callback again now, with the same `webhook-id`, whatever became of it."""
-    with res.sessions() as db, db.begin():
-        delivery = db.get(WebhookDelivery, delivery_id)
-        if delivery is None or delivery.tenant_id != tenant.id:
+    with res.pipeline.work() as work:
+        if not callbacks.replay(work, tenant.id, delivery_id, utcnow()):
             raise HTTPException(404, "no delivery with this id")
-        callbacks.replay(db, delivery, utcnow())
-    res.dispatch(NOTIFY, delivery_id)
     with res.sessions() as db:
-        found = dict(callbacks.of_job(db, delivery.job_id))
-        return DeliveryOut.of(*next((d, a) for d, a in found.items() if d.id == delivery_id))
+        return DeliveryOut.of(*callbacks.one(db, delivery_id))
 
 
 # 503 when this deployment's SECRET_KEYS cannot open the stored secret (api/problems.py).

@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from config.settings import Duration
 from workers.callbacks import DEFAULT_EVENTS, webhook_id
-from workers.models import JobEvent, WebhookAttempt, WebhookDelivery
+from workers.models import CallbackAttempt, CallbackDelivery, JobEvent
 from workers.representation import Generation
 
 EXAMPLE_PROMPT = (
@@ -229,7 +229,7 @@ class DeliveryOut(BaseModel):
     delivered_at: datetime | None
 
     @classmethod
-    def of(cls, delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -> DeliveryOut:
+    def of(cls, delivery: CallbackDelivery, attempts: list[CallbackAttempt]) -> DeliveryOut:
         return cls(
             id=delivery.id, webhook_id=webhook_id(delivery.id), event=delivery.event,
             url=delivery.url, status=delivery.status, next_attempt_at=delivery.next_attempt_at,

@@ -23,6 +23,11 @@ from workers.intake import GenerationInput, accept
 from workers.outbox import relay
 from workers.runtime import build_storage
 
+try:
+    from workers.work import Work
+except ImportError:  # a product from before units of work
+    Work = None  # type: ignore[assignment, misc]
+
 BATCH = 100
 IN_FLIGHT = ("submitting", "processing")
 UNFINISHED = ("queued", "submitting", "processing")
@@ -53,11 +58,13 @@ def create(
         )
         with unit_of_work(sessions) as session:
             owner = () if tenant_id is None else (_tenant(session, tenant_id),)
+            # Since units of work, `accept` takes one; a unit sends nothing until it is asked.
+            unit = Work(session, 0.0) if Work is not None else session
             for item in staged or [image] * size:
                 if staging is None:
                     call(session, storage, settings, *owner, request, item)
                 else:
-                    call(session, *owner, request, item)
+                    call(unit, *owner, request, item)
 
     sizes = [BATCH] * (count // BATCH) + ([count % BATCH] if count % BATCH else [])
     try:

@@ -9,7 +9,7 @@ from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from limits import parse
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODEL_ID = "kwaivgi/kling-v2.1-i2v-pro"
@@ -25,7 +25,11 @@ class Settings(BaseSettings):
 
     # A refusal names the setting, never shows the values: the input holds the secrets too.
     model_config = SettingsConfigDict(
-        env_file=None, extra="ignore", frozen=True, hide_input_in_errors=True
+        env_file=None,
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,
+        populate_by_name=True,
     )
 
     # `production` refuses, at start, settings that only make sense in development.
@@ -131,7 +135,13 @@ class Settings(BaseSettings):
     # may be `image_max_bytes` plus multipart framing (`upload_body_max_bytes`).
     body_max_bytes: int = Field(default=1024 * 1024, ge=1)
     batch_body_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
-    webhook_body_max_bytes: int = Field(default=256 * 1024, ge=1)
+    # "Webhook" is WaveSpeed's word for what it sends us, "callback" ours for what we send
+    # producers. `WEBHOOK_BODY_MAX_BYTES`, the name before that rule, is still read this release.
+    wavespeed_webhook_body_max_bytes: int = Field(
+        default=256 * 1024,
+        ge=1,
+        validation_alias=AliasChoices("wavespeed_webhook_body_max_bytes", "webhook_body_max_bytes"),
+    )
     # Presigned input URLs must outlive WaveSpeed's queue and retries.
     input_url_ttl_seconds: int = 24 * 3600
 
@@ -237,7 +247,7 @@ class Settings(BaseSettings):
         return self.image_max_bytes + MULTIPART_OVERHEAD_BYTES
 
     @property
-    def webhook_url(self) -> str:
+    def wavespeed_webhook_url(self) -> str:
         """Where WaveSpeed pushes completions for this deployment."""
         return f"{self.public_base_url.rstrip('/')}/v1/wavespeed/webhook"
 

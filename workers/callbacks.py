@@ -32,7 +32,7 @@ from standardwebhooks.webhooks import Webhook
 from config import Settings
 from workers import jobs, metrics
 from workers.dispatch import NOTIFY
-from workers.models import CallbackHost, Tenant, WebhookAttempt, WebhookDelivery
+from workers.models import CallbackAttempt, CallbackDelivery, CallbackHost, Tenant
 from workers.representation import Generation
 from workers.retry import parse_retry_after
 from workers.sealing import Sealer
@@ -133,10 +133,10 @@ def record(session: Session, job_id: uuid.UUID, event: str, now: datetime) -> uu
     if not job.webhook_url or event not in (job.webhook_events or DEFAULT_EVENTS):
         return None
     gone = session.scalar(
-        select(WebhookDelivery.id).where(
-            WebhookDelivery.tenant_id == job.tenant_id,
-            WebhookDelivery.url == job.webhook_url,
-            WebhookDelivery.status == DeliveryStatus.GONE,
+        select(CallbackDelivery.id).where(
+            CallbackDelivery.tenant_id == job.tenant_id,
+            CallbackDelivery.url == job.webhook_url,
+            CallbackDelivery.status == DeliveryStatus.GONE,
         )
     )
     payload = {
@@ -144,7 +144,7 @@ def record(session: Session, job_id: uuid.UUID, event: str, now: datetime) -> uu
         "timestamp": now.isoformat(),
         "data": Generation.of(job).model_dump(mode="json"),
     }
-    delivery = WebhookDelivery(
+    delivery = CallbackDelivery(
         job_id=job.id, tenant_id=job.tenant_id, event=event, url=job.webhook_url,
         host=host_of(job.webhook_url), payload=payload,
         status=DeliveryStatus.GONE if gone else DeliveryStatus.PENDING,
@@ -206,8 +206,8 @@ def _claim(
     session: Session, delivery_id: uuid.UUID, now: datetime, policy: Policy, sealer: Sealer
 ) -> Attempt | Outcome | None:
     delivery = session.scalar(
-        select(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery_id)
+        select(CallbackDelivery)
+        .where(CallbackDelivery.id == delivery_id)
         .with_for_update(skip_locked=True)
     )
     if delivery is None or delivery.status != DeliveryStatus.PENDING:
@@ -247,7 +247,7 @@ def _host_wait(session: Session, host: str, now: datetime, policy: Policy) -> fl
         return (row.open_until - now).total_seconds()
     busy = session.scalar(
         select(func.count()).where(
-            WebhookDelivery.host == host, WebhookDelivery.sending_until > now
+            CallbackDelivery.host == host, CallbackDelivery.sending_until > now
         )
     )
     if (busy or 0) >= policy.host_concurrency:
@@ -268,14 +268,14 @@ def _record(
 ) -> Outcome | None:
     status_code, error, retry_after = result
     session.add(
-        WebhookAttempt(
+        CallbackAttempt(
             delivery_id=attempt.delivery_id, status_code=status_code, error=error,
             duration_ms=duration_ms,
         )
     )  # fmt: skip
     _host_outcome(session, attempt.host, status_code, now, policy)
     delivery = session.scalar(
-        select(WebhookDelivery).where(WebhookDelivery.id == attempt.delivery_id).with_for_update()
+        select(CallbackDelivery).where(CallbackDelivery.id == attempt.delivery_id).with_for_update()
     )
     if delivery is None or delivery.sending_until != attempt.lease:
         return None  # the lease ran out and another attempt took over: it decides
@@ -343,7 +343,7 @@ def _next(
 
 def _apply(
     session: Session,
-    delivery: WebhookDelivery,
+    delivery: CallbackDelivery,
     outcome: Outcome,
     status_code: int | None,
     error: str | None,
@@ -362,11 +362,11 @@ def _apply(
     if outcome.status == DeliveryStatus.GONE:
         # 410 Gone: stop everything still pending for this URL too.
         session.execute(
-            update(WebhookDelivery)
+            update(CallbackDelivery)
             .where(
-                WebhookDelivery.tenant_id == delivery.tenant_id,
-                WebhookDelivery.url == delivery.url,
-                WebhookDelivery.status == DeliveryStatus.PENDING,
+                CallbackDelivery.tenant_id == delivery.tenant_id,
+                CallbackDelivery.url == delivery.url,
+                CallbackDelivery.status == DeliveryStatus.PENDING,
             )
             .values(status=DeliveryStatus.GONE, next_attempt_at=None)
         )
@@ -374,17 +374,17 @@ def _apply(
 
 def of_job(
     session: Session, job_id: uuid.UUID
-) -> list[tuple[WebhookDelivery, list[WebhookAttempt]]]:
+) -> list[tuple[CallbackDelivery, list[CallbackAttempt]]]:
     """A job's callback deliveries, oldest first, each with its attempts."""
     rows = session.scalars(
-        select(WebhookDelivery)
-        .where(WebhookDelivery.job_id == job_id)
-        .order_by(WebhookDelivery.created_at)
+        select(CallbackDelivery)
+        .where(CallbackDelivery.job_id == job_id)
+        .order_by(CallbackDelivery.created_at)
     ).all()
     attempts = session.scalars(
-        select(WebhookAttempt)
-        .where(WebhookAttempt.delivery_id.in_([d.id for d in rows]))
-        .order_by(WebhookAttempt.id)
+        select(CallbackAttempt)
+        .where(CallbackAttempt.delivery_id.in_([d.id for d in rows]))
+        .order_by(CallbackAttempt.id)
     ).all()
     return [(d, [a for a in attempts if a.delivery_id == d.id]) for d in rows]
 
@@ -392,18 +392,34 @@ def of_job(
 def supersede(session: Session, job_id: uuid.UUID) -> None:
     """Stop every callback of the job still waiting to be sent."""
     session.execute(
-        update(WebhookDelivery)
-        .where(WebhookDelivery.job_id == job_id, WebhookDelivery.status == DeliveryStatus.PENDING)
+        update(CallbackDelivery)
+        .where(CallbackDelivery.job_id == job_id, CallbackDelivery.status == DeliveryStatus.PENDING)
         # Clearing the lease makes an attempt running now record itself and decide nothing.
         .values(status=DeliveryStatus.SUPERSEDED, next_attempt_at=None, sending_until=None)
     )
 
 
-def replay(session: Session, delivery: WebhookDelivery, now: datetime) -> None:
-    """Send a delivery again, whatever became of it, with the same `webhook-id`."""
+def replay(work: Work, tenant_id: str, delivery_id: uuid.UUID, now: datetime) -> bool:
+    """Send one of the tenant's deliveries again now, whatever became of it, with the same
+    `webhook-id`; False when the tenant has no such delivery."""
+    delivery = work.session.get(CallbackDelivery, delivery_id, with_for_update=True)
+    if delivery is None or delivery.tenant_id != tenant_id:
+        return False
     delivery.status = DeliveryStatus.PENDING
     delivery.next_attempt_at = now
-    session.flush()
+    work.send(NOTIFY, delivery_id)
+    return True
+
+
+def one(session: Session, delivery_id: uuid.UUID) -> tuple[CallbackDelivery, list[CallbackAttempt]]:
+    """A delivery with its attempts."""
+    delivery = session.get_one(CallbackDelivery, delivery_id, populate_existing=True)
+    attempts = session.scalars(
+        select(CallbackAttempt)
+        .where(CallbackAttempt.delivery_id == delivery_id)
+        .order_by(CallbackAttempt.id)
+    ).all()
+    return delivery, list(attempts)
 
 
 def due(session: Session, now: datetime, limit: int = 500) -> Sequence[uuid.UUID]:
@@ -412,26 +428,26 @@ def due(session: Session, now: datetime, limit: int = 500) -> Sequence[uuid.UUID
     so a concurrent reconciler or the next sweep skips them)."""
     recently = now - timedelta(seconds=60)
     host_open = exists().where(
-        CallbackHost.host == WebhookDelivery.host, CallbackHost.open_until > now
+        CallbackHost.host == CallbackDelivery.host, CallbackHost.open_until > now
     )
     ids = session.scalars(
-        select(WebhookDelivery.id)
+        select(CallbackDelivery.id)
         .where(
-            WebhookDelivery.status == DeliveryStatus.PENDING,
-            WebhookDelivery.next_attempt_at <= now,
-            (WebhookDelivery.claimed_at.is_(None)) | (WebhookDelivery.claimed_at < recently),
-            (WebhookDelivery.sending_until.is_(None)) | (WebhookDelivery.sending_until < now),
+            CallbackDelivery.status == DeliveryStatus.PENDING,
+            CallbackDelivery.next_attempt_at <= now,
+            (CallbackDelivery.claimed_at.is_(None)) | (CallbackDelivery.claimed_at < recently),
+            (CallbackDelivery.sending_until.is_(None)) | (CallbackDelivery.sending_until < now),
             ~host_open,
-            ~jobs.quarantined(WebhookDelivery.id),
+            ~jobs.quarantined(CallbackDelivery.id),
         )
-        .order_by(WebhookDelivery.next_attempt_at)
+        .order_by(CallbackDelivery.next_attempt_at)
         .limit(limit)
-        .with_for_update(of=WebhookDelivery, skip_locked=True)
+        .with_for_update(of=CallbackDelivery, skip_locked=True)
     ).all()
     if ids:
         session.execute(
-            update(WebhookDelivery)
-            .where(WebhookDelivery.id.in_(ids))
-            .values(claimed_at=now, resends=WebhookDelivery.resends + 1)
+            update(CallbackDelivery)
+            .where(CallbackDelivery.id.in_(ids))
+            .values(claimed_at=now, resends=CallbackDelivery.resends + 1)
         )
     return ids

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config import Settings
 from workers import callbacks, dispatch, jobs
 from workers.media import IMAGE_TYPES, ImageInfo, InvalidMedia, inspect_image
-from workers.models import Job, Tenant, Upload
+from workers.models import IdempotencyKey, Job, Tenant, Upload
 from workers.states import JobState
 from workers.storage import Storage, StorageError
 from workers.urlguard import UrlGuard, UrlRefused
@@ -242,9 +242,15 @@ def unstage(storage: Storage, staged: StagedInput) -> None:
         log.warning("intake.unstage_failed", key=staged.key, error=str(exc))
 
 
-def accept(work: Work, tenant: Tenant, request: GenerationInput, staged: StagedInput) -> Job:
-    """Add the queued job to the unit of work, with its first task backed by the outbox; the
-    caller commits."""
+def accept(
+    work: Work,
+    tenant: Tenant,
+    request: GenerationInput,
+    staged: StagedInput,
+    idempotency: tuple[str, str] | None = None,
+) -> Job:
+    """Add the queued job to the unit of work, with its first task backed by the outbox and
+    its `Idempotency-Key` (key, request digest) if it has one; the caller commits."""
     job = Job(
         id=staged.job_id,
         tenant_id=tenant.id,
@@ -260,8 +266,27 @@ def accept(work: Work, tenant: Tenant, request: GenerationInput, staged: StagedI
         metadata_=request.metadata,
     )
     jobs.create(work.session, job)
+    if idempotency is not None:
+        key, digest = idempotency
+        work.session.add(
+            IdempotencyKey(tenant_id=tenant.id, key=key, request_hash=digest, job_id=job.id)
+        )
     work.send_durable(dispatch.SUBMIT, job.id)
     return job
+
+
+def replayed(session: Session, tenant: Tenant, key: str, digest: str) -> Job | None:
+    """The job an `Idempotency-Key` made before, if the same request made it; the same key
+    with another request is refused (409)."""
+    seen = session.get(IdempotencyKey, (tenant.id, key))
+    if seen is None:
+        return None
+    if seen.request_hash != digest:
+        raise Refusal(
+            409, "Idempotency-Key", "idempotency_conflict",
+            "this key was used with a different request body",
+        )  # fmt: skip
+    return jobs.get(session, seen.job_id)
 
 
 def create_job(

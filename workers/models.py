@@ -225,10 +225,10 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
-class WebhookDelivery(Base):
+class CallbackDelivery(Base):
     """One event for a producer's callback URL; its id is the `webhook-id` of every attempt."""
 
-    __tablename__ = "webhook_deliveries"
+    __tablename__ = "callback_deliveries"
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -251,17 +251,17 @@ class WebhookDelivery(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     delivered_at: Mapped[datetime | None]
 
-    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)
+    __table_args__ = (Index("ix_callback_deliveries_status_next", "status", "next_attempt_at"),)
 
 
-class WebhookAttempt(Base):
+class CallbackAttempt(Base):
     """One POST of a delivery and what came of it."""
 
-    __tablename__ = "webhook_attempts"
+    __tablename__ = "callback_attempts"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     delivery_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+        ForeignKey("callback_deliveries.id", ondelete="CASCADE"), index=True
     )
     at: Mapped[datetime] = mapped_column(server_default=func.now())
     status_code: Mapped[int | None] = mapped_column(Integer)

@@ -139,7 +139,7 @@ class Pipeline:
             return
         try:
             prediction = self.wavespeed.submit(
-                self.settings.wavespeed_model, inputs, webhook=self.settings.webhook_url
+                self.settings.wavespeed_model, inputs, webhook=self.settings.wavespeed_webhook_url
             )
         except WaveSpeedError as exc:
             self._submit_failed(job_id, attempt, exc)

@@ -34,7 +34,7 @@ def limits(stack: Stack) -> dict[str, int]:
         "/v1/generations": settings.body_max_bytes,
         "/v1/generations/batch": settings.batch_body_max_bytes,
         "/v1/uploads": settings.upload_body_max_bytes,
-        "/v1/wavespeed/webhook": settings.webhook_body_max_bytes,
+        "/v1/wavespeed/webhook": settings.wavespeed_webhook_body_max_bytes,
     }
 
 

@@ -18,12 +18,12 @@ from tests.support import RecordingDispatcher, SimulatorAdmin
 from workers import callbacks, dispatch, jobs, quarantine
 from workers.db import unit_of_work
 from workers.models import (
+    CallbackAttempt,
+    CallbackDelivery,
     CallbackHost,
     Job,
     OutboxMessage,
     WaveSpeedWebhook,
-    WebhookAttempt,
-    WebhookDelivery,
 )
 from workers.outbox import relay
 from workers.pipeline import Pipeline
@@ -174,11 +174,11 @@ def test_a_hostile_retry_after_is_clamped_and_the_attempt_recorded(
     )
     assert outcome is not None and outcome.retry_in == pipeline.settings.retry_after_max_seconds
     with pipeline.sessions() as session:
-        row = session.get_one(WebhookDelivery, delivery_id)
+        row = session.get_one(CallbackDelivery, delivery_id)
         assert row.attempts == 1 and row.last_status_code == 429 and row.sending_until is None
         assert row.next_attempt_at is not None
         attempts = session.scalars(
-            select(WebhookAttempt).where(WebhookAttempt.delivery_id == delivery_id)
+            select(CallbackAttempt).where(CallbackAttempt.delivery_id == delivery_id)
         ).all()
         assert [a.status_code for a in attempts] == [429]
 
@@ -194,8 +194,8 @@ def test_no_transaction_holds_the_delivery_while_its_post_runs(
         # message for the same delivery finds the attempt running and does nothing.
         with pipeline.sessions() as other, other.begin():
             row = other.scalars(
-                select(WebhookDelivery)
-                .where(WebhookDelivery.id == delivery_id)
+                select(CallbackDelivery)
+                .where(CallbackDelivery.id == delivery_id)
                 .with_for_update(nowait=True)
             ).one()
             seen.append(row.sending_until)
@@ -226,7 +226,7 @@ def test_a_black_holed_host_opens_its_circuit_and_stops_holding_workers(
     with pipeline.sessions() as session:
         host = session.get_one(CallbackHost, "https://hooks.example.com:443")
         assert host.failures == 2 and host.open_until is not None
-        assert session.get_one(WebhookDelivery, third).attempts == 0  # not an attempt
+        assert session.get_one(CallbackDelivery, third).attempts == 0  # not an attempt
         # Nor does the reconciler send anything for the host while it is open.
         assert third not in callbacks.due(session, pipeline.clock() + timedelta(seconds=1))
     other = delivery("https://elsewhere.example.com/hook")  # another host is not held up
@@ -245,14 +245,14 @@ def test_a_delivery_its_host_holds_back_past_the_whole_schedule_is_exhausted(
     dead.deliver(probe)  # opens the circuit
     with unit_of_work(pipeline.sessions) as session:
         session.execute(
-            update(WebhookDelivery)
-            .where(WebhookDelivery.id == held)
+            update(CallbackDelivery)
+            .where(CallbackDelivery.id == held)
             .values(created_at=func.now() - dead.policy.give_up_after - timedelta(minutes=1))
         )
     outcome = dead.deliver(held)
     assert outcome == callbacks.Outcome(callbacks.DeliveryStatus.EXHAUSTED)
     with pipeline.sessions() as session:
-        row = session.get_one(WebhookDelivery, held)
+        row = session.get_one(CallbackDelivery, held)
         assert row.status == callbacks.DeliveryStatus.EXHAUSTED and row.attempts == 0
         assert row.next_attempt_at is None
     # A younger delivery to the same host still only waits.
@@ -276,7 +276,7 @@ def test_a_host_gets_at_most_its_share_of_attempts_at_once(
     assert waited is not None and waited.status == callbacks.DeliveryStatus.PENDING
     assert waited.retry_in and waited.retry_in > 0
     with pipeline.sessions() as session:
-        assert session.get_one(WebhookDelivery, second).attempts == 0
+        assert session.get_one(CallbackDelivery, second).attempts == 0
 
 
 def test_wavespeed_webhooks_for_no_job_of_ours_leave_no_trace_and_old_ids_are_pruned(

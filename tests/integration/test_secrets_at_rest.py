@@ -21,7 +21,7 @@ from sandbox.receiver import Receiver, serve
 from tests.integration.flow import new_job
 from workers import callbacks, tenants
 from workers.db import unit_of_work
-from workers.models import Tenant, WebhookDelivery
+from workers.models import CallbackDelivery, Tenant
 from workers.pipeline import Pipeline
 from workers.runtime import build_callbacks
 from workers.sealing import Sealer, SealingError, new_key
@@ -72,7 +72,7 @@ def test_a_callback_signed_from_the_sealed_secret_verifies_and_no_key_means_no_c
                 build_callbacks(replace(pipeline, sealer=Sealer(keys))).deliver(delivery_id)
         assert receiver.received == []
         with pipeline.sessions() as session:
-            waiting = session.get_one(WebhookDelivery, delivery_id)
+            waiting = session.get_one(CallbackDelivery, delivery_id)
             assert (waiting.status, waiting.attempts) == ("pending", 0)
 
         build_callbacks(pipeline).deliver(delivery_id)

@@ -22,9 +22,18 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
     settings = Settings()
     assert settings.database_url == "postgresql+psycopg://u@db:5432/x"
     assert settings.wavespeed_api_key.get_secret_value() == "k-123"
-    assert settings.webhook_url == "https://kling.example.com/v1/wavespeed/webhook"
+    assert settings.wavespeed_webhook_url == "https://kling.example.com/v1/wavespeed/webhook"
     assert settings.poll_first_delay_seconds == {5: 80.0, 10: 200.0}
     assert settings.log_format == "console"
+
+
+def test_a_setting_renamed_this_release_is_read_by_its_old_name_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WEBHOOK_BODY_MAX_BYTES", "4096")
+    assert Settings().wavespeed_webhook_body_max_bytes == 4096
+    monkeypatch.setenv("WAVESPEED_WEBHOOK_BODY_MAX_BYTES", "8192")  # the new name wins
+    assert Settings().wavespeed_webhook_body_max_bytes == 8192
 
 
 def test_secrets_do_not_show_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
