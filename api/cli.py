@@ -353,6 +353,7 @@ def generate(
     negative_prompt: Annotated[str | None, typer.Option(help="What to avoid")] = None,
     guidance_scale: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
     duration: Annotated[int, typer.Option(help="5 or 10 seconds")] = 5,
+    priority: Annotated[str, typer.Option(help="high, normal or low: the gate's order")] = "normal",
     wait: Annotated[bool, typer.Option(help="Wait for the video and print progress")] = False,
     out: Annotated[
         Path | None, typer.Option(help="Where to write the MP4 (implies --wait)")
@@ -363,7 +364,8 @@ def generate(
     info = _read_stack(root)
     with httpx.Client(timeout=60) as http:
         client = KlingClient(http, info["api_url"], info["api_key"])
-        job = _generate(client, image, prompt, negative_prompt, guidance_scale, duration)
+        body = {"guidance_scale": guidance_scale, "duration": duration, "priority": priority}
+        job = _generate(client, image, prompt, negative_prompt, body)
         if wait or out:
             job = _wait(client, job, out)
     typer.echo(json.dumps(job, indent=2))
@@ -376,10 +378,9 @@ def _generate(
     image: str,
     prompt: str,
     negative: str | None,
-    guidance: float,
-    duration: int,
+    options: dict[str, Any],
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"prompt": prompt, "guidance_scale": guidance, "duration": duration}
+    body: dict[str, Any] = {"prompt": prompt, **options}
     if negative:
         body["negative_prompt"] = negative
     if image.startswith(("http://", "https://")):
@@ -424,8 +425,9 @@ def demo(
     demo_root = root if running else root / "demo"
     try:
         generate(
-            str(DEMO_IMAGE), DEMO_PROMPT, "blur, distort, low quality", 0.5, 5, True, out, demo_root
-        )
+            str(DEMO_IMAGE), DEMO_PROMPT, "blur, distort, low quality", 0.5, 5, wait=True,
+            out=out, root=demo_root,
+        )  # fmt: skip
     finally:
         if stack is not None:
             stack.down()

@@ -134,6 +134,7 @@ def _request_of(body: GenerationCreate) -> GenerationInput:
         image_url=str(body.image_url) if body.image_url else None, upload_id=body.upload_id,
         webhook_url=str(body.webhook_url) if body.webhook_url else None,
         webhook_events=tuple(body.webhook_events), metadata=dict(body.metadata),
+        priority=body.priority,
     )  # fmt: skip
 
 

@@ -20,7 +20,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
-from config.settings import Duration
+from config.settings import Duration, Priority
 from workers.callbacks import DEFAULT_EVENTS, webhook_id
 from workers.models import CallbackAttempt, CallbackDelivery, JobEvent
 from workers.representation import Generation
@@ -153,6 +153,13 @@ class GenerationCreate(BaseModel):
     webhook_url: AnyHttpUrl | None = Field(None, max_length=2048)
     webhook_events: list[Event] = Field(
         default_factory=lambda: list(DEFAULT_EVENTS)  # type: ignore[arg-type]
+    )
+    priority: Priority = Field(
+        "normal",
+        description=(
+            "The gate admits higher priorities first; within one, tenants take turns and a "
+            "tenant's oldest job goes first"
+        ),
     )
     metadata: Metadata = Field(
         default_factory=dict,

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MODEL_ID = "kwaivgi/kling-v2.1-i2v-pro"
 # The clip lengths, in seconds, the model renders and a request may ask for.
 Duration = Literal[5, 10]
+# A producer's urgency: the admission gate admits higher ones first (`workers.admission`).
+Priority = Literal["high", "normal", "low"]
 DURATIONS: tuple[int, ...] = get_args(Duration)
 # Multipart framing around an uploaded image: boundaries, part headers, a long file name.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024

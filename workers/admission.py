@@ -2,8 +2,9 @@
 
 WaveSpeed caps concurrent tasks and submissions per minute per account tier. Rather than let
 every submit message hit the cap and bounce, queued jobs wait in Postgres and this pump admits
-as many as the gate allows, fairly: round-robin across tenants, oldest first within a tenant,
-so one tenant's 10,000-job batch cannot starve another tenant's single job. One advisory lock
+as many as the gate allows: higher priorities first (a person waiting before a nightly batch),
+then fairly, round-robin across tenants and oldest first within a tenant, so one tenant's
+10,000-job batch cannot starve another tenant's single job. One advisory lock
 serialises the pump across every worker host, so the caps hold however many run it.
 
 Only a *parked* job (one whose own submit message already came and found it waiting) needs a
@@ -20,7 +21,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from config.settings import Priority
+
 ADMISSION_LOCK = 0x6B6C696E67  # "kling": one pump at a time across every worker host
+
+# A job's priority as the gate orders it (`jobs.priority`), and back.
+PRIORITIES: dict[Priority, int] = {"high": 0, "normal": 1, "low": 2}
+PRIORITY_NAMES: dict[int, Priority] = {rank: name for name, rank in PRIORITIES.items()}
 
 # In flight: submitting or processing at WaveSpeed, or admitted and about to be submitted.
 # Two kinds hold no slot, so that a few of them cannot stop every admission: a job put aside
@@ -38,14 +45,17 @@ WITH in_flight AS (
                       WHERE q.subject_id = jobs.id AND q.released_at IS NULL)
     GROUP BY tenant_id
 ), waiting AS (
-    SELECT id, tenant_id, created_at,
-           row_number() OVER (PARTITION BY tenant_id ORDER BY created_at, id) AS rank
+    SELECT id, tenant_id, created_at, priority,
+           -- Its place in its tenant's own line, which the tenant's cap counts...
+           row_number() OVER (PARTITION BY tenant_id ORDER BY priority, created_at, id) AS place,
+           -- ...and its turn among the tenant's jobs of its priority: the round-robin.
+           row_number() OVER (PARTITION BY tenant_id, priority ORDER BY created_at, id) AS turn
     FROM jobs
     WHERE status = 'queued' AND admitted_at IS NULL AND (not_before IS NULL OR not_before <= :now)
 )
 SELECT waiting.id FROM waiting LEFT JOIN in_flight USING (tenant_id)
-WHERE waiting.rank + coalesce(in_flight.n, 0) <= :tenant_cap
-ORDER BY waiting.rank, waiting.created_at, waiting.id
+WHERE waiting.place + coalesce(in_flight.n, 0) <= :tenant_cap
+ORDER BY waiting.priority, waiting.turn, waiting.created_at, waiting.id
 LIMIT :free
 """)
 

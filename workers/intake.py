@@ -19,7 +19,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from workers import callbacks, dispatch, jobs
+from config.settings import Priority
+from workers import admission, callbacks, dispatch, jobs
 from workers.media import IMAGE_TYPES, ImageInfo, InvalidMedia, inspect_image
 from workers.models import IdempotencyKey, Job, Tenant, Upload
 from workers.states import JobState
@@ -62,6 +63,7 @@ class GenerationInput:
     webhook_url: str | None = None
     webhook_events: tuple[str, ...] = callbacks.DEFAULT_EVENTS
     metadata: dict[str, Any] = field(default_factory=dict)
+    priority: Priority = "normal"
 
 
 # The extension an input object gets, by the content type its bytes were checked to be.
@@ -264,6 +266,7 @@ def accept(
         webhook_url=request.webhook_url,
         webhook_events=list(request.webhook_events),
         metadata_=request.metadata,
+        priority=admission.PRIORITIES[request.priority],
     )
     jobs.create(work.session, job)
     if idempotency is not None:

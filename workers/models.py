@@ -15,6 +15,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Numeric,
+    SmallInteger,
     String,
     Text,
     func,
@@ -106,6 +107,8 @@ class Job(Base):
     webhook_url: Mapped[str | None] = mapped_column(Text)
     webhook_events: Mapped[list[str]] = mapped_column(JSONB, default=list)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
+    # The gate's order: 0 high, 1 normal, 2 low (`workers.admission.PRIORITIES`).
+    priority: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
 
     # Admission: a queued job waits for the gate to admit it, and not before `not_before`
     # when it is waiting out a retry backoff.

@@ -9,6 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from config.settings import Priority
+from workers.admission import PRIORITY_NAMES
 from workers.models import Job
 
 
@@ -44,6 +46,7 @@ class Generation(BaseModel):
     input: GenerationInputs
     webhook_url: str | None
     metadata: dict[str, Any]
+    priority: Priority
     prediction_id: str | None
     submit_attempts: int
     created_at: datetime
@@ -75,6 +78,7 @@ class Generation(BaseModel):
             ),
             webhook_url=job.webhook_url,
             metadata=job.metadata_,
+            priority=PRIORITY_NAMES[job.priority],
             prediction_id=job.prediction_id,
             submit_attempts=job.submit_attempts,
             created_at=job.created_at,

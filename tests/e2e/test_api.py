@@ -151,6 +151,22 @@ def test_batch_accepts_and_refuses_each_item_on_its_own(producer: Producer) -> N
     assert result["items"][3]["generation"]["input"]["duration"] == 10
 
 
+def test_a_priority_is_kept_on_the_job_and_a_batch_item_may_carry_its_own(
+    producer: Producer,
+) -> None:
+    urgent = create(producer, prompt=PROMPT, priority="high")
+    assert urgent.status_code == 201 and urgent.json()["priority"] == "high"
+    items = [
+        {"upload_id": producer.upload_id, "prompt": "pan left", "priority": "low"},
+        {"upload_id": producer.upload_id, "prompt": "tilt up", "priority": "soon"},
+    ]
+    result = producer.api.post("/v1/generations/batch", json={"items": items}).json()
+    assert result["items"][0]["generation"]["priority"] == "low"
+    assert result["items"][1]["problem"]["errors"][0]["field"] == "priority"
+    job = producer.api.get(f"/v1/generations/{urgent.json()['id']}").json()
+    assert job["priority"] == "high"
+
+
 def test_batch_is_bounded(producer: Producer) -> None:
     too_many = [{"upload_id": producer.upload_id, "prompt": "p"}] * 501
     answer = producer.api.post("/v1/generations/batch", json={"items": too_many})

@@ -6,10 +6,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from workers.admission import Gate, admit
+from workers.admission import PRIORITIES, Gate, admit
 from workers.db import unit_of_work
 from workers.models import Job, Tenant
 from workers.quarantine import put_aside
@@ -135,3 +135,53 @@ def test_only_parked_jobs_are_owed_a_message(sessions: sessionmaker[Session]) ->
     assert owed == {fresh: False, parked: True}
     with sessions() as session:
         assert session.get_one(Job, parked).parked_at is None
+
+
+def add_many(sessions: sessionmaker[Session], tenant: str, count: int, priority: int) -> None:
+    """`count` queued jobs in one multi-row INSERT, created before any `add_jobs` job."""
+    with unit_of_work(sessions) as session:
+        if session.get(Tenant, tenant) is None:
+            session.add(Tenant(id=tenant, name=tenant, sealed_webhook_secret="unused"))
+            session.flush()
+        common = {
+            "tenant_id": tenant, "status": JobState.QUEUED, "input_key": "k", "prompt": "p",
+            "input_content_type": "image/png", "guidance_scale": 0.5, "duration": 5,
+            "priority": priority,
+        }  # fmt: skip
+        rows = [
+            {**common, "id": uuid.uuid4(), "created_at": NOW - timedelta(days=1, seconds=i)}
+            for i in range(count)
+        ]
+        session.execute(insert(Job), rows)
+
+
+def test_a_high_job_behind_5000_queued_low_jobs_is_admitted_by_the_next_gate_pass(
+    sessions: sessionmaker[Session],
+) -> None:
+    add_many(sessions, "nightly", 5000, PRIORITIES["low"])
+    (other_tenant,) = add_jobs(sessions, "person", 1, priority=PRIORITIES["high"])
+    (same_tenant,) = add_jobs(sessions, "nightly", 1, priority=PRIORITIES["high"])
+    gate = Gate(max_in_flight=2, per_minute=10_000, tenant_max_in_flight=10_000)
+    assert sorted(run(sessions, gate)) == sorted([other_tenant, same_tenant])
+
+
+def test_within_a_priority_tenants_take_turns_and_each_tenants_oldest_goes_first(
+    sessions: sessionmaker[Session],
+) -> None:
+    low = add_jobs(sessions, "a", 1, priority=PRIORITIES["low"])
+    a = add_jobs(sessions, "a", 3)
+    b = add_jobs(sessions, "b", 3)
+    gate = Gate(max_in_flight=7, per_minute=100, tenant_max_in_flight=100)
+    admitted = run(sessions, gate)
+    turns = [set(admitted[i : i + 2]) for i in range(0, 6, 2)]
+    assert turns == [{a[0], b[0]}, {a[1], b[1]}, {a[2], b[2]}]
+    assert admitted[6:] == low  # older than all of them, but of a lower priority
+
+
+def test_a_tenants_cap_is_taken_by_its_highest_priority_first(
+    sessions: sessionmaker[Session],
+) -> None:
+    add_jobs(sessions, "a", 2)
+    (urgent,) = add_jobs(sessions, "a", 1, priority=PRIORITIES["high"])
+    gate = Gate(max_in_flight=10, per_minute=100, tenant_max_in_flight=1)
+    assert run(sessions, gate) == [urgent]

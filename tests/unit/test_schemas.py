@@ -62,3 +62,10 @@ def test_metadata_at_its_bounds_is_accepted() -> None:
     assert 8000 < len(json.dumps(metadata, separators=(",", ":"))) <= 8 * 1024
     created = GenerationCreate.model_validate({**BODY, "metadata": metadata})
     assert created.metadata == metadata
+
+
+def test_a_priority_is_high_normal_or_low_and_normal_unless_given() -> None:
+    assert GenerationCreate.model_validate(BODY).priority == "normal"
+    assert GenerationCreate.model_validate({**BODY, "priority": "high"}).priority == "high"
+    (refusal,) = refusals(body(priority="urgent"))
+    assert refusal[0] == "priority"
