@@ -369,7 +369,7 @@ def generate(
         if wait or out:
             job = _wait(client, job, out)
     typer.echo(json.dumps(job, indent=2))
-    if job["status"] == "failed":
+    if job["status"] in ("failed", "expired"):
         raise typer.Exit(1)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
+TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
 Job = dict[str, Any]
 
 
@@ -117,7 +117,8 @@ class KlingClient:
     def wait(
         self, job_id: str, *, timeout: float = 1800, on_change: Callable[[Job], None] | None = None
     ) -> Job:
-        """Poll the job with a growing interval until it is completed, failed or cancelled."""
+        """Poll the job with a growing interval until it ends (completed, failed, cancelled,
+        expired)."""
         last = None
         for delay in _delays(timeout):
             job = self.get(job_id)

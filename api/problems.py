@@ -59,8 +59,12 @@ _RULES = {
     "string_pattern_mismatch": "not_allowed",
     "value_error": "invalid",
     "finite_number": "not_finite",
+    "greater_than": "out_of_range",
+    "timezone_aware": "needs_offset",
     # raised by our own validators (api/schemas.py) under the code they stand for
     "too_many_keys": "too_many_keys",
+    "in_the_past": "in_the_past",
+    "too_far": "too_far",
     "invalid_key": "invalid_key",
     "not_a_scalar": "not_a_scalar",
     "too_large": "too_large",

@@ -128,13 +128,21 @@ def _check(probe: Any) -> str:
 
 
 def _request_of(body: GenerationCreate) -> GenerationInput:
+    start_deadline = body.start_deadline
+    if body.start_within_seconds is not None:
+        if start_deadline is not None:
+            raise Refusal(
+                422, "start_within_seconds", "conflict",
+                "give start_deadline or start_within_seconds, not both",
+            )  # fmt: skip
+        start_deadline = utcnow() + timedelta(seconds=body.start_within_seconds)
     return GenerationInput(
         prompt=body.prompt, negative_prompt=body.negative_prompt,
         guidance_scale=body.guidance_scale, duration=body.duration,
         image_url=str(body.image_url) if body.image_url else None, upload_id=body.upload_id,
         webhook_url=str(body.webhook_url) if body.webhook_url else None,
         webhook_events=tuple(body.webhook_events), metadata=dict(body.metadata),
-        priority=body.priority,
+        priority=body.priority, start_deadline_at=start_deadline,
     )  # fmt: skip
 
 
@@ -270,7 +278,9 @@ def list_generations(
     tenant: CurrentTenant,
     status: Annotated[
         str | None,
-        Query(pattern="^(queued|submitting|processing|storing|completed|failed|cancelled)$"),
+        Query(
+            pattern="^(queued|submitting|processing|storing|completed|failed|cancelled|expired)$"
+        ),
     ] = None,
     created_after: datetime | None = None,
     created_before: datetime | None = None,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
     AnyHttpUrl,
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -114,8 +115,25 @@ Metadata = Annotated[
 ]
 
 Event = Literal[
-    "generation.completed", "generation.failed", "generation.cancelled", "generation.processing"
+    "generation.completed",
+    "generation.failed",
+    "generation.cancelled",
+    "generation.expired",
+    "generation.processing",
 ]
+
+
+# How far ahead a start deadline may be: a job may wait at the gate that long.
+START_DEADLINE_MAX_SECONDS = 30 * 86400
+
+
+def _ahead(value: datetime) -> datetime:
+    left = (value - datetime.now(UTC)).total_seconds()
+    if left <= 0:
+        raise PydanticCustomError("in_the_past", "must be a time in the future")
+    if left > START_DEADLINE_MAX_SECONDS:
+        raise PydanticCustomError("too_far", "must be at most 30 days ahead")
+    return value
 
 
 class GenerationCreate(BaseModel):
@@ -154,6 +172,17 @@ class GenerationCreate(BaseModel):
     webhook_events: list[Event] = Field(
         default_factory=lambda: list(DEFAULT_EVENTS)  # type: ignore[arg-type]
     )
+    start_deadline: Annotated[AwareDatetime, AfterValidator(_ahead)] | None = Field(
+        None,
+        description=(
+            "RFC 3339 time with its offset: a job not submitted to WaveSpeed by then ends "
+            "`expired`, uncharged (or give `start_within_seconds`)"
+        ),
+    )
+    start_within_seconds: float | None = Field(
+        None, gt=0, le=START_DEADLINE_MAX_SECONDS,
+        description="the start deadline as seconds from now",
+    )  # fmt: skip
     priority: Priority = Field(
         "normal",
         description=(

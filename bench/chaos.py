@@ -48,7 +48,7 @@ FAULTS: dict[str, Any] = {
 # A fraction of callback attempts the producer's endpoint answers with HTTP 500.
 CALLBACK_FAILURE_RATE = 0.2
 MOVES = ["slow push-in", "pull-out", "pan left", "pan right", "tilt up", "tilt down", "orbit"]
-TERMINAL = ("completed", "failed", "cancelled")
+TERMINAL = ("completed", "failed", "cancelled", "expired")
 
 
 @dataclass

@@ -52,6 +52,8 @@ WITH in_flight AS (
            row_number() OVER (PARTITION BY tenant_id, priority ORDER BY created_at, id) AS turn
     FROM jobs
     WHERE status = 'queued' AND admitted_at IS NULL AND (not_before IS NULL OR not_before <= :now)
+      -- Past its start deadline and never submitted: it expires instead (Pipeline.expire_due).
+      AND (start_deadline_at IS NULL OR start_deadline_at > now() OR submit_attempts > 0)
 )
 SELECT waiting.id FROM waiting LEFT JOIN in_flight USING (tenant_id)
 WHERE waiting.place + coalesce(in_flight.n, 0) <= :tenant_cap

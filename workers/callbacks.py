@@ -45,7 +45,8 @@ COMPLETED = "generation.completed"
 FAILED = "generation.failed"
 CANCELLED = "generation.cancelled"
 PROCESSING = "generation.processing"
-DEFAULT_EVENTS = (COMPLETED, FAILED, CANCELLED)
+EXPIRED = "generation.expired"
+DEFAULT_EVENTS = (COMPLETED, FAILED, CANCELLED, EXPIRED)
 
 
 class DeliveryStatus(StrEnum):

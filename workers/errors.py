@@ -26,6 +26,7 @@ class ErrorCode(StrEnum):
     # Put aside for an operator (see `kling quarantine`).
     QUARANTINED = "quarantined"
     CANCELLED = "cancelled"  # not a failure: a cancelled job says why it ended
+    EXPIRED = "expired"  # nor is this: the job's start deadline passed before it was submitted
 
 
 # WaveSpeed task codes (`data.code` of a failed prediction) that retrying cannot fix.

@@ -64,6 +64,7 @@ class GenerationInput:
     webhook_events: tuple[str, ...] = callbacks.DEFAULT_EVENTS
     metadata: dict[str, Any] = field(default_factory=dict)
     priority: Priority = "normal"
+    start_deadline_at: datetime | None = None
 
 
 # The extension an input object gets, by the content type its bytes were checked to be.
@@ -176,7 +177,8 @@ def committed_spend(
     session: Session, tenant: Tenant, since: datetime, settings: Settings
 ) -> Decimal:
     """What the tenant's jobs of the month cost or will cost: charged, in flight or queued."""
-    live = [s.value for s in JobState if s not in (JobState.FAILED, JobState.CANCELLED)]
+    # Completed, or still on its way to it; a failed or expired job is not charged.
+    live = [s.value for s in JobState if not s.terminal] + [JobState.COMPLETED.value]
     rows = session.execute(
         select(Job.duration, func.count())
         .where(
@@ -267,6 +269,7 @@ def accept(
         webhook_events=list(request.webhook_events),
         metadata_=request.metadata,
         priority=admission.PRIORITIES[request.priority],
+        start_deadline_at=request.start_deadline_at,
     )
     jobs.create(work.session, job)
     if idempotency is not None:

@@ -267,6 +267,19 @@ def touch(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
         )
 
 
+def matching(
+    session: Session, state: JobState, condition: ColumnElement[bool], limit: int
+) -> Sequence[uuid.UUID]:
+    """Ids of jobs in `state` matching `condition`, locked, skipping rows another worker holds."""
+    return session.scalars(
+        select(Job.id)
+        .where(Job.status == state, condition)
+        .order_by(Job.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+
+
 def for_tenant(session: Session, tenant_id: str, job_id: uuid.UUID) -> Job | None:
     """The job if it belongs to the tenant: another tenant's job is as good as absent."""
     job = session.get(Job, job_id, populate_existing=True)

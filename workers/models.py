@@ -109,6 +109,8 @@ class Job(Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     # The gate's order: 0 high, 1 normal, 2 low (`workers.admission.PRIORITIES`).
     priority: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
+    # Not submitted by then, the job ends `expired` (`Pipeline.expire_due`).
+    start_deadline_at: Mapped[datetime | None]
 
     # Admission: a queued job waits for the gate to admit it, and not before `not_before`
     # when it is waiting out a retry backoff.

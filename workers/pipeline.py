@@ -110,9 +110,14 @@ class Pipeline:
         leaves the job `submitting`, which `recover` resolves through WaveSpeed's history
         instead of paying for a second prediction.
         """
+        # Before the unit: its wait for the gate's lock and its publishes after the commit
+        # count against the POST's time budget too.
+        claimed_at = time.monotonic()
         with self.work() as work:
             settle_outbox(work.session, outbox)
             job, claimed = self._claim(work.session, job_id)
+            if not claimed and self._expire(work, job_id):
+                return
             if not claimed and job.status == JobState.QUEUED and job.admitted_at is None:
                 # Not admitted yet: park the job and let the gate pick the fairest jobs, in
                 # this same transaction (the failed claim locked no row, so the gate's lock
@@ -122,7 +127,6 @@ class Pipeline:
                 job, claimed = self._claim(work.session, job_id)
         if not claimed:
             return
-        claimed_at = time.monotonic()
         attempt = job.submit_attempts + 1
         try:
             inputs = self._inputs(job, attempt)
@@ -163,14 +167,37 @@ class Pipeline:
             JobState.QUEUED,
             JobState.SUBMITTING,
             reason=f"attempt {job.submit_attempts + 1}",
-            when=Job.admitted_at.is_not(None),
+            when=Job.admitted_at.is_not(None) & ~_past_start_deadline(),
             submit_attempts=Job.submit_attempts + 1,
-            last_submit_at=func.now(),
-            due_at=jobs.db_in(self.settings.submit_time_limit_seconds),
+            # The claim's own time, not its transaction's start: the gate's lock may have
+            # been waited for in between, and `recover` dates the POST's window from this.
+            last_submit_at=func.clock_timestamp(),
+            due_at=func.clock_timestamp() + self._in_flight,
             recover_misses=0,
             last_miss_at=None,
         )
         return job, claimed
+
+    def expire_due(self, limit: int = 500) -> int:
+        """End as `expired` the queued jobs whose start deadline passed before they were ever
+        submitted (parked ones get no message of their own); answers how many."""
+        with self.work() as work:
+            due = jobs.matching(work.session, JobState.QUEUED, _past_start_deadline(), limit)
+            return sum(self._expire(work, job_id) for job_id in due)
+
+    def _expire(self, work: Work, job_id: uuid.UUID) -> bool:
+        """`queued -> expired` if the job's start deadline passed and it was never submitted:
+        nothing was sent to WaveSpeed, so nothing is charged."""
+        message = "its start deadline passed before it could be submitted; nothing was charged"
+        moved = jobs.transition(
+            work.session, job_id, JobState.QUEUED, JobState.EXPIRED, reason=message,
+            when=_past_start_deadline(), error_code=ErrorCode.EXPIRED, error_message=message,
+            due_at=None, completed_at=self.clock(),
+        )  # fmt: skip
+        if moved:
+            self._event(work, job_id, callbacks.EXPIRED)
+            work.free_slot()  # an admitted job held a place at the gate
+        return moved
 
     def admit(self) -> int:
         """Admit as many queued jobs as the gate allows and send the submit tasks they need;
@@ -783,6 +810,15 @@ def _bind(job: Job) -> Job:
     """Put the job's tenant and prediction on every log line of the task that loaded it."""
     structlog.contextvars.bind_contextvars(tenant_id=job.tenant_id, prediction_id=job.prediction_id)
     return job
+
+
+def _past_start_deadline() -> ColumnElement[bool]:
+    """The job was never submitted, and its start deadline has passed (the database's clock).
+    A job submitted once and queued again for a retry has started: its deadline is met."""
+    # Never NULL (SQL's unknown), so that its negation in the claim holds for a job with no
+    # deadline at all.
+    deadline = Job.start_deadline_at
+    return deadline.is_not(None) & (Job.submit_attempts == 0) & (deadline <= func.now())
 
 
 def _tracks(job: Job) -> ColumnElement[bool]:

@@ -30,6 +30,7 @@ from workers.models import Job
 from workers.outbox import relay
 from workers.pipeline import Pipeline
 from workers.states import JobState
+from workers.work import Work
 
 log = structlog.get_logger(__name__)
 
@@ -83,9 +84,11 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
         webhook_in.prune(work.session, WEBHOOK_ID_RETENTION_SECONDS)
         for delivery_id in deliveries:
             work.send(dispatch.NOTIFY, delivery_id)
+    _stop_if_unsent(work)
     counts["callbacks"] = len(deliveries)
     for kind, count in counts.items():
         metrics.RECONCILER_RESENT.labels(kind).inc(count)
+    counts["expired"] = pipeline.expire_due()
     counts["admitted"] = pipeline.admit()
     if any(counts.values()):
         log.info("reconcile.resent", **counts, backlog={q: n for q, n in backlog.items() if n})
@@ -106,7 +109,15 @@ def _sweep(pipeline: Pipeline, sweep: Sweep, grace: float) -> int:
             # A recover message names the attempt it is for, so a late one finds itself stale.
             extra = {"attempt": row.submit_attempts} if sweep.task == RECOVER else {}
             work.send(sweep.task, row.id, **extra)
+    _stop_if_unsent(work)
     return len(resend)
+
+
+def _stop_if_unsent(work: Work) -> None:
+    """The broker refused a resend: end this tick rather than count more resends, each a
+    step towards putting a job aside, for messages that cannot go out."""
+    if work.unsent is not None:
+        raise work.unsent
 
 
 def _put_aside(session: Session, sweep: Sweep, job_id: Any, resends: int) -> None:

@@ -47,6 +47,7 @@ class Generation(BaseModel):
     webhook_url: str | None
     metadata: dict[str, Any]
     priority: Priority
+    start_deadline: datetime | None
     prediction_id: str | None
     submit_attempts: int
     created_at: datetime
@@ -79,6 +80,7 @@ class Generation(BaseModel):
             webhook_url=job.webhook_url,
             metadata=job.metadata_,
             priority=PRIORITY_NAMES[job.priority],
+            start_deadline=job.start_deadline_at,
             prediction_id=job.prediction_id,
             submit_attempts=job.submit_attempts,
             created_at=job.created_at,

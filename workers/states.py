@@ -13,17 +13,19 @@ class JobState(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Not submitted by its start deadline: never sent to WaveSpeed, so never charged.
+    EXPIRED = "expired"
 
     @property
     def terminal(self) -> bool:
         return self in TERMINAL
 
 
-TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})
 
 # Forward moves of the happy path, plus the steps back to `queued` that a retry takes.
 _FORWARD: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.SUBMITTING}),
+    JobState.QUEUED: frozenset({JobState.SUBMITTING, JobState.EXPIRED}),
     JobState.SUBMITTING: frozenset({JobState.PROCESSING, JobState.QUEUED}),
     # Back to the queue when WaveSpeed fails a task with a retryable (5xxx) code.
     JobState.PROCESSING: frozenset({JobState.STORING, JobState.QUEUED}),

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import kombu.exceptions
+import redis
+import sqlalchemy.exc
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,6 +35,10 @@ log = structlog.get_logger(__name__)
 
 # The outbox row behind a message travels in it under this keyword, for its task to settle.
 OUTBOX = "outbox"
+
+# What a publish raises when the broker is away. Nothing wider: a task's soft time limit
+# (`SoftTimeLimitExceeded`) or a bug must still stop the step.
+PUBLISH_ERRORS = (kombu.exceptions.KombuError, redis.RedisError, OSError)
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,7 @@ class Units:
                 self.dispatch(
                     message.task, message.subject, countdown=message.countdown, **message.kwargs
                 )
-            except Exception as exc:  # any broker failure: the reconciler sends them later
+            except PUBLISH_ERRORS as exc:  # the broker failing: the reconciler sends them later
                 log.warning(
                     "work.publish_failed", task=message.task, subject=str(message.subject),
                     left=len(messages) - sent, error=f"{type(exc).__name__}: {exc}",
@@ -120,7 +127,7 @@ class Units:
         assert self.admit is not None
         try:
             self.admit()
-        except Exception as exc:  # Postgres or the broker failing: beat's pass comes soon
+        except sqlalchemy.exc.SQLAlchemyError as exc:  # Postgres failing: beat's pass comes soon
             log.warning("work.admit_failed", error=f"{type(exc).__name__}: {exc}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -461,6 +462,26 @@ def test_a_job_waiting_for_the_gate_holds_no_row_lock_another_gate_pass_needs(
         assert locked == job_id
     own_message.join(timeout=30)
     assert status(pipeline, job_id).status == JobState.PROCESSING
+
+
+def test_a_submit_that_waited_for_the_gate_dates_its_claim_from_the_claim_itself(
+    pipeline: Pipeline, portrait: bytes
+) -> None:
+    """`recover` reads WaveSpeed's history in a window that starts at `last_submit_at`: a
+    claim dated from its transaction's start, before a long wait for the gate's lock, would
+    leave the POST outside the window it is looked for in."""
+    job_id = new_job(pipeline, portrait)
+    with pipeline.sessions() as gate, gate.begin():
+        gate.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK})
+        own_message = threading.Thread(target=pipeline.submit, args=(job_id,))
+        own_message.start()
+        wait_for(lambda: waiting_for_advisory_lock(pipeline), timeout=30, interval=0.05)
+        time.sleep(1.5)
+        released = gate.scalar(text("SELECT clock_timestamp()"))
+    own_message.join(timeout=30)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.PROCESSING
+    assert job.last_submit_at is not None and job.last_submit_at >= released
 
 
 def waiting_for_advisory_lock(pipeline: Pipeline) -> bool:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from tests.integration.flow import new_job, poll_until_left_processing, status, submit
 from tests.support import RecordingDispatcher, SimulatorAdmin
@@ -62,6 +64,32 @@ def test_under_a_backlog_of_submits_an_outbox_row_waits_for_its_task(
     dispatcher.take()  # the queue drained
     assert reconcile(pipeline)["outbox"] == 1
     assert (dispatch.SUBMIT, job_id) in sent(dispatcher)
+
+
+def test_a_broker_that_refuses_resends_ends_the_tick_before_more_are_counted(
+    pipeline: Pipeline, portrait: bytes
+) -> None:
+    """Each resend counts towards putting a job aside: one the broker refused must not."""
+    processing, storing = new_job(pipeline, portrait), new_job(pipeline, portrait)
+    old = func.now() - timedelta(hours=1)
+    with unit_of_work(pipeline.sessions) as session:
+        for job_id, state in ((processing, JobState.PROCESSING), (storing, JobState.STORING)):
+            session.execute(
+                update(Job).where(Job.id == job_id)
+                .values(status=state, due_at=old, updated_at=old, prediction_id="p")
+            )  # fmt: skip
+    refusing = RefusingDispatcher()
+    with pytest.raises(ConnectionError):
+        reconcile(replace(pipeline, dispatch=refusing))
+    with pipeline.sessions() as session:
+        resends = dict(session.execute(select(Job.status, Job.resends)).all())
+    # The processing sweep runs first and was refused; the storing one never ran.
+    assert resends == {JobState.PROCESSING: 1, JobState.STORING: 0}
+
+
+class RefusingDispatcher(RecordingDispatcher):
+    def __call__(self, *_: Any, **__: Any) -> None:
+        raise ConnectionError("redis refuses writes")
 
 
 def test_an_overdue_poll_is_sent_again(

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import event, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -78,6 +79,16 @@ def test_a_broker_failure_after_the_commit_keeps_the_change_and_stops_the_rest(
     assert isinstance(work.unsent, ConnectionError)
     assert tried == [dispatch.SUBMIT]  # the first failure stops the rest
     assert status(pipeline, job_id).prompt == "kept"
+
+
+def test_a_time_limit_that_fires_while_publishing_still_stops_the_step(
+    sessions: sessionmaker[Session],
+) -> None:
+    def slow_broker(*_: Any, **__: Any) -> None:
+        raise SoftTimeLimitExceeded()
+
+    with pytest.raises(SoftTimeLimitExceeded), units(sessions, slow_broker)() as work:
+        work.send(dispatch.POLL, uuid.uuid4())
 
 
 def test_the_gate_is_asked_once_after_a_freeing_unit_and_only_when_a_job_waits(

@@ -4,6 +4,7 @@ refusal names the field and a stable rule code, as the API answers it."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -69,3 +70,24 @@ def test_a_priority_is_high_normal_or_low_and_normal_unless_given() -> None:
     assert GenerationCreate.model_validate({**BODY, "priority": "high"}).priority == "high"
     (refusal,) = refusals(body(priority="urgent"))
     assert refusal[0] == "priority"
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"start_deadline": "2020-01-01T00:00:00Z"}, ("start_deadline", "in_the_past")),
+        ({"start_deadline": "2999-01-01T00:00:00Z"}, ("start_deadline", "too_far")),
+        ({"start_deadline": "2030-01-01T00:00:00"}, ("start_deadline", "needs_offset")),
+        ({"start_within_seconds": 0}, ("start_within_seconds", "out_of_range")),
+        ({"start_within_seconds": 31 * 86400}, ("start_within_seconds", "out_of_range")),
+    ],
+)
+def test_a_start_deadline_is_an_aware_time_ahead_within_30_days(
+    fields: dict[str, Any], expected: tuple[str, str]
+) -> None:
+    assert refusals(body(**fields)) == [expected]
+
+
+def test_a_start_deadline_soon_is_accepted() -> None:
+    soon = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
+    assert GenerationCreate.model_validate({**BODY, "start_deadline": soon}).start_deadline

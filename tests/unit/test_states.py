@@ -40,3 +40,7 @@ def test_retries_go_back_to_the_queue() -> None:
     assert can_transition(JobState.SUBMITTING, JobState.QUEUED)
     assert can_transition(JobState.PROCESSING, JobState.QUEUED)
     assert not can_transition(JobState.STORING, JobState.QUEUED)
+
+
+def test_only_a_job_still_in_the_queue_can_expire() -> None:
+    assert {s for s in JobState if can_transition(s, JobState.EXPIRED)} == {JobState.QUEUED}
