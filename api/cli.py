@@ -373,6 +373,18 @@ def generate(
         raise typer.Exit(1)
 
 
+@app.command()
+def retry(
+    job_id: Annotated[str, typer.Argument(help="A finished job's id")],
+    root: Root = DEFAULT_ROOT,
+) -> None:
+    """Make a finished job again, with the same inputs; prints the new job record as JSON."""
+    info = _read_stack(root)
+    with httpx.Client(timeout=60) as http:
+        job = KlingClient(http, info["api_url"], info["api_key"]).retry(job_id)
+    typer.echo(json.dumps(job, indent=2))
+
+
 def _generate(
     client: KlingClient,
     image: str,

@@ -114,6 +114,11 @@ class KlingClient:
     def cancel(self, job_id: str) -> Job:
         return dict(self._call("POST", f"/v1/generations/{job_id}/cancel"))
 
+    def retry(self, job_id: str, *, idempotency_key: str | None = None) -> Job:
+        """A new job with the same inputs as a finished one, `retry_of` naming it."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return dict(self._call("POST", f"/v1/generations/{job_id}/retry", headers=headers))
+
     def wait(
         self, job_id: str, *, timeout: float = 1800, on_change: Callable[[Job], None] | None = None
     ) -> Job:

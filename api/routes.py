@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Annotated, Any
@@ -48,8 +49,10 @@ from api.schemas import (
 from workers import callbacks, jobs, listing, tenants
 from workers.intake import (
     GenerationInput,
+    InputImage,
     Refusal,
     accept,
+    again,
     check_budget,
     check_callback_url,
     commit_staged,
@@ -152,11 +155,21 @@ def _create(
     """Everything checked before the job exists; the image staged in S3; the job, its first
     task and the idempotency key committed together; the task published after commit."""
     request = _request_of(body)
-    settings = res.settings
     if request.webhook_url:
         check_callback_url(res.guard, request.webhook_url)
     with res.fetches.slot(tenant.id), res.sessions() as db:
-        image = load_image(db, res.guard, tenant, request, settings)
+        image = load_image(db, res.guard, tenant, request, res.settings)
+    return _accepted(res, tenant, request, image, idempotency)
+
+
+def _accepted(
+    res: Res,
+    tenant: Tenant,
+    request: GenerationInput,
+    image: InputImage,
+    idempotency: tuple[str, str] | None,
+) -> Job:
+    settings = res.settings
     staged = stage(res.storage, settings, request, image)
 
     def write(work: Work) -> Job:
@@ -197,15 +210,27 @@ def _create_once(
 ) -> tuple[Generation, int]:
     """The job for `body`, created (201) or, for an `Idempotency-Key` seen before with the
     same body, the one it made then (200)."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True)
+    return _once(res, tenant, canonical, key, lambda keyed: _create(res, tenant, body, keyed))
+
+
+def _once(
+    res: Res,
+    tenant: Tenant,
+    canonical: str,
+    key: str | None,
+    make: Callable[[tuple[str, str] | None], Job],
+) -> tuple[Generation, int]:
+    """The job `make` creates (201) or, for an `Idempotency-Key` seen before with the same
+    request (`canonical`), the one it made then (200); another request with it is a 409."""
     if not key:
-        return Generation.of(_create(res, tenant, body)), 201
-    digest = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode())
-    idempotency = (key, digest.hexdigest())
+        return Generation.of(make(None)), 201
+    idempotency = (key, hashlib.sha256(canonical.encode()).hexdigest())
     replayed = _replay(res, tenant, idempotency)
     if replayed is not None:
         return replayed, 200
     try:
-        return Generation.of(_create(res, tenant, body, idempotency)), 201
+        return Generation.of(make(idempotency)), 201
     except IntegrityError:  # the same key raced in from another request: answer its job
         replayed = _replay(res, tenant, idempotency)
         assert replayed is not None
@@ -349,6 +374,37 @@ def restore_generation(job_id: uuid.UUID, db: Db, res: Res, tenant: CurrentTenan
             "only a job that failed as storage_failed or output_expired can be restored",
         )  # fmt: skip
     return _generation(res, job_id)
+
+
+@v1.post(
+    "/generations/{job_id}/retry", status_code=201, response_model=Generation,
+    tags=["generations"],
+    responses={**ERRORS, 200: {"model": Generation, "description": "Idempotent replay"},
+               402: PROBLEM, 409: PROBLEM},
+)  # fmt: skip
+def retry_generation(
+    job_id: uuid.UUID,
+    res: Res,
+    tenant: CurrentTenant,
+    response: Response,
+    idempotency_key: IdempotencyHeader = None,
+) -> Generation:
+    """A new job with the same inputs, callback and metadata as a finished one (failed, or
+    completed when you want another take), `retry_of` naming it; the original's history
+    records the retry. Checked and charged like any create; with `Idempotency-Key`, a retry
+    of this call answers the same new job (200). A job still running, or whose input image
+    is no longer stored, answers 409."""
+    # Read and closed before the image is copied: no transaction stays open across S3.
+    with res.sessions() as db:
+        original = jobs.for_tenant(db, tenant.id, job_id)
+    if original is None:
+        raise HTTPException(404, "no generation with this id")
+    request, image = again(original, res.storage)
+    generation, response.status_code = _once(
+        res, tenant, f"retry:{job_id}", idempotency_key,
+        lambda keyed: _accepted(res, tenant, request, image, keyed),
+    )  # fmt: skip
+    return generation
 
 
 def _generation(res: Res, job_id: uuid.UUID) -> Generation:

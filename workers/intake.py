@@ -65,6 +65,7 @@ class GenerationInput:
     metadata: dict[str, Any] = field(default_factory=dict)
     priority: Priority = "normal"
     start_deadline_at: datetime | None = None
+    retry_of: uuid.UUID | None = None
 
 
 # The extension an input object gets, by the content type its bytes were checked to be.
@@ -270,8 +271,11 @@ def accept(
         metadata_=request.metadata,
         priority=admission.PRIORITIES[request.priority],
         start_deadline_at=request.start_deadline_at,
+        retry_of=request.retry_of,
     )
     jobs.create(work.session, job)
+    if request.retry_of is not None:  # the original's history lists its retries
+        jobs.note(work.session, request.retry_of, f"retried as {job.id}")
     if idempotency is not None:
         key, digest = idempotency
         work.session.add(
@@ -279,6 +283,31 @@ def accept(
         )
     work.send_durable(dispatch.SUBMIT, job.id)
     return job
+
+
+def again(original: Job, storage: Storage) -> tuple[GenerationInput, InputImage]:
+    """The request and image of a job made again from `original`: the same inputs, callback
+    and metadata, its copy of the image. Only a finished job is made again, and only while
+    its input is still stored (a bucket lifecycle rule may have removed it)."""
+    if not JobState(original.status).terminal:
+        raise Refusal(
+            409, "job_id", "not_finished",
+            "only a completed, failed, cancelled or expired job can be retried",
+        )  # fmt: skip
+    if storage.head(original.input_key) is None:
+        raise Refusal(409, "job_id", "input_gone", "the job's input image is no longer stored")
+    request = GenerationInput(
+        prompt=original.prompt, negative_prompt=original.negative_prompt,
+        guidance_scale=original.guidance_scale, duration=original.duration,
+        image_url=original.image_url, webhook_url=original.webhook_url,
+        webhook_events=tuple(original.webhook_events or callbacks.DEFAULT_EVENTS),
+        metadata=dict(original.metadata_), priority=admission.PRIORITY_NAMES[original.priority],
+        retry_of=original.id,
+    )  # fmt: skip
+    extension = original.input_key.rpartition(".")[2]
+    return request, InputImage(
+        original.input_content_type, extension, source_key=original.input_key
+    )
 
 
 def replayed(session: Session, tenant: Tenant, key: str, digest: str) -> Job | None:

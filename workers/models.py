@@ -111,6 +111,10 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
     # Not submitted by then, the job ends `expired` (`Pipeline.expire_due`).
     start_deadline_at: Mapped[datetime | None]
+    # The job this one was made again from (`POST /v1/generations/{id}/retry`).
+    retry_of: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), index=True
+    )
 
     # Admission: a queued job waits for the gate to admit it, and not before `not_before`
     # when it is waiting out a retry backoff.

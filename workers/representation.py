@@ -48,6 +48,7 @@ class Generation(BaseModel):
     metadata: dict[str, Any]
     priority: Priority
     start_deadline: datetime | None
+    retry_of: uuid.UUID | None
     prediction_id: str | None
     submit_attempts: int
     created_at: datetime
@@ -81,6 +82,7 @@ class Generation(BaseModel):
             metadata=job.metadata_,
             priority=PRIORITY_NAMES[job.priority],
             start_deadline=job.start_deadline_at,
+            retry_of=job.retry_of,
             prediction_id=job.prediction_id,
             submit_attempts=job.submit_attempts,
             created_at=job.created_at,

@@ -167,6 +167,30 @@ def test_a_priority_is_kept_on_the_job_and_a_batch_item_may_carry_its_own(
     assert job["priority"] == "high"
 
 
+def test_a_finished_job_is_retried_as_a_new_job_with_the_same_inputs(
+    producer: Producer, other: Producer
+) -> None:
+    first = create(producer, metadata={"order": "R-1"}, priority="low").json()
+    running = producer.api.post(f"/v1/generations/{first['id']}/retry")
+    if running.status_code == 409:  # still on its way: a running job is not retried
+        assert running.json()["code"] == "not_finished"
+    done = wait_status(producer, first["id"], "completed", "failed")
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    again = producer.api.post(f"/v1/generations/{first['id']}/retry", headers=key)
+    assert again.status_code == 201, again.text
+    retried = again.json()
+    assert retried["id"] != first["id"] and retried["retry_of"] == first["id"]
+    assert (retried["input"], retried["metadata"], retried["priority"]) == (
+        done["input"], {"order": "R-1"}, "low",
+    )  # fmt: skip
+    repeat = producer.api.post(f"/v1/generations/{first['id']}/retry", headers=key)
+    assert (repeat.status_code, repeat.json()["id"]) == (200, retried["id"])
+    history = producer.api.get(f"/v1/generations/{first['id']}/events").json()
+    assert f"retried as {retried['id']}" in [e["reason"] for e in history["events"]]
+    assert other.api.post(f"/v1/generations/{first['id']}/retry").status_code == 404
+    assert wait_status(producer, retried["id"], "completed")["video"]
+
+
 def test_batch_is_bounded(producer: Producer) -> None:
     too_many = [{"upload_id": producer.upload_id, "prompt": "p"}] * 501
     answer = producer.api.post("/v1/generations/batch", json={"items": too_many})

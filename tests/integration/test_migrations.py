@@ -95,9 +95,9 @@ def at_revision(database_url: str, revision: str | None) -> None:
 @pytest.mark.parametrize(
     ("revision", "said"),
     [
-        ("0003", "at revision 0003, this code needs 0007 (head); run `kling migrate` first"),
-        ("0999", "at revision 0999, this code needs 0007 (head); it is unknown to this code"),
-        (None, "at revision none (an empty database), this code needs 0007 (head)"),
+        ("0003", "at revision 0003, this code needs 0008 (head); run `kling migrate` first"),
+        ("0999", "at revision 0999, this code needs 0008 (head); it is unknown to this code"),
+        (None, "at revision none (an empty database), this code needs 0008 (head)"),
     ],
 )
 def test_a_schema_not_at_head_is_refused_naming_both_revisions(
@@ -151,4 +151,4 @@ def test_the_api_and_a_worker_start_at_head_and_refuse_any_other_schema(
     for name, argv in (("stale-api", API), ("stale-worker", [*WORKER, "-n", "stale@%h"])):
         code, log = exit_of(stack, name, argv, env)
         assert code != 0, log
-        assert "the database schema is at revision 0003, this code needs 0007 (head)" in log
+        assert "the database schema is at revision 0003, this code needs 0008 (head)" in log

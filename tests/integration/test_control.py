@@ -1,5 +1,5 @@
-"""Start deadlines: a job not submitted by its deadline ends `expired`, never sent to WaveSpeed,
-never charged, and its producer is told."""
+"""Producer control: start deadlines (a job not submitted by its deadline ends `expired`,
+never sent to WaveSpeed, never charged, and its producer is told) and retries."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.integration.flow import new_job, status
 from tests.support import RecordingDispatcher, SimulatorAdmin
 from workers import callbacks, dispatch
 from workers.db import unit_of_work
-from workers.intake import committed_spend
+from workers.intake import Refusal, again, committed_spend
 from workers.models import CallbackDelivery, Job, Tenant
 from workers.pipeline import Pipeline
 from workers.reconciler import reconcile
@@ -92,3 +92,19 @@ def test_a_job_that_was_submitted_once_is_past_its_start_deadline_for_good(
     pipeline.submit(job_id)
     job = status(pipeline, job_id)
     assert job.status == JobState.PROCESSING and job.submit_attempts == 2
+
+
+def test_only_a_finished_job_whose_input_is_still_stored_is_made_again(
+    pipeline: Pipeline, portrait: bytes
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    with pytest.raises(Refusal) as running:
+        again(status(pipeline, job_id), pipeline.storage)
+    assert running.value.code == "not_finished"
+    pipeline.cancel(job_id)
+    request, image = again(status(pipeline, job_id), pipeline.storage)
+    assert request.retry_of == job_id and image.source_key == status(pipeline, job_id).input_key
+    pipeline.storage.delete(status(pipeline, job_id).input_key)
+    with pytest.raises(Refusal) as gone:
+        again(status(pipeline, job_id), pipeline.storage)
+    assert gone.value.code == "input_gone"
