@@ -237,6 +237,10 @@ def result_404(run: Faults) -> None:
     """`/result` answers 404 for ever for every prediction of the phase, and WaveSpeed's
     webhook is off: each job ends as `prediction_lost` after a few tries rather than being
     polled for ever, and gives its admission slot back (the later phases need the slots)."""
+    # A sticky 404 strikes every prediction polled while it is on: a job of an earlier phase
+    # still running (one requeued and submitted again through history-down, say) would end
+    # `prediction_lost` with the phase's own. They finish first.
+    run.wait(list(run.jobs), lambda s: s in TERMINAL, max(180.0, run.options.outage_seconds))
     run.faults(result_404=1.0, result_404_sticky=True, webhook_drop=1.0)
     ids = run.create(run.options.jobs)
     ended = run.wait(ids, lambda s: s in TERMINAL, max(180.0, run.options.outage_seconds))
