@@ -56,7 +56,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sessions=pipeline.sessions,
             storage=pipeline.storage,
             guard=pipeline.guard,
-            dispatch=pipeline.dispatch,
             pipeline=pipeline,
             metrics=scrape_registry(BacklogCollector(pipeline.sessions, broker)),
             broker=broker,

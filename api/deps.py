@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.throttle import KeyRateLimit, TenantSlots
 from config import Settings
 from workers import tenants
-from workers.dispatch import Dispatcher
 from workers.intake import Refusal
 from workers.models import Tenant
 from workers.pipeline import Pipeline
@@ -31,7 +30,6 @@ class Resources:
     sessions: sessionmaker[Session]
     storage: Storage
     guard: UrlGuard
-    dispatch: Dispatcher
     pipeline: Pipeline
     metrics: CollectorRegistry
     # One client for the process's own broker checks (readiness, queue depths).

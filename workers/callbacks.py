@@ -382,12 +382,24 @@ def of_job(
         .where(CallbackDelivery.job_id == job_id)
         .order_by(CallbackDelivery.created_at)
     ).all()
+    return _with_attempts(session, rows)
+
+
+def one(session: Session, delivery_id: uuid.UUID) -> tuple[CallbackDelivery, list[CallbackAttempt]]:
+    """A delivery with its attempts."""
+    delivery = session.get_one(CallbackDelivery, delivery_id, populate_existing=True)
+    return _with_attempts(session, [delivery])[0]
+
+
+def _with_attempts(
+    session: Session, deliveries: Sequence[CallbackDelivery]
+) -> list[tuple[CallbackDelivery, list[CallbackAttempt]]]:
     attempts = session.scalars(
         select(CallbackAttempt)
-        .where(CallbackAttempt.delivery_id.in_([d.id for d in rows]))
+        .where(CallbackAttempt.delivery_id.in_([d.id for d in deliveries]))
         .order_by(CallbackAttempt.id)
     ).all()
-    return [(d, [a for a in attempts if a.delivery_id == d.id]) for d in rows]
+    return [(d, [a for a in attempts if a.delivery_id == d.id]) for d in deliveries]
 
 
 def supersede(session: Session, job_id: uuid.UUID) -> None:
@@ -410,17 +422,6 @@ def replay(work: Work, tenant_id: str, delivery_id: uuid.UUID, now: datetime) ->
     delivery.next_attempt_at = now
     work.send(NOTIFY, delivery_id)
     return True
-
-
-def one(session: Session, delivery_id: uuid.UUID) -> tuple[CallbackDelivery, list[CallbackAttempt]]:
-    """A delivery with its attempts."""
-    delivery = session.get_one(CallbackDelivery, delivery_id, populate_existing=True)
-    attempts = session.scalars(
-        select(CallbackAttempt)
-        .where(CallbackAttempt.delivery_id == delivery_id)
-        .order_by(CallbackAttempt.id)
-    ).all()
-    return delivery, list(attempts)
 
 
 def due(session: Session, now: datetime, limit: int = 500) -> Sequence[uuid.UUID]:

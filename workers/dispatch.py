@@ -4,7 +4,15 @@ to run, and ask how many messages wait in a queue."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import kombu.exceptions
+import redis
+import structlog
+
+log = structlog.get_logger(__name__)
 
 SUBMIT = "generation.submit"
 RECOVER = "generation.recover"
@@ -36,6 +44,34 @@ class Dispatcher(Protocol):
         """Messages ready in `queue` that no worker has taken yet (countdowns held by a
         worker are not counted)."""
         ...
+
+
+# What a publish raises when the broker is away. Nothing wider: a task's soft time limit
+# (`SoftTimeLimitExceeded`) or a bug must still stop the step.
+PUBLISH_ERRORS = (kombu.exceptions.KombuError, redis.RedisError, OSError)
+
+
+@dataclass(frozen=True)
+class Message:
+    task: str
+    subject: uuid.UUID
+    countdown: float | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def publish(dispatch: Dispatcher, messages: Sequence[Message]) -> tuple[int, Exception | None]:
+    """Send `messages` in order; answers how many went, and why the rest did not. The first
+    that fails stops the rest (the broker is away): each is left to the row that backs it."""
+    for sent, message in enumerate(messages):
+        try:
+            dispatch(message.task, message.subject, countdown=message.countdown, **message.kwargs)
+        except PUBLISH_ERRORS as exc:
+            log.warning(
+                "dispatch.publish_failed", task=message.task, subject=str(message.subject),
+                left=len(messages) - sent, error=f"{type(exc).__name__}: {exc}",
+            )  # fmt: skip
+            return sent, exc
+    return len(messages), None
 
 
 class CeleryDispatcher:

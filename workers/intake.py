@@ -26,7 +26,7 @@ from workers.models import IdempotencyKey, Job, Tenant, Upload
 from workers.states import JobState
 from workers.storage import Storage, StorageError
 from workers.urlguard import UrlGuard, UrlRefused
-from workers.work import Work, unsent
+from workers.work import Work, silent
 
 T = TypeVar("T")
 
@@ -336,7 +336,7 @@ def create_job(
     first task is left to the outbox relay."""
     staged = stage(storage, settings, request, image)
     return commit_staged(
-        lambda: unsent(sessions), storage, staged, lambda w: accept(w, tenant, request, staged)
+        lambda: silent(sessions), storage, staged, lambda w: accept(w, tenant, request, staged)
     )
 
 

@@ -7,17 +7,14 @@ import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 
-import structlog
 from sqlalchemy import Row, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
 from workers.db import unit_of_work
-from workers.dispatch import Dispatcher
+from workers.dispatch import Dispatcher, Message, publish
 from workers.jobs import db_in
 from workers.models import OutboxMessage
-
-log = structlog.get_logger(__name__)
 
 # A relay that took rows and died leaves them to another relay after this long.
 LEASE_SECONDS = 30.0
@@ -44,18 +41,16 @@ def relay(
     """
     with unit_of_work(sessions) as session:
         rows = claim_unpublished(session, lease_seconds=LEASE_SECONDS, older_than=older_than)
-    published: list[int] = []
-    try:
-        for row in rows:
-            dispatch(row.task, row.job_id)
-            published.append(row.id)
-    except Exception as exc:  # any broker failure: what was not published stays in the outbox
-        left = len(rows) - len(published)
-        error = f"{type(exc).__name__}: {exc}"
-        log.warning("outbox.publish_failed", published=len(published), left=left, error=error)
+    sent, _ = publish(dispatch, [Message(row.task, row.job_id) for row in rows])
     with unit_of_work(sessions) as session:
-        mark_published(session, published)
-    return len(published)
+        mark_published(session, [row.id for row in rows[:sent]])
+    return sent
+
+
+def settle(session: Session, outbox_id: int | None) -> None:
+    """The task an outbox row announced is running: the row needs no more publishing."""
+    if outbox_id is not None:
+        mark_published(session, [outbox_id])
 
 
 def claim_unpublished(

@@ -28,13 +28,14 @@ from workers.db import unit_of_work
 from workers.errors import ErrorCode, classify
 from workers.media import InvalidMedia, probe_video
 from workers.models import Job
+from workers.outbox import settle as settle_outbox
 from workers.retry import backoff
 from workers.sealing import Sealer
 from workers.states import JobState
 from workers.storage import Storage, StorageError
 from workers.urlguard import UrlGuard
 from workers.wavespeed import Prediction, WaveSpeedClient, WaveSpeedError
-from workers.work import Units, Work, settle_outbox
+from workers.work import Units, Work
 
 log = structlog.get_logger(__name__)
 
@@ -116,7 +117,8 @@ class Pipeline:
         with self.work() as work:
             settle_outbox(work.session, outbox)
             job, claimed = self._claim(work.session, job_id)
-            if not claimed and self._expire(work, job_id):
+            # Only a job with a start deadline can expire: the others pay no statement for it.
+            if not claimed and job.start_deadline_at is not None and self._expire(work, job_id):
                 return
             if not claimed and job.status == JobState.QUEUED and job.admitted_at is None:
                 # Not admitted yet: park the job and let the gate pick the fairest jobs, in
@@ -475,7 +477,7 @@ class Pipeline:
             not_before=self.clock() + timedelta(seconds=delay),
             # Unparked when the countdown message below is on its way; a wait too long for
             # a countdown parks the job, and the gate sends it a message once admitted.
-            parked_at=None if self._countdown(delay) else func.now(),
+            parked_at=None if work.holds(delay) else func.now(),
         ):
             # The gate is asked again when the wait is over (beat asks too, if this is lost).
             work.send(dispatch.SUBMIT, job_id, delay)
@@ -742,9 +744,6 @@ class Pipeline:
         return stored
 
     # -- shared ---------------------------------------------------------------------------
-
-    def _countdown(self, delay: float) -> bool:
-        return delay <= self.settings.max_countdown_seconds
 
     def _event(self, work: Work, job_id: uuid.UUID, event: str) -> None:
         """Record the job's callback of `event`, if it has one, and send it after the commit."""

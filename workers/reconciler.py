@@ -67,18 +67,20 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
     sessions, send, settings = pipeline.sessions, pipeline.dispatch, pipeline.settings
     plan = sweeps(pipeline)
     backlog = {q: send.waiting(q) for q in sorted({dispatch.ROUTES[s.task] for s in plan})}
+
+    def grace(base: float, task: str) -> float:
+        """Lateness allowed to `task`'s work: more while its queue still holds a backlog."""
+        queued = backlog[dispatch.ROUTES[task]]
+        return base + (settings.reconcile_backlog_grace_seconds if queued else 0.0)
+
     # A new job's outbox row is settled by its submit task: under a backlog of submits, it
     # is late only because that queue is, like the sweeps' work.
-    grace = settings.outbox_grace_seconds
-    if backlog[dispatch.ROUTES[dispatch.SUBMIT]]:
-        grace += settings.reconcile_backlog_grace_seconds
-    counts = {"outbox": relay(sessions, send, older_than=grace)}
+    outbox_grace = grace(settings.outbox_grace_seconds, dispatch.SUBMIT)
+    counts = {"outbox": relay(sessions, send, older_than=outbox_grace)}
     for sweep in plan:
-        grace = sweep.grace
         if backlog[dispatch.ROUTES[sweep.task]]:
             metrics.RECONCILER_DEFERRED.labels(str(sweep.state)).inc()
-            grace += settings.reconcile_backlog_grace_seconds
-        counts[str(sweep.state)] = _sweep(pipeline, sweep, grace)
+        counts[str(sweep.state)] = _sweep(pipeline, sweep, grace(sweep.grace, sweep.task))
     with pipeline.work() as work:
         deliveries = callbacks.due(work.session, pipeline.clock())
         webhook_in.prune(work.session, WEBHOOK_ID_RETENTION_SECONDS)

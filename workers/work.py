@@ -21,32 +21,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import kombu.exceptions
-import redis
 import sqlalchemy.exc
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers import admission, outbox
 from workers.db import unit_of_work
-from workers.dispatch import Dispatcher
+from workers.dispatch import Dispatcher, Message, publish
 
 log = structlog.get_logger(__name__)
 
 # The outbox row behind a message travels in it under this keyword, for its task to settle.
 OUTBOX = "outbox"
-
-# What a publish raises when the broker is away. Nothing wider: a task's soft time limit
-# (`SoftTimeLimitExceeded`) or a bug must still stop the step.
-PUBLISH_ERRORS = (kombu.exceptions.KombuError, redis.RedisError, OSError)
-
-
-@dataclass(frozen=True)
-class Message:
-    task: str
-    subject: uuid.UUID
-    countdown: float | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,9 +52,12 @@ class Work:
         """Send `task` for `subject` after the commit. A wait longer than the broker should
         hold (`max_countdown`: Celery on Redis keeps ETA messages in worker memory) is not
         sent: the row's due time brings the task when it comes."""
-        if countdown is not None and countdown > self.max_countdown:
-            return
-        self.messages.append(Message(task, subject, countdown, kw))
+        if countdown is None or self.holds(countdown):
+            self.messages.append(Message(task, subject, countdown, kw))
+
+    def holds(self, countdown: float) -> bool:
+        """Whether a wait of `countdown` seconds is sent as a countdown (see `send`)."""
+        return countdown <= self.max_countdown
 
     def send_durable(self, task: str, subject: uuid.UUID) -> None:
         """Send `task` after the commit, backed by an outbox row committed with this unit: the
@@ -103,25 +92,9 @@ class Units:
             # and so cost no admission pass, and no transaction of their own, at all.
             gate = work.freed and self.admit is not None
             gate = gate and admission.anyone_waiting(session, self.clock())
-        work.unsent = self.publish(work.messages)
+        _, work.unsent = publish(self.dispatch, work.messages)
         if gate:
             self._admit()
-
-    def publish(self, messages: list[Message]) -> Exception | None:
-        """Send `messages` in order; answers why they did not all go. The first that fails
-        stops the rest (the broker is away), each of them left to the row that backs it."""
-        for sent, message in enumerate(messages):
-            try:
-                self.dispatch(
-                    message.task, message.subject, countdown=message.countdown, **message.kwargs
-                )
-            except PUBLISH_ERRORS as exc:  # the broker failing: the reconciler sends them later
-                log.warning(
-                    "work.publish_failed", task=message.task, subject=str(message.subject),
-                    left=len(messages) - sent, error=f"{type(exc).__name__}: {exc}",
-                )  # fmt: skip
-                return exc
-        return None
 
     def _admit(self) -> None:
         assert self.admit is not None
@@ -132,14 +105,8 @@ class Units:
 
 
 @contextmanager
-def unsent(sessions: sessionmaker[Session]) -> Iterator[Work]:
+def silent(sessions: sessionmaker[Session]) -> Iterator[Work]:
     """A unit of work that sends nothing: what it asks for is left to the rows that back it
     (service-layer callers without a broker of their own: tests, benchmarks)."""
     with unit_of_work(sessions) as session:
         yield Work(session, max_countdown=0.0)
-
-
-def settle_outbox(session: Session, outbox_id: int | None) -> None:
-    """The task an outbox row announced is running: the row needs no more publishing."""
-    if outbox_id is not None:
-        outbox.mark_published(session, [outbox_id])

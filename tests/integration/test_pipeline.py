@@ -35,7 +35,7 @@ from workers.reconciler import reconcile
 from workers.runtime import build_callbacks
 from workers.states import JobState
 from workers.wavespeed import Prediction
-from workers.work import Work, unsent
+from workers.work import Work, silent
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ def test_a_commit_whose_answer_is_lost_keeps_the_image_a_failed_write_does_not(
     staged = stage(storage, settings, request, portrait)
     with pytest.raises(ConnectionError):
         commit_staged(
-            lambda: unsent(lossy), storage, staged, lambda w: accept(w, owner, request, staged)
+            lambda: silent(lossy), storage, staged, lambda w: accept(w, owner, request, staged)
         )
     with pipeline.sessions() as session:
         assert jobs.get(session, staged.job_id).status == JobState.QUEUED  # it committed
