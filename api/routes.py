@@ -130,22 +130,33 @@ def _check(probe: Any) -> str:
 # -- generations --------------------------------------------------------------------------
 
 
+def _deadline(at: datetime | None, within: float | None, names: tuple[str, str]) -> datetime | None:
+    """A deadline given as a time or as seconds from now, not both."""
+    if within is None:
+        return at
+    if at is not None:
+        raise Refusal(422, names[1], "conflict", f"give {names[0]} or {names[1]}, not both")
+    return utcnow() + timedelta(seconds=within)
+
+
 def _request_of(body: GenerationCreate) -> GenerationInput:
-    start_deadline = body.start_deadline
-    if body.start_within_seconds is not None:
-        if start_deadline is not None:
-            raise Refusal(
-                422, "start_within_seconds", "conflict",
-                "give start_deadline or start_within_seconds, not both",
-            )  # fmt: skip
-        start_deadline = utcnow() + timedelta(seconds=body.start_within_seconds)
+    start_deadline = _deadline(
+        body.start_deadline, body.start_within_seconds, ("start_deadline", "start_within_seconds")
+    )
+    deadline = _deadline(
+        body.deadline, body.deadline_within_seconds, ("deadline", "deadline_within_seconds")
+    )
+    if start_deadline is not None and deadline is not None and start_deadline > deadline:
+        raise Refusal(
+            422, "start_deadline", "after_deadline", "the start deadline is after the deadline"
+        )
     return GenerationInput(
         prompt=body.prompt, negative_prompt=body.negative_prompt,
         guidance_scale=body.guidance_scale, duration=body.duration,
         image_url=str(body.image_url) if body.image_url else None, upload_id=body.upload_id,
         webhook_url=str(body.webhook_url) if body.webhook_url else None,
         webhook_events=tuple(body.webhook_events), metadata=dict(body.metadata),
-        priority=body.priority, start_deadline_at=start_deadline,
+        priority=body.priority, start_deadline_at=start_deadline, deadline_at=deadline,
     )  # fmt: skip
 
 

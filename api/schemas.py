@@ -124,14 +124,14 @@ Event = Literal[
 
 
 # How far ahead a start deadline may be: a job may wait at the gate that long.
-START_DEADLINE_MAX_SECONDS = 30 * 86400
+DEADLINE_MAX_SECONDS = 30 * 86400
 
 
 def _ahead(value: datetime) -> datetime:
     left = (value - datetime.now(UTC)).total_seconds()
     if left <= 0:
         raise PydanticCustomError("in_the_past", "must be a time in the future")
-    if left > START_DEADLINE_MAX_SECONDS:
+    if left > DEADLINE_MAX_SECONDS:
         raise PydanticCustomError("too_far", "must be at most 30 days ahead")
     return value
 
@@ -180,8 +180,19 @@ class GenerationCreate(BaseModel):
         ),
     )
     start_within_seconds: float | None = Field(
-        None, gt=0, le=START_DEADLINE_MAX_SECONDS,
+        None, gt=0, le=DEADLINE_MAX_SECONDS,
         description="the start deadline as seconds from now",
+    )  # fmt: skip
+    deadline: Annotated[AwareDatetime, AfterValidator(_ahead)] | None = Field(
+        None,
+        description=(
+            "RFC 3339 time with its offset: a job not completed by then stops, its prediction "
+            "is deleted at WaveSpeed, and it fails `deadline_exceeded` (or give "
+            "`deadline_within_seconds`)"
+        ),
+    )
+    deadline_within_seconds: float | None = Field(
+        None, gt=0, le=DEADLINE_MAX_SECONDS, description="the deadline as seconds from now",
     )  # fmt: skip
     priority: Priority = Field(
         "normal",

@@ -54,6 +54,8 @@ WITH in_flight AS (
     WHERE status = 'queued' AND admitted_at IS NULL AND (not_before IS NULL OR not_before <= :now)
       -- Past its start deadline and never submitted: it expires instead (Pipeline.expire_due).
       AND (start_deadline_at IS NULL OR start_deadline_at > now() OR submit_attempts > 0)
+      -- Past its own deadline: it fails instead.
+      AND (deadline_at IS NULL OR deadline_at > now())
 )
 SELECT waiting.id FROM waiting LEFT JOIN in_flight USING (tenant_id)
 WHERE waiting.place + coalesce(in_flight.n, 0) <= :tenant_cap

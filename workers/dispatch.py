@@ -18,6 +18,7 @@ SUBMIT = "generation.submit"
 RECOVER = "generation.recover"
 POLL = "generation.poll"
 STORE = "generation.store"
+WITHDRAW = "generation.withdraw"
 NOTIFY = "generation.notify"
 RECONCILE = "maintenance.reconcile"
 
@@ -28,6 +29,8 @@ ROUTES: dict[str, str] = {
     RECOVER: "submit",
     POLL: "poll",
     STORE: "store",
+    # A short WaveSpeed call, like a poll.
+    WITHDRAW: "poll",
     NOTIFY: "notify",
     RECONCILE: "maintenance",
 }

@@ -25,6 +25,8 @@ class ErrorCode(StrEnum):
     STORAGE_FAILED = "storage_failed"
     # Put aside for an operator (see `kling quarantine`).
     QUARANTINED = "quarantined"
+    # The job's own deadline passed before it completed: stopped, its prediction deleted.
+    DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"  # not a failure: a cancelled job says why it ended
     EXPIRED = "expired"  # nor is this: the job's start deadline passed before it was submitted
 

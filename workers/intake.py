@@ -65,6 +65,7 @@ class GenerationInput:
     metadata: dict[str, Any] = field(default_factory=dict)
     priority: Priority = "normal"
     start_deadline_at: datetime | None = None
+    deadline_at: datetime | None = None
     retry_of: uuid.UUID | None = None
 
 
@@ -177,17 +178,17 @@ def load_image(
 def committed_spend(
     session: Session, tenant: Tenant, since: datetime, settings: Settings
 ) -> Decimal:
-    """What the tenant's jobs of the month cost or will cost: charged, in flight or queued."""
-    # Completed, or still on its way to it; a failed or expired job is not charged.
-    live = [s.value for s in JobState if not s.terminal] + [JobState.COMPLETED.value]
+    """What the tenant's jobs of the month cost or may cost: charged, in flight or queued,
+    and ended with a charge not known (`workers.charges`) at a prediction that existed."""
+    live = [s.value for s in JobState if not s.terminal]
     rows = session.execute(
         select(Job.duration, func.count())
         .where(
             Job.tenant_id == tenant.id,
             Job.created_at >= since,
             Job.status.in_(live)
-            # A job cancelled at WaveSpeed may still be charged.
-            | ((Job.status == JobState.CANCELLED) & Job.prediction_id.is_not(None)),
+            | Job.charged.is_(True)
+            | (Job.charged.is_(None) & Job.prediction_id.is_not(None)),
         )
         .group_by(Job.duration)
     ).all()
@@ -271,6 +272,7 @@ def accept(
         metadata_=request.metadata,
         priority=admission.PRIORITIES[request.priority],
         start_deadline_at=request.start_deadline_at,
+        deadline_at=request.deadline_at,
         retry_of=request.retry_of,
     )
     jobs.create(work.session, job)

@@ -268,12 +268,13 @@ def touch(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
 
 
 def matching(
-    session: Session, state: JobState, condition: ColumnElement[bool], limit: int
+    session: Session, states: Sequence[JobState], condition: ColumnElement[bool], limit: int
 ) -> Sequence[uuid.UUID]:
-    """Ids of jobs in `state` matching `condition`, locked, skipping rows another worker holds."""
+    """Ids of jobs in `states` matching `condition`, locked, skipping rows another worker
+    holds."""
     return session.scalars(
         select(Job.id)
-        .where(Job.status == state, condition)
+        .where(Job.status.in_(states), condition)
         .order_by(Job.created_at)
         .limit(limit)
         .with_for_update(skip_locked=True)

@@ -111,6 +111,9 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
     # Not submitted by then, the job ends `expired` (`Pipeline.expire_due`).
     start_deadline_at: Mapped[datetime | None]
+    # Not completed by then, the job stops: its prediction is deleted at WaveSpeed and it
+    # fails `deadline_exceeded` (`Pipeline.expire_due`).
+    deadline_at: Mapped[datetime | None]
     # The job this one was made again from (`POST /v1/generations/{id}/retry`).
     retry_of: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="SET NULL"), index=True
@@ -162,6 +165,9 @@ class Job(Base):
     video_codec: Mapped[str | None] = mapped_column(String(32))
 
     cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(10, 4))
+    # Whether WaveSpeed charged for it, settled when the job ends; NULL: not known
+    # (`workers.charges`). A terminal job with a `due_at` still has its prediction to delete.
+    charged: Mapped[bool | None]
     completed_at: Mapped[datetime | None]
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)

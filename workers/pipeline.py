@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,11 +19,11 @@ from typing import Any
 
 import httpx
 import structlog
-from sqlalchemy import ColumnElement, func
+from sqlalchemy import ColumnElement, case, func
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from workers import admission, callbacks, dispatch, jobs, metrics, webhook_in
+from workers import admission, callbacks, charges, dispatch, jobs, metrics, webhook_in
 from workers.db import unit_of_work
 from workers.errors import ErrorCode, classify
 from workers.media import InvalidMedia, probe_video
@@ -117,8 +117,10 @@ class Pipeline:
         with self.work() as work:
             settle_outbox(work.session, outbox)
             job, claimed = self._claim(work.session, job_id)
-            # Only a job with a start deadline can expire: the others pay no statement for it.
+            # Only a job with a deadline can end here: the others pay no statement for it.
             if not claimed and job.start_deadline_at is not None and self._expire(work, job_id):
+                return
+            if not claimed and job.deadline_at is not None and self._overrun(work, job_id):
                 return
             if not claimed and job.status == JobState.QUEUED and job.admitted_at is None:
                 # Not admitted yet: park the job and let the gate pick the fairest jobs, in
@@ -169,7 +171,7 @@ class Pipeline:
             JobState.QUEUED,
             JobState.SUBMITTING,
             reason=f"attempt {job.submit_attempts + 1}",
-            when=Job.admitted_at.is_not(None) & ~_past_start_deadline(),
+            when=Job.admitted_at.is_not(None) & ~_past_start_deadline() & ~_past_deadline(),
             submit_attempts=Job.submit_attempts + 1,
             # The claim's own time, not its transaction's start: the gate's lock may have
             # been waited for in between, and `recover` dates the POST's window from this.
@@ -182,10 +184,14 @@ class Pipeline:
 
     def expire_due(self, limit: int = 500) -> int:
         """End as `expired` the queued jobs whose start deadline passed before they were ever
-        submitted (parked ones get no message of their own); answers how many."""
+        submitted (parked ones get no message of their own), and fail `deadline_exceeded`
+        the live jobs past their deadline; answers how many."""
         with self.work() as work:
-            due = jobs.matching(work.session, JobState.QUEUED, _past_start_deadline(), limit)
-            return sum(self._expire(work, job_id) for job_id in due)
+            due = jobs.matching(work.session, [JobState.QUEUED], _past_start_deadline(), limit)
+            expired = sum(self._expire(work, job_id) for job_id in due)
+        with self.work() as work:
+            due = jobs.matching(work.session, LIVE, _past_deadline(), limit)
+            return expired + sum(self._overrun(work, job_id) for job_id in due)
 
     def _expire(self, work: Work, job_id: uuid.UUID) -> bool:
         """`queued -> expired` if the job's start deadline passed and it was never submitted:
@@ -194,12 +200,19 @@ class Pipeline:
         moved = jobs.transition(
             work.session, job_id, JobState.QUEUED, JobState.EXPIRED, reason=message,
             when=_past_start_deadline(), error_code=ErrorCode.EXPIRED, error_message=message,
-            due_at=None, completed_at=self.clock(),
+            due_at=None, completed_at=self.clock(), charged=False,
         )  # fmt: skip
         if moved:
             self._event(work, job_id, callbacks.EXPIRED)
             work.free_slot()  # an admitted job held a place at the gate
         return moved
+
+    def _overrun(self, work: Work, job_id: uuid.UUID) -> bool:
+        """Fail a live job past its deadline, and delete its prediction at WaveSpeed."""
+        return self.fail(
+            job_id, LIVE, ErrorCode.DEADLINE_EXCEEDED, "its deadline passed before it completed",
+            when=_past_deadline(), work=work,
+        )  # fmt: skip
 
     def admit(self) -> int:
         """Admit as many queued jobs as the gate allows and send the submit tasks they need;
@@ -393,15 +406,21 @@ class Pipeline:
                 due_at=jobs.db_in(first),
                 cost_usd=self.settings.price_usd.get(duration),
             )
-            kept = moved or jobs.update_fields(
-                # Cancelled while the POST was in flight: keep the id of what may be charged.
-                session, job_id, JobState.CANCELLED, when=Job.prediction_id.is_(None),
-                prediction_id=prediction.id,
+            # Stopped while the POST was in flight: keep the id of what may be charged, and
+            # delete it at WaveSpeed.
+            kept = moved or any(
+                jobs.update_fields(
+                    session, job_id, state, when=Job.prediction_id.is_(None) & stopped,
+                    prediction_id=prediction.id, due_at=func.now(),
+                )
+                for state, stopped in _STOPPED_ENDS
             )  # fmt: skip
             job = jobs.get(session, job_id)
             if moved:
                 self._event(work, job_id, callbacks.PROCESSING)
                 work.send(dispatch.POLL, job_id, first, seq=job.poll_seq)
+            elif kept:
+                work.send(dispatch.WITHDRAW, job_id)
         if not kept:
             log.error(
                 "submit.orphaned", job_id=str(job_id), attempt=attempt,
@@ -679,6 +698,7 @@ class Pipeline:
                 video_codec=video.codec,
                 due_at=None,
                 completed_at=self.clock(),
+                charged=True,
             )
             if moved:
                 self._event(work, job_id, callbacks.COMPLETED)
@@ -754,7 +774,7 @@ class Pipeline:
     def fail(
         self,
         job_id: uuid.UUID,
-        src: JobState,
+        src: JobState | Sequence[JobState],
         code: ErrorCode,
         message: str,
         when: ColumnElement[bool] | None = None,
@@ -762,7 +782,8 @@ class Pipeline:
         work: Work | None = None,
     ) -> bool:
         """Fail a job still in `src` (and matching `when`) with a stable code and a human
-        message, inside `work` or a unit of its own."""
+        message, inside `work` or a unit of its own. A job given up on while its prediction
+        may still run (`WITHDRAWN`) has that prediction deleted at WaveSpeed."""
         if work is None:
             with self.work() as work:
                 return self.fail(job_id, src, code, message, when, work=work)
@@ -775,40 +796,134 @@ class Pipeline:
             when=when,
             error_code=code,
             error_message=message[:2000],
-            due_at=None,
+            due_at=_withdraw_due() if code in WITHDRAWN else None,
             completed_at=self.clock(),
+            charged=charges.settled(code),
         )
         if moved:
             log.warning("job.failed", job_id=str(job_id), code=code, message=message)
             self._event(work, job_id, callbacks.FAILED)
             work.free_slot()
+            if code in WITHDRAWN and jobs.get(work.session, job_id).due_at is not None:
+                work.send(dispatch.WITHDRAW, job_id)
         return moved
 
     def cancel(self, job_id: uuid.UUID) -> Job:
-        """Stop a job. A queued job is never submitted; one already at WaveSpeed stops being
-        tracked (WaveSpeed has no cancel), and the record says it may still be charged."""
+        """Stop a job. A queued job is never submitted; one already at WaveSpeed has its
+        prediction deleted there (`withdraw`), and `charged` says what it cost."""
         with self.work() as work:
             session = work.session
             job = jobs.get(session, job_id)
             note = "cancelled by the caller"
-            if job.prediction_id or job.status == JobState.SUBMITTING:
-                prediction = job.prediction_id or "(unconfirmed)"
-                note += f"; WaveSpeed prediction {prediction} may still be charged"
+            if job.prediction_id:
+                note += f"; WaveSpeed prediction {job.prediction_id} is deleted"
+            elif job.status == JobState.SUBMITTING:
+                note += "; a submit without an answer yet is deleted once it is known"
             moved = jobs.transition(
-                session, job_id, [s for s in JobState if not s.terminal], JobState.CANCELLED,
-                reason=note, error_code=ErrorCode.CANCELLED, error_message=note, due_at=None,
-                completed_at=self.clock(),
+                session, job_id, LIVE, JobState.CANCELLED, reason=note,
+                error_code=ErrorCode.CANCELLED, error_message=note, due_at=_withdraw_due(),
+                completed_at=self.clock(), charged=charges.settled(ErrorCode.CANCELLED),
             )  # fmt: skip
             if moved:
                 self._event(work, job_id, callbacks.CANCELLED)
                 work.free_slot()
+                if job.prediction_id:
+                    work.send(dispatch.WITHDRAW, job_id)
             return jobs.get(session, job_id)
+
+    # -- withdraw -------------------------------------------------------------------------
+
+    def withdraw(self, job_id: uuid.UUID) -> None:
+        """Delete the prediction of a job that stopped before it finished (cancel, deadline,
+        timeout) at WaveSpeed, so that it stops and its output goes, and settle `charged`
+        from WaveSpeed's last report of it. A try that fails is retried, backing off, by the
+        reconciler (`due_at` of the ended job), up to `withdraw_max_attempts`."""
+        with unit_of_work(self.sessions) as session:
+            job = _bind(jobs.get(session, job_id))
+        state = JobState(job.status)
+        if not state.terminal or job.due_at is None or job.prediction_id is None:
+            return
+        try:
+            report = self._last_report(job.prediction_id)
+            deleted = self.wavespeed.delete([job.prediction_id])
+        except WaveSpeedError as exc:
+            self._withdraw_failed(job, exc)
+            return
+        learned = charges.of_report(report)
+        values: dict[str, Any] = {"due_at": None, "step_failures": 0}
+        if learned is not None:
+            values["charged"] = func.coalesce(Job.charged, learned)
+        note = (
+            f"WaveSpeed prediction {job.prediction_id} deleted ({deleted} deleted; it was "
+            f"{report or 'not found'})"
+        )
+        with unit_of_work(self.sessions) as session:
+            jobs.update_fields(
+                session, job_id, state, when=_tracks(job) & Job.due_at.is_not(None),
+                note=note, **values,
+            )  # fmt: skip
+        log.info("withdraw.done", job_id=str(job_id), status=report, deleted=deleted)
+
+    def _last_report(self, prediction_id: str) -> str | None:
+        """The prediction's status before it is deleted; None if WaveSpeed does not know it."""
+        try:
+            return self.wavespeed.result(prediction_id).status
+        except WaveSpeedError as exc:
+            if exc.status_code == 404:
+                return None
+            raise
+
+    def _withdraw_failed(self, job: Job, exc: WaveSpeedError) -> None:
+        settings = self.settings
+        tries = job.step_failures + 1
+        log.warning("withdraw.failed", job_id=str(job.id), tries=tries, error=str(exc))
+        if tries >= settings.withdraw_max_attempts:
+            values: dict[str, Any] = {"due_at": None}
+            note = f"gave up deleting prediction {job.prediction_id} after {tries} tries: {exc}"
+        else:
+            delay = backoff(
+                tries, settings.retry_base_seconds, settings.retry_max_seconds, exc.retry_after,
+                settings.retry_after_max_seconds,
+            )  # fmt: skip
+            values = {"due_at": jobs.db_in(delay)}
+            note = (
+                f"deleting prediction {job.prediction_id} failed ({tries}), "
+                f"again in {delay:.0f}s: {exc}"
+            )
+        with unit_of_work(self.sessions) as session:
+            jobs.update_fields(
+                session, job.id, JobState(job.status),
+                when=_tracks(job) & Job.due_at.is_not(None), note=note[:500],
+                step_failures=tries, **values,
+            )  # fmt: skip
 
 
 def _bind(job: Job) -> Job:
     """Put the job's tenant and prediction on every log line of the task that loaded it."""
     structlog.contextvars.bind_contextvars(tenant_id=job.tenant_id, prediction_id=job.prediction_id)
     return job
+
+
+# The states a job can be stopped in (cancel, its deadline).
+LIVE = [s for s in JobState if not s.terminal]
+# Failures that give up on a prediction which may still be running: it is deleted.
+WITHDRAWN = frozenset({ErrorCode.DEADLINE_EXCEEDED, ErrorCode.PROCESSING_TIMEOUT})
+# The ends of a job stopped from outside, which a submit still in flight may overtake.
+_STOPPED_ENDS = (
+    (JobState.CANCELLED, Job.error_code == ErrorCode.CANCELLED),
+    (JobState.FAILED, Job.error_code == ErrorCode.DEADLINE_EXCEEDED),
+)
+
+
+def _withdraw_due() -> ColumnElement[datetime | None]:
+    """A stopping job's `due_at`: now if it has a prediction to delete, else none. On an
+    ended job, a `due_at` means its prediction is still to be deleted (`Pipeline.withdraw`)."""
+    return case((Job.prediction_id.is_not(None), func.now()), else_=None)
+
+
+def _past_deadline() -> ColumnElement[bool]:
+    """The job's own deadline has passed (the database's clock); never NULL."""
+    return Job.deadline_at.is_not(None) & (Job.deadline_at <= func.now())
 
 
 def _past_start_deadline() -> ColumnElement[bool]:

@@ -58,6 +58,11 @@ def sweeps(pipeline: Pipeline) -> list[Sweep]:
         Sweep(JobState.STORING, Job.due_at, settings.outbox_grace_seconds, dispatch.STORE),
         # Admitted, but the submit message never arrived.
         Sweep(JobState.QUEUED, Job.admitted_at, settings.outbox_grace_seconds, dispatch.SUBMIT),
+        # Stopped with a prediction still to delete at WaveSpeed (`Pipeline.withdraw`).
+        *(
+            Sweep(state, Job.due_at, settings.poll_overdue_grace_seconds, dispatch.WITHDRAW)
+            for state in (JobState.CANCELLED, JobState.FAILED)
+        ),
     ]
 
 

@@ -10,7 +10,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from config.settings import Priority
+from workers import charges
 from workers.admission import PRIORITY_NAMES
+from workers.charges import Charged
 from workers.models import Job
 
 
@@ -48,6 +50,7 @@ class Generation(BaseModel):
     metadata: dict[str, Any]
     priority: Priority
     start_deadline: datetime | None
+    deadline: datetime | None
     retry_of: uuid.UUID | None
     prediction_id: str | None
     submit_attempts: int
@@ -57,6 +60,8 @@ class Generation(BaseModel):
     inference_ms: int | None
     video: StoredVideo | None
     cost_usd: Decimal | None
+    # Whether WaveSpeed charged for it (`workers.charges`): "unknown" when it cannot be told.
+    charged: Charged
     error: JobError | None
 
     @classmethod
@@ -82,6 +87,7 @@ class Generation(BaseModel):
             metadata=job.metadata_,
             priority=PRIORITY_NAMES[job.priority],
             start_deadline=job.start_deadline_at,
+            deadline=job.deadline_at,
             retry_of=job.retry_of,
             prediction_id=job.prediction_id,
             submit_attempts=job.submit_attempts,
@@ -91,6 +97,7 @@ class Generation(BaseModel):
             inference_ms=job.inference_ms,
             video=video,
             cost_usd=job.cost_usd,
+            charged=charges.of(job),
             error=JobError(code=job.error_code, message=job.error_message)
             if job.error_code
             else None,

@@ -124,6 +124,13 @@ def store(job_id: str) -> None:
     pipeline().store(uuid.UUID(job_id))
 
 
+@task(name=dispatch.WITHDRAW)
+def withdraw(job_id: str) -> None:
+    """Delete a stopped job's prediction at WaveSpeed; a failed try is retried by the
+    reconciler."""
+    pipeline().withdraw(uuid.UUID(job_id))
+
+
 @task(name=dispatch.NOTIFY)
 def notify(delivery_id: str) -> None:
     """Make a due callback attempt to the producer."""

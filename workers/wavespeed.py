@@ -7,6 +7,7 @@ been accepted; look it up before paying again) or neither (permanent).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -173,6 +174,13 @@ class WaveSpeedClient:
         data = self._call("POST", "/api/v3/predictions", json=body)
         items = data.get("items", []) if isinstance(data, dict) else data
         return [Prediction.from_data(item) for item in items or []]
+
+    @metrics.wavespeed_call("delete")
+    def delete(self, prediction_ids: Sequence[str]) -> int:
+        """Delete predictions, WaveSpeed's one documented way to stop one (a running task may
+        still finish); answers how many it deleted."""
+        data = self._call("POST", "/api/v3/predictions/delete", json={"ids": list(prediction_ids)})
+        return int(data.get("deleted_count") or 0) if isinstance(data, dict) else 0
 
     @metrics.wavespeed_call("upload")
     def upload(self, filename: str, content: bytes, content_type: str) -> str:

@@ -92,7 +92,18 @@ async def delete(request: Request, sim: SimDep) -> dict[str, Any]:
     ids = (await json_object(request)).get("ids")
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ApiError(400, "ids must be a list of prediction ids", 1401)
-    return envelope({"deleted_count": sim.store.delete(ids)})
+    return envelope({"deleted_count": sim.runner.delete(ids)})
+
+
+@router.delete("/predictions/{prediction_id}")
+async def delete_one(prediction_id: str, sim: SimDep) -> dict[str, Any]:
+    """Delete (cancel) one prediction; answers it as it stands afterwards. Not in the API
+    reference we honour: shaped as the single-id form of `POST /predictions/delete`."""
+    prediction = sim.store.get(prediction_id)
+    if prediction is None:
+        raise ApiError(404, f"prediction {prediction_id} not found")
+    sim.runner.delete([prediction_id])
+    return envelope(prediction_payload(prediction))
 
 
 @router.post("/media/uploads")

@@ -48,6 +48,12 @@ class SimulatorConfig(BaseModel):
     resolution: tuple[int, int] = DEFAULT_RESOLUTION
     fps: int = Field(default=24, ge=1, le=60)
     refund_delay_seconds: float = Field(default=5.0, ge=0.0)
+    # The refund rule of a deleted prediction (WaveSpeed documents none): the share of its
+    # charge given back when it had not started yet, and when it was already processing.
+    delete_refund_unstarted: float = Field(default=1.0, ge=0.0, le=1.0)
+    delete_refund_processing: float = Field(default=0.0, ge=0.0, le=1.0)
+    # A processing task asked to stop runs on this long first (and may complete meanwhile).
+    delete_stop_seconds: float = Field(default=0.0, ge=0.0)
     sync_timeout_seconds: float = Field(default=60.0, ge=0.0)
     initial_balance_usd: float = 10_000.0
     max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
@@ -75,6 +81,9 @@ class RuntimeConfigPatch(BaseModel):
     inference_seconds: float | None = Field(default=None, ge=0.0)
     sync_timeout_seconds: float | None = Field(default=None, ge=0.0)
     refund_delay_seconds: float | None = Field(default=None, ge=0.0)
+    delete_refund_unstarted: float | None = Field(default=None, ge=0.0, le=1.0)
+    delete_refund_processing: float | None = Field(default=None, ge=0.0, le=1.0)
+    delete_stop_seconds: float | None = Field(default=None, ge=0.0)
     webhook_backoff_seconds: float | None = Field(default=None, ge=0.0)
 
     @field_validator("resolution", mode="before")

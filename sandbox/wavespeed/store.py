@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -50,6 +49,8 @@ class Prediction:
     output_sha256: str | None = None
     output_size: int | None = None
     refunded_usd: float = 0.0
+    # Asked to be deleted while processing; it stops once `delete_stop_seconds` have passed.
+    stopping: bool = False
     webhook_attempts: list[WebhookAttempt] = field(default_factory=list)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -129,11 +130,12 @@ class Store:
         self.predictions[prediction.id] = prediction
         self.charged_usd = round(self.charged_usd + prediction.charge_usd, 2)
 
-    def refund(self, prediction: Prediction) -> None:
-        """Give a failed prediction's charge back, once."""
-        if prediction.refunded_usd == 0.0:
-            prediction.refunded_usd = prediction.charge_usd
-            self.refunded_usd = round(self.refunded_usd + prediction.charge_usd, 2)
+    def refund(self, prediction: Prediction, share: float = 1.0) -> None:
+        """Give `share` of a prediction's charge back (all of it for a failed one), once."""
+        amount = round(prediction.charge_usd * share, 2)
+        if prediction.refunded_usd == 0.0 and amount > 0:
+            prediction.refunded_usd = amount
+            self.refunded_usd = round(self.refunded_usd + amount, 2)
 
     def get(self, prediction_id: str) -> Prediction | None:
         """The prediction with that id, deleted ones included."""
@@ -149,16 +151,6 @@ class Store:
         matching = [p for p in reversed(self.predictions.values()) if _matches(p, query)]
         start = (query.page - 1) * query.page_size
         return len(matching), matching[start : start + query.page_size]
-
-    def delete(self, ids: Iterable[str]) -> int:
-        """Delete the named predictions; answers how many existed and were not yet deleted."""
-        deleted = 0
-        for prediction_id in dict.fromkeys(ids):
-            prediction = self.predictions.get(prediction_id)
-            if prediction is not None and prediction.status != "deleted":
-                prediction.mark_deleted()
-                deleted += 1
-        return deleted
 
 
 def _matches(prediction: Prediction, query: HistoryQuery) -> bool:

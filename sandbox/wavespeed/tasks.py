@@ -3,12 +3,17 @@ render, finish, then notify and (for failures) refund.
 
     created ──fetch/check image──> (wait for a concurrency slot) ──> processing ──> completed
        └──────────── 1402 / 1401 ─────────────┘                          └──────> failed
+
+Deleting one (`TaskRunner.delete`) ends it as `deleted` with its outputs gone, and refunds
+the share of its charge that the refund rule gives for where it stood: by default all of it
+before it started and none once processing. A processing task may not stop at once: it runs
+on for `delete_stop_seconds`, and if it completes meanwhile it is charged as completed.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import Executor
 from typing import Any
 
@@ -70,6 +75,37 @@ class TaskRunner:
     def start(self, prediction: Prediction) -> None:
         """Run the task in the background; the caller answers the submit meanwhile."""
         self._spawn(self._run(prediction))
+
+    def delete(self, ids: Iterable[str]) -> int:
+        """Delete the named predictions; answers how many existed and were not yet deleted
+        (nor already stopping)."""
+        deleted = 0
+        for prediction_id in dict.fromkeys(ids):
+            prediction = self._store.get(prediction_id)
+            if prediction is None or prediction.status == "deleted" or prediction.stopping:
+                continue
+            deleted += 1
+            if prediction.status == "processing" and self._config.delete_stop_seconds > 0:
+                prediction.stopping = True
+                self._spawn(self._delete_later(prediction))
+            else:
+                self._delete_now(prediction)
+        return deleted
+
+    async def _delete_later(self, prediction: Prediction) -> None:
+        await asyncio.sleep(self._config.delete_stop_seconds)
+        self._delete_now(prediction)
+
+    def _delete_now(self, prediction: Prediction) -> None:
+        config = self._config
+        # Completed work stays charged; a failed task gets its refund on the failure path.
+        share = {
+            "created": config.delete_refund_unstarted,
+            "processing": config.delete_refund_processing,
+        }.get(prediction.status, 0.0)
+        prediction.mark_deleted()
+        self._store.refund(prediction, share)
+        log.info("sim.prediction.deleted", prediction_id=prediction.id, refunded_share=share)
 
     async def _run(self, prediction: Prediction) -> None:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,23 @@ def test_a_priority_is_kept_on_the_job_and_a_batch_item_may_carry_its_own(
     assert job["priority"] == "high"
 
 
+def test_a_deadline_is_on_the_record_and_the_charge_is_told_honestly(producer: Producer) -> None:
+    made = create(producer, deadline_within_seconds=3600)
+    assert made.status_code == 201, made.text
+    record = made.json()
+    assert record["deadline"] and record["charged"] in ("false", "unknown")
+    assert wait_status(producer, record["id"], "completed")["charged"] == "true"
+    tomorrow = (utcnow() + timedelta(days=1)).isoformat()
+    refusals = {
+        "deadline_within_seconds": create(producer, deadline=tomorrow, deadline_within_seconds=60),
+        "start_deadline": create(producer, start_within_seconds=7200, deadline_within_seconds=60),
+    }
+    for field, answer in refusals.items():
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["errors"][0]["field"] == field
+    assert [r.json()["code"] for r in refusals.values()] == ["conflict", "after_deadline"]
+
+
 def test_a_finished_job_is_retried_as_a_new_job_with_the_same_inputs(
     producer: Producer, other: Producer
 ) -> None:
@@ -229,11 +247,19 @@ def test_cancel_and_history(producer: Producer, simulator: SimulatorAdmin) -> No
     job = create(producer).json()
     wait_status(producer, job["id"], "processing")
     cancelled = producer.api.post(f"/v1/generations/{job['id']}/cancel").json()
-    assert cancelled["status"] == "cancelled"
-    assert "may still be charged" in cancelled["error"]["message"]
-    history = producer.api.get(f"/v1/generations/{job['id']}/events").json()
-    assert [e["to_state"] for e in history["events"]] == [
-        "queued", "submitting", "processing", "cancelled",
+    assert cancelled["status"] == "cancelled" and cancelled["charged"] == "unknown"
+    prediction_id = cancelled["prediction_id"]
+    assert f"prediction {prediction_id} is deleted" in cancelled["error"]["message"]
+    # A worker deletes it at WaveSpeed, and the history says so.
+    wait_for(lambda: simulator.prediction(prediction_id)["status"] == "deleted")
+
+    def events() -> list[dict[str, Any]] | None:
+        got = producer.api.get(f"/v1/generations/{job['id']}/events").json()["events"]
+        return got if "deleted (" in (got[-1]["reason"] or "") else None
+
+    history = wait_for(events)
+    assert [e["to_state"] for e in history] == [
+        "queued", "submitting", "processing", "cancelled", "cancelled",
     ]  # fmt: skip
 
 

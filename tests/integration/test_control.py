@@ -1,23 +1,28 @@
 """Producer control: start deadlines (a job not submitted by its deadline ends `expired`,
-never sent to WaveSpeed, never charged, and its producer is told) and retries."""
+never sent to WaveSpeed, never charged, and its producer is told), retries, real cancel (the
+prediction deleted at WaveSpeed, with what it cost on the record) and whole-job deadlines."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 from sqlalchemy import select, update
 
-from tests.integration.flow import new_job, status
-from tests.support import RecordingDispatcher, SimulatorAdmin
+from sandbox.processes import free_port
+from tests.integration.flow import new_job, status, submitted
+from tests.support import RecordingDispatcher, SimulatorAdmin, wait_for
 from workers import callbacks, dispatch
 from workers.db import unit_of_work
 from workers.intake import Refusal, again, committed_spend
-from workers.models import CallbackDelivery, Job, Tenant
+from workers.models import CallbackDelivery, Job, JobEvent, Tenant
 from workers.pipeline import Pipeline
 from workers.reconciler import reconcile
+from workers.representation import Generation
 from workers.states import JobState
+from workers.wavespeed import WaveSpeedClient
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +113,161 @@ def test_only_a_finished_job_whose_input_is_still_stored_is_made_again(
     with pytest.raises(Refusal) as gone:
         again(status(pipeline, job_id), pipeline.storage)
     assert gone.value.code == "input_gone"
+
+
+# -- real cancel, deadlines and what they cost -------------------------------------------
+
+
+def withdraws(dispatcher: RecordingDispatcher) -> list[object]:
+    return [job for task, job, *_ in dispatcher.take() if task == dispatch.WITHDRAW]
+
+
+def history(pipeline: Pipeline, job_id: object) -> list[str]:
+    with pipeline.sessions() as session:
+        return [
+            e.reason or ""
+            for e in session.scalars(
+                select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+            )
+        ]
+
+
+def test_cancelling_a_running_job_deletes_its_prediction_at_wavespeed(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[60, 60])
+    job_id, prediction_id = submitted(pipeline, portrait)
+    assert Generation.of(status(pipeline, job_id)).charged == "unknown"
+    pipeline.cancel(job_id)
+    assert withdraws(dispatcher) == [job_id]
+    pipeline.withdraw(job_id)
+    assert simulator.prediction(prediction_id)["status"] == "deleted"
+    job = status(pipeline, job_id)
+    assert (job.status, job.due_at) == (JobState.CANCELLED, None)
+    # WaveSpeed documents no refund for a deleted task: the record does not guess.
+    assert Generation.of(job).charged == "unknown"
+    assert any(f"prediction {prediction_id} deleted" in line for line in history(pipeline, job_id))
+    before = history(pipeline, job_id)
+    pipeline.withdraw(job_id)  # a duplicate message deletes nothing more
+    assert history(pipeline, job_id) == before
+
+
+def test_a_prediction_that_completed_before_the_cancel_is_charged(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[0, 0])
+    job_id, prediction_id = submitted(pipeline, portrait)
+    wait_for(lambda: simulator.prediction(prediction_id)["status"] == "completed")
+    pipeline.cancel(job_id)  # before any poll saw it finish
+    pipeline.withdraw(job_id)
+    assert Generation.of(status(pipeline, job_id)).charged == "true"
+    assert simulator.prediction(prediction_id)["refunded_usd"] == 0.0
+
+
+def test_a_queued_job_cancelled_was_not_charged_and_deletes_nothing(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    dispatcher.take()
+    pipeline.cancel(job_id)
+    job = status(pipeline, job_id)
+    assert (job.charged, job.due_at, withdraws(dispatcher)) == (False, None, [])
+    assert Generation.of(job).charged == "false"
+
+
+def test_a_cancel_that_overtakes_its_submit_deletes_the_prediction_once_it_is_known(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    real = pipeline.wavespeed
+
+    class CancelledMidPost:
+        """The caller cancels while the POST is on its way to WaveSpeed."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def submit(self, *args: object, **kwargs: object) -> object:
+            pipeline.cancel(job_id)
+            return real.submit(*args, **kwargs)  # type: ignore[arg-type]
+
+    racing = replace(pipeline, wavespeed=CancelledMidPost())  # type: ignore[arg-type]
+    racing.submit(job_id)
+    job = status(pipeline, job_id)
+    assert job.status == JobState.CANCELLED and job.prediction_id
+    assert Generation.of(job).charged == "unknown"  # a POST was on its way when it stopped
+    assert job_id in withdraws(dispatcher)
+    pipeline.withdraw(job_id)
+    assert simulator.prediction(job.prediction_id)["status"] == "deleted"
+
+
+def test_a_withdraw_wavespeed_refuses_backs_off_and_gives_up_at_its_cap(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[60, 60])
+    job_id, prediction_id = submitted(pipeline, portrait)
+    pipeline.cancel(job_id)
+    dispatcher.take()
+    away = WaveSpeedClient(httpx.Client(timeout=2.0), f"http://127.0.0.1:{free_port()}", "k")
+    capped = pipeline.settings.model_copy(update={"withdraw_max_attempts": 2})
+    gone = replace(pipeline, wavespeed=away, settings=capped)
+    gone.withdraw(job_id)
+    job = status(pipeline, job_id)
+    assert job.step_failures == 1 and job.due_at is not None
+    assert job.due_at > datetime.now(UTC)  # backing off, on the record
+    with unit_of_work(pipeline.sessions) as session:  # its backoff and the sweep's grace end
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(due_at=past() - timedelta(minutes=5), updated_at=past() - timedelta(minutes=5))
+        )
+    assert reconcile(gone)["cancelled"] == 1
+    assert withdraws(dispatcher) == [job_id]
+    gone.withdraw(job_id)
+    job = status(pipeline, job_id)
+    assert (job.due_at, job.step_failures) == (None, 2)
+    assert "gave up deleting" in history(pipeline, job_id)[-1]
+    assert simulator.prediction(prediction_id)["status"] != "deleted"
+    assert reconcile(gone)["cancelled"] == 0
+
+
+def test_a_running_job_past_its_deadline_fails_and_its_prediction_is_deleted(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[60, 60])
+    job_id = new_job(
+        pipeline, portrait, webhook_url=HOOK, deadline_at=datetime.now(UTC) + timedelta(hours=1)
+    )
+    pipeline.submit(job_id)
+    prediction_id = status(pipeline, job_id).prediction_id
+    assert prediction_id
+    assert reconcile(pipeline)["expired"] == 0
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(deadline_at=past()))
+    dispatcher.take()
+    assert reconcile(pipeline)["expired"] == 1
+    job = status(pipeline, job_id)
+    assert (job.status, job.error_code) == (JobState.FAILED, "deadline_exceeded")
+    sent = dispatcher.take()
+    assert (dispatch.WITHDRAW, job_id) in [(t, j) for t, j, *_ in sent]
+    assert dispatch.NOTIFY in [t for t, *_ in sent]
+    pipeline.withdraw(job_id)
+    assert simulator.prediction(prediction_id)["status"] == "deleted"
+    pipeline.poll(job_id)  # a poll still on its way changes nothing
+    assert status(pipeline, job_id).status == JobState.FAILED
+
+
+def test_a_queued_job_past_its_deadline_fails_unsubmitted_and_uncharged(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    job_id = new_job(pipeline, portrait, deadline_at=past())
+    pipeline.submit(job_id)
+    job = status(pipeline, job_id)
+    assert (job.status, job.error_code, job.submit_attempts) == (
+        JobState.FAILED,
+        "deadline_exceeded",
+        0,
+    )
+    assert Generation.of(job).charged == "false"
+    assert ours(simulator, job_id) == []
+    assert withdraws(dispatcher) == []

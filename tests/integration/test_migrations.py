@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from alembic import command
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, text
 
 from config import Settings
@@ -14,6 +15,8 @@ from sandbox.processes import Process, free_port
 from sandbox.stack import Stack
 from workers.migrate import SchemaNotAtHead, alembic_config, check, require_head
 from workers.sealing import Sealer, new_key
+
+HEAD = ScriptDirectory.from_config(alembic_config("postgresql://")).get_current_head()
 
 pytestmark = pytest.mark.integration
 
@@ -95,9 +98,9 @@ def at_revision(database_url: str, revision: str | None) -> None:
 @pytest.mark.parametrize(
     ("revision", "said"),
     [
-        ("0003", "at revision 0003, this code needs 0008 (head); run `kling migrate` first"),
-        ("0999", "at revision 0999, this code needs 0008 (head); it is unknown to this code"),
-        (None, "at revision none (an empty database), this code needs 0008 (head)"),
+        ("0003", f"at revision 0003, this code needs {HEAD} (head); run `kling migrate` first"),
+        ("0999", f"at revision 0999, this code needs {HEAD} (head); it is unknown to this code"),
+        (None, f"at revision none (an empty database), this code needs {HEAD} (head)"),
     ],
 )
 def test_a_schema_not_at_head_is_refused_naming_both_revisions(
@@ -151,4 +154,4 @@ def test_the_api_and_a_worker_start_at_head_and_refuse_any_other_schema(
     for name, argv in (("stale-api", API), ("stale-worker", [*WORKER, "-n", "stale@%h"])):
         code, log = exit_of(stack, name, argv, env)
         assert code != 0, log
-        assert "the database schema is at revision 0003, this code needs 0008 (head)" in log
+        assert f"the database schema is at revision 0003, this code needs {HEAD} (head)" in log

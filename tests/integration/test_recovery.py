@@ -160,16 +160,18 @@ def test_cancelling_a_queued_job_means_it_is_never_submitted(
     assert charged == []
 
 
-def test_cancelling_a_job_at_wavespeed_records_the_possible_charge(
+def test_cancelling_a_job_at_wavespeed_asks_for_its_prediction_to_be_deleted(
     pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
 ) -> None:
     simulator.set_faults(inference_seconds=[2, 2])
     job_id = new_job(pipeline, portrait)
     submit(pipeline, job_id)
     prediction_id = status(pipeline, job_id).prediction_id
+    dispatcher.take()
     job = pipeline.cancel(job_id)
     assert job.status == JobState.CANCELLED
-    assert f"prediction {prediction_id} may still be charged" in (job.error_message or "")
+    assert f"prediction {prediction_id} is deleted" in (job.error_message or "")
+    assert (dispatch.WITHDRAW, job_id) in [(t, j) for t, j, *_ in dispatcher.take()]
     pipeline.poll(job_id)  # its poll chain ends quietly
     assert status(pipeline, job_id).status == JobState.CANCELLED
 

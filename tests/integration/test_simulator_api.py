@@ -325,6 +325,50 @@ def test_delete_removes_predictions_and_their_outputs(sim: SimulatorClient, imag
     assert sim.http.post("/api/v3/predictions/delete", json={"ids": "x"}).status_code == 400
 
 
+def _entry(sim: SimulatorClient, prediction_id: str) -> dict[str, Any]:
+    return next(e for e in sim.ledger()["predictions"] if e["id"] == prediction_id)
+
+
+@sim_config(inference_seconds=30.0, delete_refund_unstarted=1.0, delete_refund_processing=0.5)
+def test_deleting_refunds_by_the_rule_for_where_the_task_stood(
+    sim: SimulatorClient, image_url: str
+) -> None:
+    sim.set_faults(concurrency=1)
+    running = sim.submit_ok(image_url)["id"]
+    waiting = sim.submit_ok(image_url)["id"]  # behind the one slot: not started
+    _wait_status(sim, running, "processing")
+    answer = sim.http.delete(f"/api/v3/predictions/{waiting}").json()["data"]
+    assert answer["status"] == "deleted"
+    sim.http.post("/api/v3/predictions/delete", json={"ids": [running]}).raise_for_status()
+    assert sim.result(running)["status"] == "deleted"
+    assert _entry(sim, waiting)["refunded_usd"] == _entry(sim, waiting)["charge_usd"]
+    assert _entry(sim, running)["refunded_usd"] == round(_entry(sim, running)["charge_usd"] / 2, 2)
+    assert sim.http.delete("/api/v3/predictions/nope").status_code == 404
+
+
+@sim_config(inference_seconds=0.5, delete_stop_seconds=3.0)
+def test_a_processing_task_asked_to_stop_runs_on_and_may_complete(
+    sim: SimulatorClient, image_url: str
+) -> None:
+    prediction_id = sim.submit_ok(image_url)["id"]
+    _wait_status(sim, prediction_id, "processing")
+    deleted = sim.http.post("/api/v3/predictions/delete", json={"ids": [prediction_id]})
+    assert deleted.json()["data"]["deleted_count"] == 1
+    assert sim.wait(prediction_id)["status"] == "completed"  # it finished before it stopped
+    assert _entry(sim, prediction_id)["refunded_usd"] == 0.0  # completed work stays charged
+    _wait_status(sim, prediction_id, "deleted", timeout=10.0)
+    assert _entry(sim, prediction_id)["refunded_usd"] == 0.0
+
+
+def _wait_status(
+    sim: SimulatorClient, prediction_id: str, status: str, timeout: float = 20.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while sim.result(prediction_id)["status"] != status:
+        assert time.monotonic() < deadline, f"{prediction_id} never became {status}"
+        time.sleep(0.05)
+
+
 def test_ticket_upload_put_and_download(sim: SimulatorClient) -> None:
     data = sample_image(320, 320)
     ticket = sim.http.post(
