@@ -108,6 +108,75 @@ def tenants_create(
     typer.echo(json.dumps(out, indent=2))
 
 
+def _limit(value: str | None) -> int | None:
+    """A quota as typed: a whole number, or `none` to clear it."""
+    if value is None or value.lower() == "none":
+        return None
+    if not value.isdigit():
+        raise typer.BadParameter(f"{value!r} is not a whole number (or none)")
+    return int(value)
+
+
+Limit = Annotated[str | None, typer.Option(help="A whole number, or none for the default")]
+
+
+@tenants_app.command("update")
+def tenants_update(
+    tenant: Annotated[str, typer.Argument(help="Tenant name or id")],
+    max_in_flight: Limit = None,
+    weight: Limit = None,
+    submits_per_minute: Limit = None,
+    max_queued: Limit = None,
+    budget: Annotated[
+        str | None, typer.Option(help="Monthly budget in USD, or none for no budget")
+    ] = None,
+) -> None:
+    """Set a tenant's quotas: its share of the gate (in flight, per minute, its weight in
+    the round-robin), how many jobs it may have queued, and its monthly budget."""
+    from decimal import Decimal, InvalidOperation
+
+    from workers import tenants
+    from workers.db import unit_of_work
+
+    given = {
+        "max_in_flight": max_in_flight, "weight": weight,
+        "submits_per_minute": submits_per_minute, "max_queued": max_queued,
+    }  # fmt: skip
+    changes = {name: _limit(value) for name, value in given.items() if value is not None}
+    with unit_of_work(_sessions()) as session:
+        owner = _tenant(session, tenant)
+        try:
+            tenants.update_quotas(session, owner, changes)
+        except tenants.TenantError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from exc
+        if budget is not None:
+            try:
+                amount = None if budget.lower() == "none" else Decimal(budget)
+            except InvalidOperation as exc:
+                raise typer.BadParameter(f"{budget!r} is not an amount (or none)") from exc
+            if (amount is not None and not amount.is_finite()) or (amount or 0) < 0:
+                raise typer.BadParameter("a budget is an amount of 0 or more")
+            owner.monthly_budget_usd = amount
+        typer.echo(json.dumps(_shown(session, owner), indent=2, default=str))
+
+
+@tenants_app.command("show")
+def tenants_show(tenant: Annotated[str, typer.Argument(help="Tenant name or id")]) -> None:
+    """A tenant's quotas, each with what the tenant uses of it now."""
+    with _sessions()() as session:
+        typer.echo(json.dumps(_shown(session, _tenant(session, tenant)), indent=2, default=str))
+
+
+def _shown(session: Any, tenant: Any) -> dict[str, Any]:
+    from config import Settings
+    from workers.intake import tenant_usage
+    from workers.pipeline import utcnow
+
+    usage = tenant_usage(session, tenant, utcnow(), Settings())
+    return {"tenant_id": tenant.id, "name": tenant.name, "quotas": usage}
+
+
 @keys_app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Argument(help="Tenant name or id")],

@@ -53,8 +53,8 @@ from workers.intake import (
     Refusal,
     accept,
     again,
-    check_budget,
     check_callback_url,
+    check_quotas,
     commit_staged,
     load_image,
     replayed,
@@ -185,7 +185,7 @@ def _accepted(
 
     def write(work: Work) -> Job:
         price = settings.price_usd[request.duration]
-        check_budget(work.session, tenant, price, utcnow(), settings)
+        check_quotas(work.session, tenant, price, utcnow(), settings)
         return accept(work, tenant, request, staged, idempotency)
 
     # The first task goes out after the commit, tried once: the job exists either way, so the

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import select
 import socket
 import struct
+import subprocess
+import sys
 import time
 import uuid
 import zlib
@@ -207,3 +210,9 @@ def _recv(sock: socket.socket) -> bytes:
     if not part:
         raise AssertionError("the connection closed before a whole answer came")
     return part
+
+
+def kling(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the operator's CLI as a person would, with `env` over this process's."""
+    argv = [sys.executable, "-m", "api.cli", *args]
+    return subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True)

@@ -3,8 +3,10 @@
 WaveSpeed caps concurrent tasks and submissions per minute per account tier. Rather than let
 every submit message hit the cap and bounce, queued jobs wait in Postgres and this pump admits
 as many as the gate allows: higher priorities first (a person waiting before a nightly batch),
-then fairly, round-robin across tenants and oldest first within a tenant, so one tenant's
-10,000-job batch cannot starve another tenant's single job. One advisory lock
+then fairly, round-robin across tenants (a tenant of weight W takes W jobs a turn) and oldest
+first within a tenant, so one tenant's 10,000-job batch cannot starve another tenant's single
+job. A tenant's own quotas (`tenants.max_in_flight`, `submits_per_minute`) bound its share,
+and the account's caps bound the sum. One advisory lock
 serialises the pump across every worker host, so the caps hold however many run it.
 
 Only a *parked* job (one whose own submit message already came and found it waiting) needs a
@@ -44,6 +46,11 @@ WITH in_flight AS (
       AND NOT EXISTS (SELECT 1 FROM quarantined_tasks q
                       WHERE q.subject_id = jobs.id AND q.released_at IS NULL)
     GROUP BY tenant_id
+), recent AS (
+    -- Submits of the last minute, and admissions about to be, against a tenant's own rate.
+    SELECT tenant_id, count(*) AS n FROM jobs
+    WHERE last_submit_at > :minute_ago OR (status = 'queued' AND admitted_at IS NOT NULL)
+    GROUP BY tenant_id
 ), waiting AS (
     SELECT id, tenant_id, created_at, priority,
            -- Its place in its tenant's own line, which the tenant's cap counts...
@@ -57,9 +64,16 @@ WITH in_flight AS (
       -- Past its own deadline: it fails instead.
       AND (deadline_at IS NULL OR deadline_at > now())
 )
-SELECT waiting.id FROM waiting LEFT JOIN in_flight USING (tenant_id)
-WHERE waiting.place + coalesce(in_flight.n, 0) <= :tenant_cap
-ORDER BY waiting.priority, waiting.turn, waiting.created_at, waiting.id
+SELECT waiting.id
+FROM waiting
+JOIN tenants ON tenants.id = waiting.tenant_id
+LEFT JOIN in_flight USING (tenant_id)
+LEFT JOIN recent USING (tenant_id)
+WHERE waiting.place + coalesce(in_flight.n, 0) <= coalesce(tenants.max_in_flight, :tenant_cap)
+  AND (tenants.submits_per_minute IS NULL
+       OR waiting.place + coalesce(recent.n, 0) <= tenants.submits_per_minute)
+-- Weighted round-robin: a tenant of weight W has W jobs in each turn.
+ORDER BY waiting.priority, (waiting.turn - 1) / tenants.weight, waiting.created_at, waiting.id
 LIMIT :free
 """)
 
@@ -155,7 +169,7 @@ def admit(
     ids = session.scalars(
         _FAIR_CANDIDATES,
         {"now": now, "tenant_cap": gate.tenant_max_in_flight, "free": free,
-         "recovering_before": recovering_before},
+         "recovering_before": recovering_before, "minute_ago": minute_ago},
     ).all()  # fmt: skip
     if not ids:
         return []

@@ -6,11 +6,12 @@ is never created is removed again."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -68,6 +69,8 @@ class GenerationInput:
     deadline_at: datetime | None = None
     retry_of: uuid.UUID | None = None
 
+
+LIVE = [s.value for s in JobState if not s.terminal]
 
 # The extension an input object gets, by the content type its bytes were checked to be.
 _EXTENSIONS = dict(IMAGE_TYPES.values())
@@ -180,13 +183,12 @@ def committed_spend(
 ) -> Decimal:
     """What the tenant's jobs of the month cost or may cost: charged, in flight or queued,
     and ended with a charge not known (`workers.charges`) at a prediction that existed."""
-    live = [s.value for s in JobState if not s.terminal]
     rows = session.execute(
         select(Job.duration, func.count())
         .where(
             Job.tenant_id == tenant.id,
             Job.created_at >= since,
-            Job.status.in_(live)
+            Job.status.in_(LIVE)
             | Job.charged.is_(True)
             | (Job.charged.is_(None) & Job.prediction_id.is_not(None)),
         )
@@ -195,15 +197,83 @@ def committed_spend(
     return sum((settings.price_usd[duration] * count for duration, count in rows), Decimal(0))
 
 
-def check_budget(
+def check_quotas(
     session: Session, tenant: Tenant, adding: Decimal, now: datetime, settings: Settings
 ) -> None:
-    """Refuse (402) what would take the month's committed spend over the tenant's budget.
-    A per-tenant advisory lock makes concurrent requests see each other's jobs."""
-    budget = tenant.monthly_budget_usd
-    if budget is None:
+    """Refuse what would take the tenant over its monthly budget (402) or its queue over
+    `max_queued` (429). A per-tenant advisory lock makes concurrent requests see each
+    other's jobs, so neither limit is passed by a burst."""
+    if tenant.monthly_budget_usd is None and tenant.max_queued is None:
         return
     session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": tenant.id})
+    if tenant.max_queued is not None:
+        _check_queue(session, tenant, tenant.max_queued, settings)
+    if tenant.monthly_budget_usd is not None:
+        _check_budget(session, tenant, tenant.monthly_budget_usd, adding, now, settings)
+
+
+def _check_queue(session: Session, tenant: Tenant, limit: int, settings: Settings) -> None:
+    queued = queued_count(session, tenant.id)
+    if queued >= limit:
+        # About when the next of its jobs leaves the queue, at the rate it is admitted.
+        rate = tenant.submits_per_minute or settings.submits_per_minute
+        raise Refusal(
+            429, "max_queued", "queue_full",
+            f"the tenant has {queued} jobs queued, its limit (max_queued) is {limit}",
+            headers={"Retry-After": str(max(1, math.ceil(60 / rate)))},
+        )  # fmt: skip
+
+
+def queued_count(session: Session, tenant_id: str) -> int:
+    return (
+        session.scalar(
+            select(func.count()).where(Job.tenant_id == tenant_id, Job.status == JobState.QUEUED)
+        )
+        or 0
+    )
+
+
+def tenant_usage(
+    session: Session, tenant: Tenant, now: datetime, settings: Settings
+) -> dict[str, dict[str, Any]]:
+    """Each quota of the tenant: its limit in force (`own`: the tenant's, or None for the
+    deployment's default) and what the tenant uses of it now."""
+    minute_ago = now - timedelta(minutes=1)
+    in_flight = (Job.status.in_([JobState.SUBMITTING, JobState.PROCESSING])) | (
+        (Job.status == JobState.QUEUED) & Job.admitted_at.is_not(None)
+    )
+    counts = session.execute(
+        select(
+            func.count().filter(in_flight),
+            func.count().filter(Job.status == JobState.QUEUED),
+            func.count().filter(Job.last_submit_at > minute_ago),
+        ).where(
+            Job.tenant_id == tenant.id, Job.status.in_(LIVE) | (Job.last_submit_at > minute_ago)
+        )
+    ).one()
+    month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    default_cap = settings.tenant_max_in_flight or settings.max_in_flight
+    return {
+        "max_in_flight": _quota(tenant.max_in_flight, default_cap, counts[0]),
+        "submits_per_minute": _quota(
+            tenant.submits_per_minute, settings.submits_per_minute, counts[2]
+        ),
+        "max_queued": _quota(tenant.max_queued, None, counts[1]),
+        "weight": _quota(tenant.weight, 1, None),
+        "monthly_budget_usd": _quota(
+            tenant.monthly_budget_usd, None, committed_spend(session, tenant, month, settings)
+        ),
+    }
+
+
+def _quota(own: Any, default: Any, used: Any) -> dict[str, Any]:
+    return {"limit": own if own is not None else default, "own": own, "used": used}
+
+
+def _check_budget(
+    session: Session, tenant: Tenant, budget: Decimal, adding: Decimal, now: datetime,
+    settings: Settings,
+) -> None:  # fmt: skip
     month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     spent = committed_spend(session, tenant, month, settings)
     if spent + adding > budget:

@@ -47,6 +47,14 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Numeric(12, 4))
+    # Quotas at the admission gate (`kling tenants update`); NULL: the deployment's default
+    # (`TENANT_MAX_IN_FLIGHT`, no rate of its own, no queue limit). The gate's round-robin
+    # gives a tenant `weight` jobs per turn.
+    max_in_flight: Mapped[int | None] = mapped_column(Integer)
+    weight: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
+    submits_per_minute: Mapped[int | None] = mapped_column(Integer)
+    # More queued jobs than this and a create is refused, 429 `queue_full`.
+    max_queued: Mapped[int | None] = mapped_column(Integer)
     # Standard Webhooks signing secrets, sealed (`workers.sealing`): ciphertext, never the
     # secret itself; `workers.tenants` opens them. The previous one stays valid for a while
     # after a rotation so receivers can switch without dropping a callback.
@@ -178,6 +186,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status_due_at", "status", "due_at"),
         Index("ix_jobs_last_submit_at", "last_submit_at"),
+        Index("ix_jobs_tenant_id_status", "tenant_id", "status"),
     )
 
 

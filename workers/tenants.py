@@ -163,3 +163,27 @@ def _reseal(tenant: Tenant, sealer: Sealer) -> bool:
     if previous:
         tenant.sealed_previous_webhook_secret = previous
     return bool(current or previous)
+
+
+# -- quotas -------------------------------------------------------------------------------
+
+QUOTAS = ("max_in_flight", "weight", "submits_per_minute", "max_queued")
+# A weight is a share of the gate's turns: past this, one tenant would take whole passes.
+MAX_WEIGHT = 100
+MAX_QUOTA = 1_000_000_000
+
+
+def update_quotas(session: Session, tenant: Tenant, changes: dict[str, int | None]) -> Tenant:
+    """Set the tenant's quotas. None clears one, so the deployment's default applies (a
+    weight of 1). Every value is a whole number from 1 up."""
+    for name, value in changes.items():
+        if name not in QUOTAS:
+            raise TenantError(f"{name} is not a quota (one of {', '.join(QUOTAS)})")
+        if name == "weight" and value is None:
+            value = 1
+        top = MAX_WEIGHT if name == "weight" else MAX_QUOTA
+        if value is not None and not 1 <= value <= top:
+            raise TenantError(f"{name} must be a whole number from 1 to {top}")
+        setattr(tenant, name, value)
+    session.flush()
+    return tenant

@@ -185,6 +185,29 @@ def test_a_deadline_is_on_the_record_and_the_charge_is_told_honestly(producer: P
     assert [r.json()["code"] for r in refusals.values()] == ["conflict", "after_deadline"]
 
 
+def test_a_tenant_over_its_max_queued_is_refused_429_and_nothing_is_created(
+    producer: Producer, sessions: Any
+) -> None:
+    with unit_of_work(sessions) as session:
+        owner = session.get_one(Tenant, producer.tenant_id)
+        tenants.update_quotas(session, owner, {"submits_per_minute": 1, "max_queued": 1})
+    first = create(producer).json()
+    wait_status(producer, first["id"], "submitting", "processing", "storing", "completed")
+    waiting = create(producer).json()  # the minute's one submit is taken: it stays queued
+    assert producer.api.get(f"/v1/generations/{waiting['id']}").json()["status"] == "queued"
+    refused = create(producer, prompt="one too many")
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["code"] == "queue_full"
+    assert refused.json()["errors"][0]["field"] == "max_queued"
+    assert int(refused.headers["Retry-After"]) >= 1
+    batch = producer.api.post(
+        "/v1/generations/batch", json={"items": [{"upload_id": producer.upload_id, "prompt": "p"}]}
+    ).json()
+    assert batch["items"][0]["problem"]["code"] == "queue_full"
+    listed = producer.api.get("/v1/generations").json()["data"]
+    assert [job["id"] for job in listed] == [waiting["id"], first["id"]]
+
+
 def test_a_finished_job_is_retried_as_a_new_job_with_the_same_inputs(
     producer: Producer, other: Producer
 ) -> None:

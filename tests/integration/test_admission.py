@@ -119,6 +119,50 @@ def test_tenant_cap_holds(sessions: sessionmaker[Session]) -> None:
     assert sorted(tenants_of(sessions, admitted)) == ["a", "b", "b", "b"]
 
 
+def set_quotas(sessions: sessionmaker[Session], tenant: str, **quotas: int) -> None:
+    with unit_of_work(sessions) as session:
+        session.execute(update(Tenant).where(Tenant.id == tenant).values(**quotas))
+
+
+def test_a_tenants_own_cap_and_rate_bound_its_share_and_others_keep_the_default(
+    sessions: sessionmaker[Session],
+) -> None:
+    add_jobs(sessions, "a", 1, status=JobState.PROCESSING)
+    add_jobs(sessions, "a", 10)
+    add_jobs(
+        sessions, "b", 2, status=JobState.COMPLETED, last_submit_at=NOW - timedelta(seconds=10)
+    )
+    add_jobs(sessions, "b", 10)
+    add_jobs(sessions, "c", 10)
+    set_quotas(sessions, "a", max_in_flight=2)  # one in flight already: one more
+    set_quotas(sessions, "b", submits_per_minute=3)  # two this minute already: one more
+    admitted = run(sessions, Gate(100, 100, 4))
+    assert sorted(tenants_of(sessions, admitted)) == ["a", "b", "c", "c", "c", "c"]
+    assert run(sessions, Gate(100, 100, 4)) == []  # every share is taken now
+
+
+def test_the_account_caps_bound_the_sum_of_the_tenants_shares(
+    sessions: sessionmaker[Session],
+) -> None:
+    for tenant in ("a", "b"):
+        add_jobs(sessions, tenant, 10)
+        set_quotas(sessions, tenant, max_in_flight=10, submits_per_minute=10)
+    assert len(run(sessions, Gate(5, 100, 100))) == 5
+    assert len(run(sessions, Gate(100, 7, 100))) == 2  # five of the minute's seven are used
+
+
+def test_a_tenant_of_weight_three_takes_three_jobs_a_turn(
+    sessions: sessionmaker[Session],
+) -> None:
+    add_jobs(sessions, "heavy", 20)
+    add_jobs(sessions, "light", 20)
+    set_quotas(sessions, "heavy", weight=3)
+    first = run(sessions, Gate(4, 100, 100))
+    assert sorted(tenants_of(sessions, first)) == ["heavy", "heavy", "heavy", "light"]
+    more = run(sessions, Gate(12, 100, 100))
+    assert sorted(tenants_of(sessions, more)).count("heavy") == 6
+
+
 def test_jobs_waiting_out_a_backoff_are_not_admitted(sessions: sessionmaker[Session]) -> None:
     add_jobs(sessions, "a", 1, not_before=NOW + timedelta(seconds=5))
     ready = add_jobs(sessions, "a", 1, not_before=NOW - timedelta(seconds=1))

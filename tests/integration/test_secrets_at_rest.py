@@ -4,9 +4,6 @@ and moved to a new key without a moment where a callback cannot be signed."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -19,6 +16,7 @@ from standardwebhooks.webhooks import Webhook
 from config import Settings
 from sandbox.receiver import Receiver, serve
 from tests.integration.flow import new_job
+from tests.support import kling
 from workers import callbacks, tenants
 from workers.db import unit_of_work
 from workers.models import CallbackDelivery, Tenant
@@ -134,11 +132,6 @@ def test_a_reseal_waits_for_a_rotation_in_flight_and_keeps_what_it_wrote(
     assert resealed == [0]
     secrets = tenants.signing_secrets(load(sessions, tenant_id), Sealer([new]), NOW)
     assert secrets[0] == rotated and len(secrets) == 2
-
-
-def kling(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "api.cli", *args]
-    return subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True)
 
 
 def test_the_cli_prints_a_new_secret_once_and_rotates_every_row(
