@@ -37,12 +37,17 @@ quarantine_app = typer.Typer(
 secrets_app = typer.Typer(
     help="Tenant signing secrets, sealed at rest with SECRET_KEYS.", no_args_is_help=True
 )
+bulk_app = typer.Typer(
+    help="A tenant's bulk actions, run by the workers: cancel, replay, enable.",
+    no_args_is_help=True,
+)
 app.add_typer(stack_app, name="stack")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(secrets_app, name="secrets")
+app.add_typer(bulk_app, name="bulk")
 console = Console(stderr=True)
 
 DEFAULT_ROOT = Path(".stack")
@@ -295,6 +300,119 @@ def quarantine_release(entry_id: Annotated[int, typer.Argument(help="Its id in t
     redis.Redis.from_url(Settings().redis_url).delete(poison.key(entry.task, str(entry.subject_id)))
     pipeline.dispatch(entry.task, entry.subject_id)
     console.print(f"released; {entry.task} sent for {entry.subject_id}")
+
+
+Many = Annotated[list[str] | None, typer.Option(help="Repeatable")]
+Since = Annotated[str | None, typer.Option(help="RFC 3339 time with its offset")]
+MaxItems = Annotated[int, typer.Option(help="At most this many")]
+Wait = Annotated[bool, typer.Option(help="Wait for the workers to finish it")]
+
+
+@bulk_app.command("cancel")
+def bulk_cancel(
+    tenant: Annotated[str, typer.Argument(help="Tenant name or id")],
+    status: Many = None,
+    priority: Many = None,
+    metadata: Annotated[list[str] | None, typer.Option(help="key:value, repeatable")] = None,
+    created_after: Since = None,
+    created_before: Since = None,
+    max_items: MaxItems = 1000,
+    wait: Wait = True,
+) -> None:
+    """Cancel the tenant's live jobs that match, as POST /v1/generations/cancel does."""
+    from api.schemas import BulkCancel
+    from workers import bulk
+
+    pairs = [pair.partition(":") for pair in metadata or []]
+    body = _bulk_body(
+        BulkCancel, status=status or [], priority=priority or [],
+        metadata={key: value for key, _, value in pairs}, created_after=created_after,
+        created_before=created_before, max_items=max_items,
+    )  # fmt: skip
+    _run_bulk(tenant, bulk.CANCEL, body.filter(), body.max_items, wait)
+
+
+@bulk_app.command("replay")
+def bulk_replay(
+    tenant: Annotated[str, typer.Argument(help="Tenant name or id")],
+    status: Many = None,
+    event: Many = None,
+    created_after: Since = None,
+    created_before: Since = None,
+    max_items: MaxItems = 1000,
+    wait: Wait = True,
+) -> None:
+    """Send the tenant's matching callbacks again, as POST /v1/webhook-deliveries/replay."""
+    from api.schemas import BulkReplay
+    from workers import bulk
+
+    body = _bulk_body(
+        BulkReplay, status=status or ["exhausted"], event=event or [],
+        created_after=created_after, created_before=created_before, max_items=max_items,
+    )  # fmt: skip
+    _run_bulk(tenant, bulk.REPLAY, body.filter(), body.max_items, wait)
+
+
+@bulk_app.command("enable")
+def bulk_enable(
+    tenant: Annotated[str, typer.Argument(help="Tenant name or id")],
+    url: Annotated[str, typer.Argument(help="The callback URL that answered 410")],
+    wait: Wait = True,
+) -> None:
+    """Deliver to a URL that answered 410 again, as POST /v1/webhook-endpoints/enable."""
+    from api.schemas import EndpointEnable
+    from workers import bulk
+
+    body = _bulk_body(EndpointEnable, url=url)
+    _run_bulk(tenant, bulk.ENABLE, {"url": str(body.url)}, bulk.MAX_ITEMS, wait)
+
+
+@bulk_app.command("show")
+def bulk_show(action_id: Annotated[str, typer.Argument(help="The action's id")]) -> None:
+    """A bulk action and what it matched and did."""
+    import uuid
+
+    from api.schemas import BulkActionOut
+    from workers import bulk
+
+    with _sessions()() as session:
+        action = bulk.get(session, None, uuid.UUID(action_id))
+        if action is None:
+            console.print("no bulk action with this id")
+            raise typer.Exit(1)
+        typer.echo(BulkActionOut.of(action).model_dump_json(indent=2))
+
+
+def _bulk_body(schema: Any, **fields: Any) -> Any:
+    """The options checked by the API's own rules, refused as the API would refuse them."""
+    from pydantic import ValidationError
+
+    try:
+        return schema.model_validate(fields)
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            console.print(f"[red]{where}: {error['msg']}[/]")
+        raise typer.Exit(2) from exc
+
+
+def _run_bulk(tenant: str, kind: str, filter_: dict[str, Any], max_items: int, wait: bool) -> None:
+    import time
+
+    from api.schemas import BulkActionOut
+    from workers import bulk
+
+    pipeline = _pipeline()
+    with pipeline.sessions() as session:
+        owner = _tenant(session, tenant)
+    with pipeline.work() as work:
+        action = bulk.create(work, owner.id, kind, filter_, max_items)
+    deadline = time.monotonic() + 600
+    while wait and action.status == bulk.ActionStatus.PENDING and time.monotonic() < deadline:
+        time.sleep(0.5)
+        with pipeline.sessions() as session:
+            action = session.get_one(type(action), action.id)
+    typer.echo(BulkActionOut.of(action).model_dump_json(indent=2))
 
 
 @secrets_app.command("rotate")

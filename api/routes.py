@@ -36,7 +36,11 @@ from api.schemas import (
     BatchCreate,
     BatchItem,
     BatchResult,
+    BulkActionOut,
+    BulkCancel,
+    BulkReplay,
     DeliveryOut,
+    EndpointEnable,
     EventOut,
     GenerationCreate,
     GenerationPage,
@@ -46,7 +50,7 @@ from api.schemas import (
     Text,
     Upload,
 )
-from workers import callbacks, jobs, listing, tenants
+from workers import bulk, callbacks, jobs, listing, tenants
 from workers.intake import (
     GenerationInput,
     InputImage,
@@ -335,10 +339,11 @@ def list_generations(
         after = listing.Cursor.decode(cursor) if cursor else None
     except ValueError as exc:
         raise Refusal(422, "cursor", "invalid", "not a cursor this API gave out") from exc
-    rows, following = listing.page(
-        db, tenant.id, limit=limit, status=status, created_after=created_after,
-        created_before=created_before, metadata=wanted, after=after,
+    chosen = listing.JobFilter(
+        statuses=(status,) if status else (), created_after=created_after,
+        created_before=created_before, metadata=wanted,
     )  # fmt: skip
+    rows, following = listing.page(db, tenant.id, chosen, limit=limit, after=after)
     return GenerationPage(
         data=[Generation.of(job) for job in rows],
         next_cursor=following.encode() if following else None,
@@ -363,9 +368,9 @@ def get_generation(job_id: uuid.UUID, db: Db, tenant: CurrentTenant) -> Generati
     responses=ERRORS,
 )  # fmt: skip
 def cancel_generation(job_id: uuid.UUID, db: Db, res: Res, tenant: CurrentTenant) -> Generation:
-    """Cancel a job: a queued job is never submitted; one already at WaveSpeed stops being
-    tracked and its record says the prediction may still be charged. Finished jobs stay as
-    they are."""
+    """Cancel a job: a queued job is never submitted; one already at WaveSpeed has its
+    prediction deleted there, and `charged` says what it cost. Finished jobs stay as they
+    are."""
     _owned(db, tenant, job_id)
     return Generation.of(res.pipeline.cancel(job_id))
 
@@ -476,6 +481,64 @@ def replay_delivery(delivery_id: uuid.UUID, res: Res, tenant: CurrentTenant) -> 
             raise HTTPException(404, "no delivery with this id")
     with res.sessions() as db:
         return DeliveryOut.of(*callbacks.one(db, delivery_id))
+
+
+# -- bulk actions -------------------------------------------------------------------------
+
+
+@v1.post(
+    "/generations/cancel", status_code=202, response_model=BulkActionOut, tags=["bulk"],
+    responses=ERRORS,
+)  # fmt: skip
+def bulk_cancel(
+    body: BulkCancel, res: Res, tenant: CurrentTenant, response: Response
+) -> BulkActionOut:
+    """Cancel every live job of yours the filter matches, up to `max_items`, each as its own
+    cancel would. A worker does it: follow `Location` for how many it cancelled."""
+    return _bulk(res, tenant, response, bulk.CANCEL, body.filter(), body.max_items)
+
+
+@v1.post(
+    "/webhook-deliveries/replay", status_code=202, response_model=BulkActionOut, tags=["bulk"],
+    responses=ERRORS,
+)  # fmt: skip
+def bulk_replay(
+    body: BulkReplay, res: Res, tenant: CurrentTenant, response: Response
+) -> BulkActionOut:
+    """Send again every callback of yours the filter matches, up to `max_items`, each with
+    its own `webhook-id`. A worker does it: follow `Location` for how many it replayed."""
+    return _bulk(res, tenant, response, bulk.REPLAY, body.filter(), body.max_items)
+
+
+@v1.post(
+    "/webhook-endpoints/enable", status_code=202, response_model=BulkActionOut, tags=["bulk"],
+    responses=ERRORS,
+)  # fmt: skip
+def enable_endpoint(
+    body: EndpointEnable, res: Res, tenant: CurrentTenant, response: Response
+) -> BulkActionOut:
+    """Deliver to a callback URL that answered 410 again. Its stopped callbacks become
+    `exhausted`, so a replay can send them."""
+    return _bulk(res, tenant, response, bulk.ENABLE, {"url": str(body.url)}, bulk.MAX_ITEMS)
+
+
+@v1.get("/bulk-actions/{action_id}", response_model=BulkActionOut, tags=["bulk"], responses=ERRORS)
+def get_bulk_action(action_id: uuid.UUID, db: Db, tenant: CurrentTenant) -> BulkActionOut:
+    """A bulk action of yours, with what it matched and did so far."""
+    action = bulk.get(db, tenant.id, action_id)
+    if action is None:
+        raise HTTPException(404, "no bulk action with this id")
+    return BulkActionOut.of(action)
+
+
+def _bulk(
+    res: Res, tenant: Tenant, response: Response, kind: str, filter_: dict[str, Any],
+    max_items: int,
+) -> BulkActionOut:  # fmt: skip
+    with res.pipeline.work() as work:
+        action = bulk.create(work, tenant.id, kind, filter_, max_items)
+    response.headers["Location"] = f"/v1/bulk-actions/{action.id}"
+    return BulkActionOut.of(action)
 
 
 # 503 when this deployment's SECRET_KEYS cannot open the stored secret (api/problems.py).

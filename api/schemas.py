@@ -22,8 +22,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from config.settings import Duration, Priority
+from workers.admission import PRIORITIES
+from workers.bulk import MAX_ITEMS
 from workers.callbacks import DEFAULT_EVENTS, webhook_id
-from workers.models import CallbackAttempt, CallbackDelivery, JobEvent
+from workers.listing import JobFilter
+from workers.models import BulkAction, CallbackAttempt, CallbackDelivery, JobEvent
 from workers.representation import Generation
 
 EXAMPLE_PROMPT = (
@@ -310,3 +313,79 @@ class SigningSecret(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "unavailable"]
     checks: dict[str, str]
+
+
+# -- bulk actions ---------------------------------------------------------------------------
+
+LiveStatus = Literal["queued", "submitting", "processing", "storing"]
+Replayable = Literal["exhausted", "gone"]
+MaxItems = Annotated[int, Field(ge=1, le=MAX_ITEMS, description=f"At most {MAX_ITEMS}")]
+
+
+class BulkCancel(BaseModel):
+    """Which of your live jobs to cancel; every given filter must match (none: all of them,
+    up to `max_items`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: list[LiveStatus] = Field(default_factory=list, max_length=4)
+    priority: list[Priority] = Field(default_factory=list, max_length=3)
+    metadata: dict[
+        Annotated[str, Field(min_length=1, max_length=METADATA_MAX_KEY_CHARS)],
+        Annotated[Text, Field(max_length=METADATA_MAX_VALUE_CHARS)],
+    ] = Field(default_factory=dict, max_length=METADATA_MAX_KEYS)
+    created_after: AwareDatetime | None = None
+    created_before: AwareDatetime | None = None
+    max_items: MaxItems = 1000
+
+    def filter(self) -> dict[str, Any]:
+        return JobFilter(
+            statuses=tuple(self.status), priorities=tuple(PRIORITIES[p] for p in self.priority),
+            created_after=self.created_after, created_before=self.created_before,
+            metadata=dict(self.metadata),
+        ).to_json()  # fmt: skip
+
+
+class BulkReplay(BaseModel):
+    """Which of your callbacks to send again, each with its own `webhook-id`: those whose
+    every attempt failed (`exhausted`, the default) or whose URL answered 410 (`gone`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: list[Replayable] = Field(
+        default_factory=lambda: list[Replayable](["exhausted"]), min_length=1, max_length=2
+    )
+    event: list[Event] = Field(default_factory=list, max_length=5)
+    created_after: AwareDatetime | None = None
+    created_before: AwareDatetime | None = None
+    max_items: MaxItems = 1000
+
+    def filter(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"max_items"})
+
+
+class EndpointEnable(BaseModel):
+    """A callback URL of yours that answered 410, to be delivered to again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: AnyHttpUrl = Field(max_length=2048)
+
+
+class BulkActionOut(BaseModel):
+    """A bulk action and how far it got: `matched` items found, `done` acted on."""
+
+    id: uuid.UUID
+    kind: str
+    status: str
+    filter: dict[str, Any]
+    max_items: int
+    matched: int
+    done: int
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, action: BulkAction) -> BulkActionOut:
+        return cls.model_validate(action, from_attributes=True)

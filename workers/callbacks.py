@@ -424,6 +424,24 @@ def replay(work: Work, tenant_id: str, delivery_id: uuid.UUID, now: datetime) ->
     return True
 
 
+def enable(session: Session, tenant_id: str, url: str) -> int:
+    """Let callbacks go to a URL of the tenant's that answered 410 again: its deliveries
+    stopped by the 410 become `exhausted` (so a replay may pick them), and new events are
+    delivered to it; answers how many deliveries were stopped."""
+    return len(
+        session.scalars(
+            update(CallbackDelivery)
+            .where(
+                CallbackDelivery.tenant_id == tenant_id,
+                CallbackDelivery.url == url,
+                CallbackDelivery.status == DeliveryStatus.GONE,
+            )
+            .values(status=DeliveryStatus.EXHAUSTED)
+            .returning(CallbackDelivery.id)
+        ).all()
+    )
+
+
 def due(session: Session, now: datetime, limit: int = 500) -> Sequence[uuid.UUID]:
     """Pending deliveries whose next attempt is due, that no attempt holds, whose host's
     circuit is not open, and that no sweep sent in the last minute (marked now and counted,

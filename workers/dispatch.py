@@ -21,6 +21,7 @@ STORE = "generation.store"
 WITHDRAW = "generation.withdraw"
 NOTIFY = "generation.notify"
 RECONCILE = "maintenance.reconcile"
+BULK = "maintenance.bulk"
 
 QUEUES = ("submit", "poll", "store", "notify", "maintenance")
 
@@ -33,6 +34,7 @@ ROUTES: dict[str, str] = {
     WITHDRAW: "poll",
     NOTIFY: "notify",
     RECONCILE: "maintenance",
+    BULK: "maintenance",
 }
 
 

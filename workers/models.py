@@ -320,3 +320,31 @@ class QuarantinedTask(Base):
     deliveries: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     released_at: Mapped[datetime | None]
+
+
+class BulkAction(Base):
+    """A tenant's bulk action (`workers.bulk`): what it is, how far it got, what it did."""
+
+    __tablename__ = "bulk_actions"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    filter: Mapped[dict[str, Any]]
+    max_items: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    matched: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Where the next batch starts (the last item's created_at and id); NULL before the first.
+    cursor: Mapped[str | None] = mapped_column(Text)
+    # A worker is on it until then; past it (the worker died) the reconciler sends it again.
+    lease_until: Mapped[datetime | None]
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    finished_at: Mapped[datetime | None]
+
+    # Its server defaults come back with the INSERT, so it can be answered once committed.
+    __mapper_args__ = {"eager_defaults": True}
+    __table_args__ = (Index("ix_bulk_actions_status_updated_at", "status", "updated_at"),)

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 from sqlalchemy.orm import Session
 
-from workers import callbacks, dispatch, jobs, metrics, quarantine, webhook_in
+from workers import bulk, callbacks, dispatch, jobs, metrics, quarantine, webhook_in
 from workers.dispatch import RECOVER
 from workers.models import Job
 from workers.outbox import relay
@@ -91,8 +91,12 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
         webhook_in.prune(work.session, WEBHOOK_ID_RETENTION_SECONDS)
         for delivery_id in deliveries:
             work.send(dispatch.NOTIFY, delivery_id)
+        actions = bulk.stalled(work.session, outbox_grace, pipeline.settings.reconcile_max_resends)
+        for action_id in actions:
+            work.send(dispatch.BULK, action_id)
     _stop_if_unsent(work)
     counts["callbacks"] = len(deliveries)
+    counts["bulk"] = len(actions)
     for kind, count in counts.items():
         metrics.RECONCILER_RESENT.labels(kind).inc(count)
     counts["expired"] = pipeline.expire_due()

@@ -18,6 +18,7 @@ import sqlalchemy.exc
 from celery import Task, signals
 
 from config import Settings
+from workers import bulk as workers_bulk
 from workers import dispatch, jobs, quarantine
 from workers.celery_app import app
 from workers.db import unit_of_work
@@ -135,6 +136,12 @@ def withdraw(job_id: str) -> None:
 def notify(delivery_id: str) -> None:
     """Make a due callback attempt to the producer."""
     runtime().callbacks.deliver(uuid.UUID(delivery_id))
+
+
+@task(name=dispatch.BULK)
+def bulk(action_id: str) -> None:
+    """Work through a tenant's bulk action (`workers.bulk`)."""
+    workers_bulk.run(pipeline(), uuid.UUID(action_id))
 
 
 @task(name=dispatch.RECONCILE)

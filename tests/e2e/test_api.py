@@ -208,6 +208,34 @@ def test_a_tenant_over_its_max_queued_is_refused_429_and_nothing_is_created(
     assert [job["id"] for job in listed] == [waiting["id"], first["id"]]
 
 
+def test_a_bulk_cancel_runs_in_the_workers_and_reports_how_many_it_cancelled(
+    producer: Producer, other: Producer, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[60, 60])
+    nightly = [create(producer, metadata={"batch": "nightly"}).json()["id"] for _ in range(3)]
+    spared = create(producer, metadata={"batch": "daytime"}).json()["id"]
+    theirs = create(other, metadata={"batch": "nightly"}).json()["id"]
+    answer = producer.api.post("/v1/generations/cancel", json={"metadata": {"batch": "nightly"}})
+    assert answer.status_code == 202, answer.text
+    location = answer.headers["Location"]
+
+    def finished() -> dict[str, Any] | None:
+        action = producer.api.get(location).json()
+        return action if action["status"] != "pending" else None
+
+    action = wait_for(finished)
+    assert (action["status"], action["matched"], action["done"]) == ("done", 3, 3)
+    for job_id in nightly:
+        assert producer.api.get(f"/v1/generations/{job_id}").json()["status"] == "cancelled"
+    assert producer.api.get(f"/v1/generations/{spared}").json()["status"] != "cancelled"
+    assert other.api.get(f"/v1/generations/{theirs}").json()["status"] != "cancelled"
+    assert other.api.get(location).status_code == 404  # another tenant's action
+    bad = producer.api.post("/v1/generations/cancel", json={"status": ["completed"]})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "status.0"
+    too_many = producer.api.post("/v1/webhook-deliveries/replay", json={"max_items": 10**6})
+    assert too_many.status_code == 422 and too_many.json()["errors"][0]["field"] == "max_items"
+
+
 def test_a_finished_job_is_retried_as_a_new_job_with_the_same_inputs(
     producer: Producer, other: Producer
 ) -> None:

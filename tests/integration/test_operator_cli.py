@@ -1,16 +1,20 @@
-"""Per-tenant quotas set and read through the operator's CLI, on a real Postgres."""
+"""The operator's CLI on a real Postgres: per-tenant quotas set and read, bulk actions asked
+for and reported."""
 
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from tests.integration.flow import new_job
+from tests.integration.flow import new_job, status
 from tests.support import kling
+from workers import bulk
 from workers.pipeline import Pipeline
+from workers.states import JobState
 
 pytestmark = pytest.mark.integration
 
@@ -53,3 +57,20 @@ def test_a_quota_that_is_not_a_whole_number_from_one_is_refused_and_nothing_chan
     assert refused.returncode != 0
     assert said in " ".join((refused.stdout + refused.stderr).split())
     assert kling(env, "tenants", "show", "flow").stdout == before
+
+
+def test_a_bulk_cancel_from_the_cli_is_checked_by_the_api_rules_and_reported(
+    settings: Settings, pipeline: Pipeline, portrait: bytes
+) -> None:
+    job_id = new_job(pipeline, portrait, metadata={"batch": "cli"})
+    env = {"DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url}
+    refused = kling(env, "bulk", "cancel", "flow", "--status", "completed")
+    assert refused.returncode == 2 and "status.0" in refused.stderr
+    asked = kling(env, "bulk", "cancel", "flow", "--metadata", "batch:cli", "--no-wait")
+    assert asked.returncode == 0, asked.stderr
+    action = json.loads(asked.stdout)
+    assert action["status"] == "pending" and action["filter"]["metadata"] == {"batch": "cli"}
+    bulk.run(pipeline, uuid.UUID(action["id"]))  # as the worker its message reaches does
+    shown = json.loads(kling(env, "bulk", "show", action["id"]).stdout)
+    assert (shown["status"], shown["done"]) == ("done", 1)
+    assert status(pipeline, job_id).status == JobState.CANCELLED
