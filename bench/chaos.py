@@ -1,6 +1,7 @@
 """The chaos run: N jobs through the embedded stack under a hostile WaveSpeed, while worker
-processes are SIGKILLed, Redis is flushed and restarted and PostgreSQL is restarted. Then the
-invariants of DESIGN.md are checked, one line each; the exit status is non-zero if any broke.
+processes are SIGKILLed, Redis is flushed and restarted and PostgreSQL is restarted, and
+producers cancel jobs and let deadlines pass. Then the invariants of DESIGN.md are checked,
+one line each; the exit status is non-zero if any broke.
 
     python -m bench.chaos [--jobs 300] [--workers 2] [--kills 6] [--flushes 2] ...
 """
@@ -60,6 +61,11 @@ class Options:
     flushes: int = 2
     redis_restarts: int = 1
     postgres_restarts: int = 1
+    # Jobs the producer cancels at random moments, wherever they are by then.
+    cancels: int = 40
+    # Failed or cancelled jobs the producer retries once they ended (their retries are jobs
+    # like the others, checked with them).
+    retries: int = 10
     chaos_seconds: float = 60.0
     timeout: float = 900.0
     seed: int = 7
@@ -82,6 +88,7 @@ class Run:
     stack: Stack
     receiver: Receiver
     workers: list[Process] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -117,8 +124,10 @@ def _run(chaos: Run) -> list[Result]:
     for n in range(1, options.workers):
         chaos.workers.append(stack.start_worker(f"worker{n}", concurrency=options.concurrency))
     httpx.put(f"{simulator}/_sim/faults", json=FAULTS).raise_for_status()
-    job_ids = submit_jobs(chaos)
+    job_ids = chaos.job_ids = submit_jobs(chaos)
     unleash(chaos, random.Random(options.seed))
+    wait_terminal(chaos, job_ids)
+    job_ids += retry_jobs(chaos, job_ids)
     wait_terminal(chaos, job_ids)
     httpx.delete(f"{simulator}/_sim/faults").raise_for_status()
     settle_ledger(chaos)
@@ -141,7 +150,10 @@ def submit_jobs(chaos: Run) -> list[str]:
                 "guidance_scale": round((i % 97) / 96, 3),
                 "duration": 5,
                 "webhook_url": chaos.receiver.url,
+                "priority": ("high", "normal", "low")[i % 3],
             }
+            if i % 7 == 3:  # a deadline some of them miss, under these faults
+                body["deadline_within_seconds"] = 4 + (i % 5) * 3
             return str(api.post("/v1/generations", json=body).raise_for_status().json()["id"])
 
         with ThreadPoolExecutor(8) as pool:
@@ -158,6 +170,7 @@ def unleash(chaos: Run, rng: random.Random) -> None:
         + ["flush"] * options.flushes
         + ["restart-redis"] * options.redis_restarts
         + ["restart-postgres"] * options.postgres_restarts
+        + ["cancel"] * options.cancels
     )
     moments = sorted(rng.uniform(0, options.chaos_seconds) for _ in events)
     rng.shuffle(events)
@@ -165,7 +178,41 @@ def unleash(chaos: Run, rng: random.Random) -> None:
     for moment, event in zip(moments, events, strict=True):
         time.sleep(max(0.0, begin + moment - time.monotonic()))
         {"kill": kill_worker, "flush": flush_redis, "restart-redis": restart_redis,
-         "restart-postgres": restart_postgres}[event](chaos, rng)  # fmt: skip
+         "restart-postgres": restart_postgres, "cancel": cancel_job}[event](chaos, rng)  # fmt: skip
+
+
+def retry_jobs(chaos: Run, job_ids: list[str]) -> list[str]:
+    """The producer retries some of the jobs that did not complete: new jobs, same inputs."""
+    info = chaos.stack.info
+    headers = {"Authorization": f"Bearer {info['api_key']}"}
+    ended = [row["id"] for row in job_rows(chaos, job_ids).values()
+             if row["status"] in ("failed", "cancelled")]  # fmt: skip
+    made = []
+    with httpx.Client(base_url=info["api_url"], headers=headers, timeout=60) as api:
+        for job_id in sorted(ended)[: chaos.options.retries]:
+            answer = api.post(f"/v1/generations/{job_id}/retry")
+            if answer.status_code == 201:
+                made.append(str(answer.json()["id"]))
+            else:
+                chaos.log(f"retry of {job_id} answered {answer.status_code}: {answer.text}")
+    chaos.log(f"retried {len(made)} of {len(ended)} jobs that did not complete")
+    return made
+
+
+def cancel_job(chaos: Run, rng: random.Random) -> None:
+    """The producer cancels one of its jobs, wherever it is by now (a finished one stays)."""
+    job_id = rng.choice(chaos.job_ids)
+    info = chaos.stack.info
+    headers = {"Authorization": f"Bearer {info['api_key']}"}
+    try:
+        answer = httpx.post(
+            f"{info['api_url']}/v1/generations/{job_id}/cancel", headers=headers, timeout=30
+        )
+    except httpx.HTTPError as exc:  # the API's database may be restarting right now
+        chaos.log(f"cancel of {job_id} got no answer: {exc!r}")
+        return
+    if answer.status_code != 200:
+        chaos.log(f"cancel of {job_id} answered {answer.status_code}")
 
 
 def kill_worker(chaos: Run, rng: random.Random) -> None:
@@ -210,7 +257,8 @@ def job_rows(chaos: Run, job_ids: list[str]) -> dict[str, dict[str, Any]]:
     dsn = chaos.stack.direct_env["DATABASE_URL"].replace("+psycopg", "")
     with psycopg.connect(dsn) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         cur.execute(
-            "SELECT id::text, status, prediction_id, s3_key, sha256, error_code, webhook_url"
+            "SELECT id::text, status, prediction_id, s3_key, sha256, error_code, webhook_url,"
+            " charged, status IN ('cancelled', 'failed') AND due_at IS NOT NULL AS withdrawing"
             " FROM jobs WHERE id = ANY(%s::uuid[])",
             (job_ids,),
         )
@@ -218,14 +266,17 @@ def job_rows(chaos: Run, job_ids: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def wait_terminal(chaos: Run, job_ids: list[str]) -> None:
+    """Until every job has ended and every stopped job's prediction is deleted upstream."""
     deadline = time.monotonic() + chaos.options.timeout
     last = None
     while time.monotonic() < deadline:
-        counts = Counter(row["status"] for row in job_rows(chaos, job_ids).values())
+        rows = job_rows(chaos, job_ids).values()
+        counts = Counter(row["status"] for row in rows)
+        counts["withdrawing"] = sum(row["withdrawing"] for row in rows)
         if counts != last:
             chaos.log(f"jobs: {_tally(counts)}")
             last = counts
-        if sum(counts[s] for s in TERMINAL) == len(job_ids):
+        if sum(counts[s] for s in TERMINAL) == len(job_ids) and not counts["withdrawing"]:
             return
         time.sleep(2)
     chaos.log("timed out waiting for every job to end")
@@ -241,7 +292,7 @@ def settle_ledger(chaos: Run) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         entries = ledger(chaos)["predictions"]
-        running = [p for p in entries if p["status"] not in ("completed", "failed")]
+        running = [p for p in entries if p["status"] not in ("completed", "failed", "deleted")]
         unrefunded = [p for p in entries if p["status"] == "failed" and not p["refunded_usd"]]
         if not running and not unrefunded:
             return
@@ -288,6 +339,8 @@ def check(chaos: Run, job_ids: list[str]) -> list[Result]:
     return [
         check_nothing_lost(rows, job_ids),
         check_charges(rows, entries),
+        check_charged(rows, entries),
+        check_withdrawn(rows, entries),
         check_objects(chaos, rows, entries),
         check_error_codes(rows),
         check_callbacks(chaos, job_ids),
@@ -307,27 +360,62 @@ def _owner(entry: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str | None
     return marker if marker in rows else None
 
 
-def check_charges(rows: dict[str, dict[str, Any]], entries: list[dict[str, Any]]) -> Result:
-    """Net charges (charged minus refunded) per job: at most one, and exactly the jobs whose
-    prediction succeeded upstream needed one."""
+def _net_charges(rows: dict[str, dict[str, Any]], entries: list[dict[str, Any]]) -> Counter[str]:
+    """Job id -> its predictions still charged after refunds."""
     net: Counter[str] = Counter()
-    needed = set()
     for entry in entries:
         owner = _owner(entry, rows)
-        if owner is None:
-            continue
-        if entry["charge_usd"] - entry["refunded_usd"] > 0:
+        if owner is not None and entry["charge_usd"] - entry["refunded_usd"] > 0:
             net[owner] += 1
-        if entry["status"] == "completed":
-            needed.add(owner)
+    return net
+
+
+def check_charges(rows: dict[str, dict[str, Any]], entries: list[dict[str, Any]]) -> Result:
+    """Net charges (charged minus refunded) per job: at most one, and every job whose
+    prediction succeeded upstream has it."""
+    net = _net_charges(rows, entries)
+    needed = {owner for e in entries if e["status"] == "completed" and (owner := _owner(e, rows))}
     doubles = [job for job, n in net.items() if n > 1]
-    charged = sum(net.values())
-    ok = not doubles and charged == len(needed)
+    unpaid = [job for job in needed if not net[job]]
+    ok = not doubles and not unpaid
     detail = (
-        f"charged net of refunds={charged}, jobs that needed one={len(needed)}, "
+        f"charged net of refunds={sum(net.values())}, completed upstream={len(needed)}, "
         f"double-charged jobs={len(doubles)}"
     )
     return Result("no double charge", ok, detail)
+
+
+def check_charged(rows: dict[str, dict[str, Any]], entries: list[dict[str, Any]]) -> Result:
+    """Every record's `charged` is what the ledger shows: true is one net charge, false is
+    none, unknown may be either (WaveSpeed documents no refund rule for a deleted task)."""
+    net = _net_charges(rows, entries)
+    said = Counter({True: 0, False: 0, None: 0})
+    wrong = []
+    for job_id, row in rows.items():
+        said[row["charged"]] += 1
+        if row["charged"] is not None and net[job_id] != int(row["charged"]):
+            wrong.append(job_id)
+        if row["status"] == "completed" and row["charged"] is not True:
+            wrong.append(job_id)
+    detail = (
+        f"true={said[True]}, false={said[False]}, unknown={said[None]}, "
+        f"disagreeing with the ledger={len(wrong)}"
+    )
+    return Result("every job's charged agrees with the ledger", not wrong, detail)
+
+
+def check_withdrawn(rows: dict[str, dict[str, Any]], entries: list[dict[str, Any]]) -> Result:
+    """Every job stopped while its prediction was at WaveSpeed (cancelled, or past its
+    deadline) had that prediction deleted there."""
+    status = {entry["id"]: entry["status"] for entry in entries}
+    stopped = [
+        row for row in rows.values()
+        if row["prediction_id"]
+        and (row["status"] == "cancelled" or row["error_code"] == ErrorCode.DEADLINE_EXCEEDED)
+    ]  # fmt: skip
+    left = [row["id"] for row in stopped if status.get(row["prediction_id"]) != "deleted"]
+    detail = f"stopped at WaveSpeed={len(stopped)}, predictions not deleted={len(left)}"
+    return Result("every stopped job's prediction was deleted upstream", not left, detail)
 
 
 def check_objects(

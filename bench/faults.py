@@ -13,6 +13,7 @@ Phases, one after the other, each outage `--outage-seconds` long:
 - result-404: `/result` answers 404 for ever for the phase's predictions (WaveSpeed's webhook
   off);
 - cdn-404: the CDN answers 404 just after completion;
+- wavespeed-cut-cancel: WaveSpeed black-holed while the producer cancels jobs running there;
 - receiver-blackhole: one tenant's callback receiver black-holed, another tenant's healthy;
 - host-cut: one of two worker hosts cut off from Redis and PostgreSQL, then let back in;
 - hostile: the corpus of `bench.hostile` (bombs, NaN, oversized bodies, bad signatures);
@@ -46,10 +47,12 @@ from bench.chaos import (
     TERMINAL,
     Result,
     Run,
+    check_charged,
     check_charges,
     check_error_codes,
     check_nothing_lost,
     check_objects,
+    check_withdrawn,
     job_rows,
     ledger,
     settle_ledger,
@@ -111,7 +114,8 @@ class Faults:
     def faults(self, **knobs: Any) -> None:
         """Replace the simulator's fault profile (inference time always set)."""
         inference = [self.options.inference_seconds, self.options.inference_seconds]
-        self.sim("PUT", "/_sim/faults", json={"inference_seconds": inference, **knobs})
+        knobs.setdefault("inference_seconds", inference)
+        self.sim("PUT", "/_sim/faults", json=knobs)
 
     def create(self, count: int, tenant: str = "main", **body: Any) -> list[str]:
         """`count` jobs of `tenant`, with its receiver as callback URL."""
@@ -261,6 +265,46 @@ def cdn_404(run: Faults) -> None:
     run.faults()
 
 
+def wavespeed_cut_cancel(run: Faults) -> None:
+    """WaveSpeed black-holed while the producer cancels jobs running there: every cancel is
+    answered at once, and once WaveSpeed is back every cancelled job's prediction is deleted
+    there (each delete backed off through the outage, its tries on the job's record)."""
+    outage = run.options.outage_seconds
+    run.faults(inference_seconds=[outage * 4, outage * 4])  # still running when it ends
+    ids = run.create(run.options.jobs)
+    _wait_fetched(run, ids)
+    run.wait(ids, lambda s: s == "processing", 120)
+    proxy = run.stack.proxies["simulator"]
+    proxy.set_mode("blackhole")
+    run.log(f"wavespeed-cut-cancel: WaveSpeed black-holed for {outage:.0f}s; producer cancels")
+    slowest = 0.0
+    with run.api(timeout=ANSWER_BOUND_SECONDS * 4) as client:
+        for job_id in ids:
+            started = time.monotonic()
+            client.post(f"/v1/generations/{job_id}/cancel").raise_for_status()
+            slowest = max(slowest, time.monotonic() - started)
+    time.sleep(outage)
+    proxy.set_mode("up")
+    run.log("wavespeed-cut-cancel: back")
+    run.check(
+        "wavespeed cut: every cancel answered in a few seconds",
+        slowest <= ANSWER_BOUND_SECONDS, f"slowest={slowest:.1f}s",
+    )  # fmt: skip
+    deadline = time.monotonic() + max(300.0, outage * 2)
+    while time.monotonic() < deadline and any(
+        row["withdrawing"] for row in job_rows(run.run, ids).values()
+    ):
+        time.sleep(1)
+    status = {entry["id"]: entry["status"] for entry in ledger(run.run)["predictions"]}
+    rows = job_rows(run.run, ids).values()
+    deleted = sum(status.get(row["prediction_id"]) == "deleted" for row in rows)
+    run.check(
+        "wavespeed cut: every cancelled job's prediction deleted once WaveSpeed is back",
+        deleted == len(ids), f"deleted={deleted} of {len(ids)}",
+    )  # fmt: skip
+    run.faults()
+
+
 def receiver_blackhole(run: Faults) -> None:
     """One tenant's receiver takes connections and never answers; another tenant's callbacks
     keep arriving on time, and the black-holed one's arrive once its receiver is back."""
@@ -371,6 +415,7 @@ PHASES: dict[str, Callable[[Faults], None]] = {
     "history-down": history_down,
     "result-404": result_404,
     "cdn-404": cdn_404,
+    "wavespeed-cut-cancel": wavespeed_cut_cancel,
     "receiver-blackhole": receiver_blackhole,
     "host-cut": host_cut,
     "hostile": hostile_inputs,
@@ -553,6 +598,8 @@ def _run(
         *faults.results,
         check_nothing_lost(rows, ids),
         check_charges(rows, book["predictions"]),
+        check_charged(rows, book["predictions"]),
+        check_withdrawn(rows, book["predictions"]),
         check_objects(faults.run, rows, book["predictions"]),
         check_error_codes(rows),
         check_callbacks(faults),

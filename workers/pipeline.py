@@ -410,10 +410,10 @@ class Pipeline:
             # delete it at WaveSpeed.
             kept = moved or any(
                 jobs.update_fields(
-                    session, job_id, state, when=Job.prediction_id.is_(None) & stopped,
-                    prediction_id=prediction.id, due_at=func.now(),
+                    session, job_id, state, prediction_id=prediction.id, due_at=func.now(),
+                    when=Job.prediction_id.is_(None) & (Job.error_code == code),
                 )
-                for state, stopped in _STOPPED_ENDS
+                for state, code in STOPPED
             )  # fmt: skip
             job = jobs.get(session, job_id)
             if moved:
@@ -702,9 +702,20 @@ class Pipeline:
             )
             if moved:
                 self._event(work, job_id, callbacks.COMPLETED)
+            else:
+                stopped = _stopped(jobs.get(work.session, job_id))
         if moved:
             metrics.completed(job.created_at, self.clock())
             log.info("store.done", job_id=str(job_id), key=key, bytes=stored.bytes)
+        elif stopped:
+            # Cancelled, or past its deadline, while this copy ran: nobody will read it.
+            self._discard(key)
+
+    def _discard(self, key: str) -> None:
+        try:
+            self.storage.delete(key)
+        except StorageError as exc:  # the bucket's lifecycle rule is the backstop
+            log.warning("store.discard_failed", key=key, error=str(exc))
 
     def _store_failed(self, job: Job, now: datetime, exc: Exception) -> None:
         settings = self.settings
@@ -908,11 +919,15 @@ def _bind(job: Job) -> Job:
 LIVE = [s for s in JobState if not s.terminal]
 # Failures that give up on a prediction which may still be running: it is deleted.
 WITHDRAWN = frozenset({ErrorCode.DEADLINE_EXCEEDED, ErrorCode.PROCESSING_TIMEOUT})
-# The ends of a job stopped from outside, which a submit still in flight may overtake.
-_STOPPED_ENDS = (
-    (JobState.CANCELLED, Job.error_code == ErrorCode.CANCELLED),
-    (JobState.FAILED, Job.error_code == ErrorCode.DEADLINE_EXCEEDED),
+# The ends of a job stopped from outside (state, code): a submit still in flight, or a store
+# still copying, may come after them.
+STOPPED = frozenset(
+    {(JobState.CANCELLED, ErrorCode.CANCELLED), (JobState.FAILED, ErrorCode.DEADLINE_EXCEEDED)}
 )
+
+
+def _stopped(job: Job) -> bool:
+    return (job.status, job.error_code) in STOPPED
 
 
 def _withdraw_due() -> ColumnElement[datetime | None]:

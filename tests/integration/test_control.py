@@ -12,13 +12,13 @@ import pytest
 from sqlalchemy import select, update
 
 from sandbox.processes import free_port
-from tests.integration.flow import new_job, status, submitted
+from tests.integration.flow import new_job, poll_until_left_processing, status, submitted
 from tests.support import RecordingDispatcher, SimulatorAdmin, wait_for
 from workers import callbacks, dispatch
 from workers.db import unit_of_work
 from workers.intake import Refusal, again, committed_spend
 from workers.models import CallbackDelivery, Job, JobEvent, Tenant
-from workers.pipeline import Pipeline
+from workers.pipeline import Pipeline, video_key
 from workers.reconciler import reconcile
 from workers.representation import Generation
 from workers.states import JobState
@@ -271,3 +271,28 @@ def test_a_queued_job_past_its_deadline_fails_unsubmitted_and_uncharged(
     assert Generation.of(job).charged == "false"
     assert ours(simulator, job_id) == []
     assert withdraws(dispatcher) == []
+
+
+def test_a_store_overtaken_by_a_cancel_leaves_no_video_behind(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[0, 0])
+    job_id, _ = submitted(pipeline, portrait)
+    assert poll_until_left_processing(pipeline, job_id).status == JobState.STORING
+    real = pipeline.storage
+
+    class CancelledMidCopy:
+        """The caller cancels while the video streams into S3."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def put_stream(self, *args: object, **kwargs: object) -> object:
+            pipeline.cancel(job_id)
+            return real.put_stream(*args, **kwargs)  # type: ignore[arg-type]
+
+    replace(pipeline, storage=CancelledMidCopy()).store(job_id)  # type: ignore[arg-type]
+    job = status(pipeline, job_id)
+    assert (job.status, job.s3_key) == (JobState.CANCELLED, None)
+    assert Generation.of(job).charged == "true"  # its output was made, and paid for
+    assert real.head(video_key(job_id)) is None
