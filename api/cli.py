@@ -132,12 +132,14 @@ def tenants_update(
     weight: Limit = None,
     submits_per_minute: Limit = None,
     max_queued: Limit = None,
+    retain_days: Limit = None,
     budget: Annotated[
         str | None, typer.Option(help="Monthly budget in USD, or none for no budget")
     ] = None,
 ) -> None:
     """Set a tenant's quotas: its share of the gate (in flight, per minute, its weight in
-    the round-robin), how many jobs it may have queued, and its monthly budget."""
+    the round-robin), how many jobs it may have queued, how many days its ended jobs are
+    kept, and its monthly budget."""
     from decimal import Decimal, InvalidOperation
 
     from workers import tenants
@@ -146,6 +148,7 @@ def tenants_update(
     given = {
         "max_in_flight": max_in_flight, "weight": weight,
         "submits_per_minute": submits_per_minute, "max_queued": max_queued,
+        "retain_days": retain_days,
     }  # fmt: skip
     changes = {name: _limit(value) for name, value in given.items() if value is not None}
     with unit_of_work(_sessions()) as session:
@@ -164,6 +167,30 @@ def tenants_update(
                 raise typer.BadParameter("a budget is an amount of 0 or more")
             owner.monthly_budget_usd = amount
         typer.echo(json.dumps(_shown(session, owner), indent=2, default=str))
+
+
+@tenants_app.command("purge")
+def tenants_purge(
+    tenant: Annotated[str, typer.Argument(help="Tenant name or id")],
+    yes: Annotated[bool, typer.Option("--yes", help="Really remove everything")] = False,
+) -> None:
+    """Remove everything of a tenant, for account deletion: its videos, inputs and uploads
+    in S3, its predictions at WaveSpeed, its jobs, keys and callbacks. Prints what it
+    removed. Refused while a job of it still runs (`kling bulk cancel` it first)."""
+    from workers import retention
+
+    if not yes:
+        console.print("this removes everything of the tenant for good: add --yes")
+        raise typer.Exit(2)
+    pipeline = _pipeline()
+    with pipeline.sessions() as session:
+        owner = _tenant(session, tenant)
+    try:
+        report = retention.purge(pipeline, owner)
+    except retention.StillRunning as exc:
+        console.print(f"[red]{exc}: cancel them first[/]")
+        raise typer.Exit(1) from exc
+    typer.echo(json.dumps({"tenant_id": owner.id, **vars(report)}, indent=2))
 
 
 @tenants_app.command("show")

@@ -50,7 +50,7 @@ from api.schemas import (
     Text,
     Upload,
 )
-from workers import bulk, callbacks, jobs, listing, tenants
+from workers import bulk, callbacks, jobs, listing, retention, tenants
 from workers.intake import (
     GenerationInput,
     InputImage,
@@ -373,6 +373,24 @@ def cancel_generation(job_id: uuid.UUID, db: Db, res: Res, tenant: CurrentTenant
     are."""
     _owned(db, tenant, job_id)
     return Generation.of(res.pipeline.cancel(job_id))
+
+
+@v1.delete(
+    "/generations/{job_id}", response_model=Generation, tags=["generations"],
+    responses={**ERRORS, 409: PROBLEM, 503: PROBLEM},
+)  # fmt: skip
+def delete_generation(job_id: uuid.UUID, db: Db, res: Res, tenant: CurrentTenant) -> Generation:
+    """Delete an ended job: its input image and video are removed, its prediction is deleted
+    at WaveSpeed, and a tombstone stays (`deleted_at`, with its state, cost and `charged`).
+    A job still running answers 409: cancel it first."""
+    _owned(db, tenant, job_id)
+    db.close()  # no connection held across the S3 deletes
+    try:
+        return Generation.of(retention.delete_job(res.pipeline, job_id))
+    except retention.StillRunning as exc:
+        raise Refusal(
+            409, "job_id", "not_finished", "only an ended job can be deleted: cancel it first"
+        ) from exc
 
 
 @v1.post(

@@ -412,6 +412,21 @@ def supersede(session: Session, job_id: uuid.UUID) -> None:
     )
 
 
+def forget(session: Session, job_id: uuid.UUID) -> None:
+    """A deleted job's callbacks: none is sent any more, and each keeps only its event and
+    the job's id (the record they carried held its inputs)."""
+    supersede(session, job_id)
+    session.execute(
+        update(CallbackDelivery)
+        .where(CallbackDelivery.job_id == job_id)
+        .values(
+            payload=func.jsonb_build_object(
+                "type", CallbackDelivery.event, "data", func.jsonb_build_object("id", str(job_id))
+            )
+        )
+    )
+
+
 def replay(work: Work, tenant_id: str, delivery_id: uuid.UUID, now: datetime) -> bool:
     """Send one of the tenant's deliveries again now, whatever became of it, with the same
     `webhook-id`; False when the tenant has no such delivery."""

@@ -55,6 +55,8 @@ class Tenant(Base):
     submits_per_minute: Mapped[int | None] = mapped_column(Integer)
     # More queued jobs than this and a create is refused, 429 `queue_full`.
     max_queued: Mapped[int | None] = mapped_column(Integer)
+    # Its ended jobs are deleted (`workers.retention`) this many days after they ended.
+    retain_days: Mapped[int | None] = mapped_column(Integer)
     # Standard Webhooks signing secrets, sealed (`workers.sealing`): ciphertext, never the
     # secret itself; `workers.tenants` opens them. The previous one stays valid for a while
     # after a rotation so receivers can switch without dropping a callback.
@@ -177,6 +179,8 @@ class Job(Base):
     # (`workers.charges`). A terminal job with a `due_at` still has its prediction to delete.
     charged: Mapped[bool | None]
     completed_at: Mapped[datetime | None]
+    # Deleted (`workers.retention`): a tombstone, its inputs and video gone, its facts kept.
+    deleted_at: Mapped[datetime | None]
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
 

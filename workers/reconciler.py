@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 from sqlalchemy.orm import Session
 
-from workers import bulk, callbacks, dispatch, jobs, metrics, quarantine, webhook_in
+from workers import bulk, callbacks, dispatch, jobs, metrics, quarantine, retention, webhook_in
 from workers.dispatch import RECOVER
 from workers.models import Job
 from workers.outbox import relay
@@ -58,10 +58,11 @@ def sweeps(pipeline: Pipeline) -> list[Sweep]:
         Sweep(JobState.STORING, Job.due_at, settings.outbox_grace_seconds, dispatch.STORE),
         # Admitted, but the submit message never arrived.
         Sweep(JobState.QUEUED, Job.admitted_at, settings.outbox_grace_seconds, dispatch.SUBMIT),
-        # Stopped with a prediction still to delete at WaveSpeed (`Pipeline.withdraw`).
+        # Stopped, or deleted, with a prediction still to delete at WaveSpeed
+        # (`Pipeline.withdraw`).
         *(
             Sweep(state, Job.due_at, settings.poll_overdue_grace_seconds, dispatch.WITHDRAW)
-            for state in (JobState.CANCELLED, JobState.FAILED)
+            for state in (JobState.CANCELLED, JobState.FAILED, JobState.COMPLETED)
         ),
     ]
 
@@ -100,6 +101,7 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
     for kind, count in counts.items():
         metrics.RECONCILER_RESENT.labels(kind).inc(count)
     counts["expired"] = pipeline.expire_due()
+    counts["deleted"] = retention.sweep(pipeline)
     counts["admitted"] = pipeline.admit()
     if any(counts.values()):
         log.info("reconcile.resent", **counts, backlog={q: n for q, n in backlog.items() if n})

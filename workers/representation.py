@@ -57,6 +57,8 @@ class Generation(BaseModel):
     created_at: datetime
     submitted_at: datetime | None
     completed_at: datetime | None
+    # Deleted: its inputs and video are gone, the rest of the record stays.
+    deleted_at: datetime | None
     inference_ms: int | None
     video: StoredVideo | None
     cost_usd: Decimal | None
@@ -94,6 +96,7 @@ class Generation(BaseModel):
             created_at=job.created_at,
             submitted_at=job.submitted_at,
             completed_at=job.completed_at,
+            deleted_at=job.deleted_at,
             inference_ms=job.inference_ms,
             video=video,
             cost_usd=job.cost_usd,

@@ -167,7 +167,7 @@ def _reseal(tenant: Tenant, sealer: Sealer) -> bool:
 
 # -- quotas -------------------------------------------------------------------------------
 
-QUOTAS = ("max_in_flight", "weight", "submits_per_minute", "max_queued")
+QUOTAS = ("max_in_flight", "weight", "submits_per_minute", "max_queued", "retain_days")
 # A weight is a share of the gate's turns: past this, one tenant would take whole passes.
 MAX_WEIGHT = 100
 MAX_QUOTA = 1_000_000_000

@@ -236,6 +236,27 @@ def test_a_bulk_cancel_runs_in_the_workers_and_reports_how_many_it_cancelled(
     assert too_many.status_code == 422 and too_many.json()["errors"][0]["field"] == "max_items"
 
 
+def test_a_deleted_generation_is_a_tombstone_and_a_running_one_is_not_deleted(
+    producer: Producer, other: Producer, simulator: SimulatorAdmin
+) -> None:
+    done = create(producer, metadata={"order": "D-1"}).json()
+    wait_status(producer, done["id"], "completed")
+    assert other.api.delete(f"/v1/generations/{done['id']}").status_code == 404
+    answer = producer.api.delete(f"/v1/generations/{done['id']}")
+    assert answer.status_code == 200, answer.text
+    tomb = answer.json()
+    assert tomb["deleted_at"] and (tomb["video"], tomb["metadata"]) == (None, {})
+    assert (tomb["status"], tomb["charged"], tomb["cost_usd"]) == ("completed", "true", "0.4500")
+    assert producer.api.get(f"/v1/generations/{done['id']}/video").status_code == 404
+    wait_for(lambda: simulator.prediction(tomb["prediction_id"])["status"] == "deleted")
+    again = producer.api.delete(f"/v1/generations/{done['id']}").json()
+    assert again["deleted_at"] == tomb["deleted_at"]
+    simulator.set_faults(inference_seconds=[60, 60])
+    running = create(producer).json()
+    refused = producer.api.delete(f"/v1/generations/{running['id']}")
+    assert refused.status_code == 409 and refused.json()["code"] == "not_finished"
+
+
 def test_a_finished_job_is_retried_as_a_new_job_with_the_same_inputs(
     producer: Producer, other: Producer
 ) -> None:
