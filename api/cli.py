@@ -136,6 +136,10 @@ def tenants_update(
     budget: Annotated[
         str | None, typer.Option(help="Monthly budget in USD, or none for no budget")
     ] = None,
+    nsfw: Annotated[
+        str | None,
+        typer.Option(help="deliver: outputs WaveSpeed flags are stored as any; reject: fail"),
+    ] = None,
 ) -> None:
     """Set a tenant's quotas: its share of the gate (in flight, per minute, its weight in
     the round-robin), how many jobs it may have queued, how many days its ended jobs are
@@ -166,6 +170,10 @@ def tenants_update(
             if (amount is not None and not amount.is_finite()) or (amount or 0) < 0:
                 raise typer.BadParameter("a budget is an amount of 0 or more")
             owner.monthly_budget_usd = amount
+        if nsfw is not None:
+            if nsfw not in ("deliver", "reject"):
+                raise typer.BadParameter("--nsfw is deliver or reject")
+            owner.reject_nsfw = nsfw == "reject"
         typer.echo(json.dumps(_shown(session, owner), indent=2, default=str))
 
 

@@ -261,6 +261,7 @@ def tenant_usage(
         "max_queued": _quota(tenant.max_queued, None, counts[1]),
         "weight": _quota(tenant.weight, 1, None),
         "retain_days": _quota(tenant.retain_days, None, None),
+        "reject_nsfw": _quota(tenant.reject_nsfw, False, None),
         "monthly_budget_usd": _quota(
             tenant.monthly_budget_usd, None, committed_spend(session, tenant, month, settings)
         ),

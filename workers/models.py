@@ -57,6 +57,8 @@ class Tenant(Base):
     max_queued: Mapped[int | None] = mapped_column(Integer)
     # Its ended jobs are deleted (`workers.retention`) this many days after they ended.
     retain_days: Mapped[int | None] = mapped_column(Integer)
+    # Takes no output WaveSpeed flags as NSFW: such a job fails `content_moderated`.
+    reject_nsfw: Mapped[bool] = mapped_column(default=False, server_default="false")
     # Standard Webhooks signing secrets, sealed (`workers.sealing`): ciphertext, never the
     # secret itself; `workers.tenants` opens them. The previous one stays valid for a while
     # after a rotation so receivers can switch without dropping a callback.
@@ -158,6 +160,8 @@ class Job(Base):
     # Bumped by every poll; a poll message carrying an older value belongs to a dead chain.
     poll_seq: Mapped[int] = mapped_column(Integer, default=0)
     inference_ms: Mapped[int | None] = mapped_column(Integer)
+    # WaveSpeed's `has_nsfw_contents` for the outputs: true where it flagged one.
+    nsfw: Mapped[list[bool | None] | None] = mapped_column(JSONB)
     output_url: Mapped[str | None] = mapped_column(Text)
     # When WaveSpeed reported the output (it keeps outputs 7 days), and until when a store
     # that keeps failing is tried again.

@@ -27,7 +27,7 @@ from workers import admission, callbacks, charges, dispatch, jobs, metrics, webh
 from workers.db import unit_of_work
 from workers.errors import ErrorCode, classify
 from workers.media import InvalidMedia, probe_video
-from workers.models import Job
+from workers.models import Job, Tenant
 from workers.outbox import settle as settle_outbox
 from workers.retry import backoff
 from workers.sealing import Sealer
@@ -606,6 +606,16 @@ class Pipeline:
                 "completed, no output", when=_tracks(job), work=work,
             )  # fmt: skip
             return
+        flagged = [n for n, flag in enumerate(prediction.nsfw) if flag]
+        if flagged and work.session.get_one(Tenant, job.tenant_id).reject_nsfw:
+            outputs = ", ".join(str(n) for n in flagged)
+            self.fail(
+                job.id, JobState.PROCESSING, ErrorCode.CONTENT_MODERATED,
+                f"WaveSpeed flagged output {outputs} as NSFW; this tenant takes no flagged "
+                "outputs", when=_tracks(job), work=work,
+                charged=True, nsfw=prediction.nsfw,  # made, and billed, all the same
+            )  # fmt: skip
+            return
         if jobs.transition(
             work.session,
             job.id,
@@ -614,6 +624,7 @@ class Pipeline:
             reason="completed upstream",
             when=_tracks(job),
             output_url=prediction.outputs[0],
+            nsfw=prediction.nsfw or None,
             inference_ms=prediction.inference_ms,
             output_at=func.now(),
             store_deadline_at=jobs.db_in(self.settings.store_deadline_seconds),
@@ -791,13 +802,15 @@ class Pipeline:
         when: ColumnElement[bool] | None = None,
         *,
         work: Work | None = None,
+        **values: Any,
     ) -> bool:
         """Fail a job still in `src` (and matching `when`) with a stable code and a human
-        message, inside `work` or a unit of its own. A job given up on while its prediction
+        message, inside `work` or a unit of its own; `values` are more fields to set, or a
+        `charged` known better than the code's rule. A job given up on while its prediction
         may still run (`WITHDRAWN`) has that prediction deleted at WaveSpeed."""
         if work is None:
             with self.work() as work:
-                return self.fail(job_id, src, code, message, when, work=work)
+                return self.fail(job_id, src, code, message, when, work=work, **values)
         moved = jobs.transition(
             work.session,
             job_id,
@@ -809,7 +822,7 @@ class Pipeline:
             error_message=message[:2000],
             due_at=_withdraw_due() if code in WITHDRAWN else None,
             completed_at=self.clock(),
-            charged=charges.settled(code),
+            **{"charged": charges.settled(code), **values},
         )
         if moved:
             log.warning("job.failed", job_id=str(job_id), code=code, message=message)

@@ -60,6 +60,8 @@ class Generation(BaseModel):
     # Deleted: its inputs and video are gone, the rest of the record stays.
     deleted_at: datetime | None
     inference_ms: int | None
+    # WaveSpeed's `has_nsfw_contents`: a flag per output, true where it flagged one.
+    nsfw: list[bool | None] | None
     video: StoredVideo | None
     cost_usd: Decimal | None
     # Whether WaveSpeed charged for it (`workers.charges`): "unknown" when it cannot be told.
@@ -98,6 +100,7 @@ class Generation(BaseModel):
             completed_at=job.completed_at,
             deleted_at=job.deleted_at,
             inference_ms=job.inference_ms,
+            nsfw=job.nsfw,
             video=video,
             cost_usd=job.cost_usd,
             charged=charges.of(job),

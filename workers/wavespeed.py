@@ -71,6 +71,8 @@ class Prediction:
     created_at: datetime | None = None
     inference_ms: int | None = None
     input: dict[str, Any] = field(default_factory=dict)
+    # `has_nsfw_contents`: one flag per output (WaveSpeed sends null when it did not check).
+    nsfw: list[bool | None] = field(default_factory=list)
 
     @property
     def terminal(self) -> bool:
@@ -89,6 +91,7 @@ class Prediction:
             created_at=_parse_time(data.get("created_at")),
             inference_ms=timings.get("inference"),
             input=dict(data.get("input") or {}),
+            nsfw=[None if f is None else bool(f) for f in data.get("has_nsfw_contents") or []],
         )
 
 

@@ -60,6 +60,8 @@ class FaultProfile(BaseModel):
     # The CDN has not caught up yet: an output answers 404 for this long after completion.
     output_404_seconds: float | None = Field(default=None, ge=0.0)
     output_truncate: Probability = 0.0
+    # A completed output WaveSpeed flags in `has_nsfw_contents`.
+    nsfw: Probability = 0.0
     inference_seconds: Bounds | None = None
     requests_per_minute: int | None = Field(default=None, ge=1)
     concurrency: int | None = Field(default=None, ge=1)

@@ -36,7 +36,7 @@ def prediction_payload(prediction: Prediction) -> dict[str, Any]:
         "input": prediction.input,
         "outputs": [prediction.output_url] if completed else [],
         "urls": {"get": f"{prediction.base_url}/api/v3/predictions/{prediction.id}/result"},
-        "has_nsfw_contents": [False] if completed else [],
+        "has_nsfw_contents": [prediction.nsfw] if completed else [],
         "status": prediction.status,
         "created_at": iso(prediction.created_at),
         "error": prediction.error,

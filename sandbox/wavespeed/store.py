@@ -51,6 +51,7 @@ class Prediction:
     refunded_usd: float = 0.0
     # Asked to be deleted while processing; it stops once `delete_stop_seconds` have passed.
     stopping: bool = False
+    nsfw: bool = False
     webhook_attempts: list[WebhookAttempt] = field(default_factory=list)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -132,6 +132,7 @@ class TaskRunner:
                 raise TaskFailure(code, TASK_FAILURE_MESSAGES[code])
             video = await self._render(image, prediction)
             if prediction.status != "deleted":
+                prediction.nsfw = self._faults.hit("nsfw")
                 prediction.complete(video)
 
     async def _fetch(self, prediction: Prediction) -> bytes:

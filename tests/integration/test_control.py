@@ -296,3 +296,21 @@ def test_a_store_overtaken_by_a_cancel_leaves_no_video_behind(
     assert (job.status, job.s3_key) == (JobState.CANCELLED, None)
     assert Generation.of(job).charged == "true"  # its output was made, and paid for
     assert real.head(video_key(job_id)) is None
+
+
+def test_an_output_flagged_nsfw_is_on_the_record_and_fails_a_tenant_that_rejects_them(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, dispatcher: RecordingDispatcher
+) -> None:
+    simulator.set_faults(inference_seconds=[0, 0], nsfw=1.0)
+    delivered, _ = submitted(pipeline, portrait)
+    job = poll_until_left_processing(pipeline, delivered)
+    assert (job.status, Generation.of(job).nsfw) == (JobState.STORING, [True])
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(update(Tenant).where(Tenant.name == "flow").values(reject_nsfw=True))
+    rejected, _ = submitted(pipeline, portrait)
+    job = poll_until_left_processing(pipeline, rejected)
+    assert (job.status, job.error_code) == (JobState.FAILED, "content_moderated")
+    assert "flagged output 0 as NSFW" in (job.error_message or "")
+    record = Generation.of(job)
+    assert (record.nsfw, record.charged) == ([True], "true")  # made and billed all the same
+    assert dispatch.STORE not in [t for t, *_ in dispatcher.take()]

@@ -108,3 +108,24 @@ def test_an_empty_metrics_token_is_no_token() -> None:
     assert settings_from({"METRICS_TOKEN": ""}).metrics_token is None
     token = settings_from({"METRICS_TOKEN": "t"}).metrics_token
     assert token is not None and token.get_secret_value() == "t"
+
+
+@pytest.mark.parametrize(
+    ("env", "caps"),
+    [
+        ({}, (2, 2)),  # bronze-safe by default
+        ({"WAVESPEED_TIER": "gold"}, (2000, 600)),
+        ({"WAVESPEED_TIER": "silver", "MAX_IN_FLIGHT": "7"}, (7, 60)),  # a given value wins
+        ({"WAVESPEED_TIER": "ultra", "SUBMITS_PER_MINUTE": ""}, (5000, 5000)),  # compose's unset
+    ],
+)
+def test_the_gate_takes_the_tiers_limits_unless_given(
+    env: dict[str, str], caps: tuple[int, int]
+) -> None:
+    settings = settings_from(env)
+    assert (settings.max_in_flight, settings.submits_per_minute) == caps
+
+
+def test_an_unknown_tier_is_refused_naming_it() -> None:
+    with pytest.raises(ValidationError, match="wavespeed_tier"):
+        settings_from({"WAVESPEED_TIER": "platinum"})
