@@ -50,6 +50,7 @@ from api.schemas import (
     Text,
     Upload,
 )
+from config import Settings
 from workers import bulk, callbacks, jobs, listing, retention, tenants
 from workers.intake import (
     GenerationInput,
@@ -143,13 +144,16 @@ def _deadline(at: datetime | None, within: float | None, names: tuple[str, str])
     return utcnow() + timedelta(seconds=within)
 
 
-def _request_of(body: GenerationCreate) -> GenerationInput:
+def _request_of(body: GenerationCreate, settings: Settings) -> GenerationInput:
     start_deadline = _deadline(
         body.start_deadline, body.start_within_seconds, ("start_deadline", "start_within_seconds")
     )
     deadline = _deadline(
         body.deadline, body.deadline_within_seconds, ("deadline", "deadline_within_seconds")
     )
+    if body.duration not in settings.allowed_durations:
+        allowed = ", ".join(str(d) for d in settings.allowed_durations)
+        raise Refusal(422, "duration", "not_allowed", f"duration must be one of {allowed}")
     if start_deadline is not None and deadline is not None and start_deadline > deadline:
         raise Refusal(
             422, "start_deadline", "after_deadline", "the start deadline is after the deadline"
@@ -169,7 +173,7 @@ def _create(
 ) -> Job:
     """Everything checked before the job exists; the image staged in S3; the job, its first
     task and the idempotency key committed together; the task published after commit."""
-    request = _request_of(body)
+    request = _request_of(body, res.settings)
     if request.webhook_url:
         check_callback_url(res.guard, request.webhook_url)
     with res.fetches.slot(tenant.id), res.sessions() as db:

@@ -21,7 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
-from config.settings import Duration, Priority
+from config.settings import Priority
 from workers.admission import PRIORITIES
 from workers.bulk import MAX_ITEMS
 from workers.callbacks import DEFAULT_EVENTS, webhook_id
@@ -170,7 +170,9 @@ class GenerationCreate(BaseModel):
     prompt: Text = Field(min_length=1, max_length=2500)
     negative_prompt: Text | None = Field(None, max_length=2500)
     guidance_scale: float = Field(0.5, ge=0.0, le=1.0)
-    duration: Duration = 5
+    duration: int = Field(
+        5, ge=1, le=60, description="seconds: one of ALLOWED_DURATIONS (5 or 10 by default)"
+    )
     webhook_url: AnyHttpUrl | None = Field(None, max_length=2048)
     webhook_events: list[Event] = Field(
         default_factory=lambda: list(DEFAULT_EVENTS)  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from limits import parse
@@ -14,11 +14,8 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODEL_ID = "kwaivgi/kling-v2.1-i2v-pro"
-# The clip lengths, in seconds, the model renders and a request may ask for.
-Duration = Literal[5, 10]
 # A producer's urgency: the admission gate admits higher ones first (`workers.admission`).
 Priority = Literal["high", "normal", "low"]
-DURATIONS: tuple[int, ...] = get_args(Duration)
 # Multipart framing around an uploaded image: boundaries, part headers, a long file name.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
@@ -85,10 +82,18 @@ class Settings(BaseSettings):
     # The bearer token the API's /metrics asks for; none (or empty): open.
     metrics_token: SecretStr | None = None
 
-    # USD per clip, by duration in seconds (WaveSpeed's price table).
+    # USD per clip, by duration in seconds (the model page's price table).
     price_usd: dict[int, Decimal] = Field(
-        default_factory=lambda: {5: Decimal("0.45"), 10: Decimal("0.90")}
+        default_factory=lambda: {
+            5: Decimal("0.45"),
+            10: Decimal("0.90"),
+            15: Decimal("1.35"),
+            20: Decimal("1.80"),
+        }
     )
+    # The clip lengths a request may ask for. The model page prices 15 and 20 s too, but its
+    # parameter table offers only 5 and 10; each one allowed must have a price.
+    allowed_durations: list[int] = Field(default_factory=lambda: [5, 10], min_length=1)
 
     # Adaptive polling: the first check near the expected finish, then a tightening-then-relaxing
     # interval between min and max, so a late clip does not cost a request a second.
@@ -269,6 +274,18 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _every_duration_priced(self) -> Settings:
+        unpriced = [d for d in self.allowed_durations if d not in self.price_usd]
+        if unpriced or any(d < 1 for d in self.allowed_durations):
+            raise ValueError(
+                f"allowed_durations must be whole seconds that PRICE_USD prices: {unpriced} "
+                "unpriced"
+                if unpriced
+                else "allowed_durations must be whole seconds from 1"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _submit_outlasts_its_post(self) -> Settings:
         if self.submit_time_limit_seconds < self.submit_post_seconds + 10:
             raise ValueError(
@@ -307,10 +324,6 @@ def production_refusals(settings: Settings) -> list[str]:
     public = urlsplit(settings.public_base_url)
     if public.scheme != "https" or not public.hostname:
         refusals.append("PUBLIC_BASE_URL must be https: WaveSpeed sends its webhooks there")
-    unpriced = [d for d in DURATIONS if d not in settings.price_usd]
-    if unpriced:
-        durations = list(DURATIONS)
-        refusals.append(f"PRICE_USD must price every duration {durations}: {unpriced} unpriced")
     if settings.metrics_token is None:
         refusals.append("METRICS_TOKEN must be set, so that /metrics is not open")
     return refusals

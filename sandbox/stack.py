@@ -138,7 +138,10 @@ class Stack:
             env.update(S3_ENDPOINT_URL=s3.url, AWS_ACCESS_KEY_ID="sandbox")
             env.update(AWS_SECRET_ACCESS_KEY="sandbox", S3_BUCKET=env.get("S3_BUCKET", "kling"))
         if "WAVESPEED_BASE_URL" not in self.environ:
-            self.simulator = Simulator(self.logs, extra_args=self.simulator_args).start()
+            # The simulator allows what the product allows, as WaveSpeed's model would.
+            durations = json.loads(env.get("ALLOWED_DURATIONS", "[5, 10]"))
+            extra = ["--allowed-durations", ",".join(str(d) for d in durations)]
+            self.simulator = Simulator(self.logs, extra_args=[*extra, *self.simulator_args]).start()
             self.services.append(self.simulator)
             env.update(
                 WAVESPEED_BASE_URL=self.simulator.url,

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--render-mode", choices=get_args(RenderMode), default="real")
     parser.add_argument("--resolution", default="480x270", help="WIDTHxHEIGHT, both even")
     parser.add_argument("--refund-delay-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--allowed-durations", default="5,10", help="clip lengths a submit may ask for: 5,10"
+    )
     parser.add_argument("--sync-timeout-seconds", type=float, default=60.0)
     parser.add_argument("--render-workers", type=int, default=2)
     parser.add_argument("--faults", default=None, help="fault profile JSON, or @path to a file")
@@ -61,6 +64,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         render_mode=args.render_mode,
         resolution=args.resolution,
         refund_delay_seconds=args.refund_delay_seconds,
+        allowed_durations=tuple(int(d) for d in args.allowed_durations.split(",") if d.strip()),
         sync_timeout_seconds=args.sync_timeout_seconds,
         render_workers=args.render_workers,
         faults=FaultProfile.model_validate(_load_faults(args.faults)),

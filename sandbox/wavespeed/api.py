@@ -171,7 +171,7 @@ async def submit(model: str, request: Request, sim: SimDep) -> dict[str, Any] | 
     await _submit_faults(sim, request)
     body = await json_object(request)
     try:
-        model_input = validate_input(body)
+        model_input = validate_input(body, sim.config.allowed_durations)
     except InputError as exc:
         raise ApiError(400, exc.message, exc.code) from exc
     prediction = _accept(sim, request, model_input)

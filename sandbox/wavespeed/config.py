@@ -56,6 +56,9 @@ class SimulatorConfig(BaseModel):
     delete_stop_seconds: float = Field(default=0.0, ge=0.0)
     sync_timeout_seconds: float = Field(default=60.0, ge=0.0)
     initial_balance_usd: float = 10_000.0
+    # The clip lengths a submit may ask for (the product's ALLOWED_DURATIONS, as the stack
+    # passes them).
+    allowed_durations: tuple[int, ...] = Field(default=(5, 10), min_length=1)
     max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     image_fetch_timeout_seconds: float = Field(default=15.0, gt=0.0)

@@ -61,7 +61,7 @@ def price_usd(duration: int) -> float:
     return round(PRICE_PER_5S_USD * duration / 5, 2)
 
 
-def validate_input(body: dict[str, Any]) -> dict[str, Any]:
+def validate_input(body: dict[str, Any], durations: tuple[int, ...] = DURATIONS) -> dict[str, Any]:
     """The normalised model input (defaults applied) or an `InputError` for the first bad field."""
     normalised: dict[str, Any] = {
         "image": _required_string(body, "image"),
@@ -73,7 +73,7 @@ def validate_input(body: dict[str, Any]) -> dict[str, Any]:
             raise InputError("negative_prompt", "negative_prompt must be a string")
         normalised["negative_prompt"] = negative
     normalised["guidance_scale"] = _guidance_scale(body.get("guidance_scale"))
-    normalised["duration"] = _duration(body.get("duration"))
+    normalised["duration"] = _duration(body.get("duration"), durations)
     _sync_flag(body.get("enable_sync_mode"))
     return normalised
 
@@ -109,15 +109,16 @@ def _guidance_scale(value: Any) -> float:
     return float(value)
 
 
-def _duration(value: Any) -> int:
+def _duration(value: Any, durations: tuple[int, ...]) -> int:
     if value is None:
         return DEFAULT_DURATION
     # WaveSpeed's own examples send "5", so the string forms are accepted too.
-    if isinstance(value, str) and value.strip() in {"5", "10"}:
+    if isinstance(value, str) and value.strip() in {str(d) for d in durations}:
         return int(value.strip())
-    if not isinstance(value, bool) and isinstance(value, int | float) and value in DURATIONS:
+    if not isinstance(value, bool) and isinstance(value, int | float) and value in durations:
         return int(value)
-    raise InputError("duration", f"duration must be one of 5, 10, got {value!r}")
+    allowed = ", ".join(str(d) for d in durations)
+    raise InputError("duration", f"duration must be one of {allowed}, got {value!r}")
 
 
 def _sync_flag(value: Any) -> None:

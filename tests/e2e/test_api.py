@@ -183,6 +183,9 @@ def test_a_deadline_is_on_the_record_and_the_charge_is_told_honestly(producer: P
         assert answer.status_code == 422, answer.text
         assert answer.json()["errors"][0]["field"] == field
     assert [r.json()["code"] for r in refusals.values()] == ["conflict", "after_deadline"]
+    longer = create(producer, duration=15)  # priced, but not in ALLOWED_DURATIONS
+    assert longer.status_code == 422 and longer.json()["code"] == "not_allowed"
+    assert longer.json()["errors"][0]["field"] == "duration"
 
 
 def test_a_tenant_over_its_max_queued_is_refused_429_and_nothing_is_created(

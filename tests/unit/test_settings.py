@@ -10,7 +10,13 @@ from config.settings import settings_from
 def test_defaults_point_at_the_real_wavespeed() -> None:
     settings = Settings()
     assert settings.wavespeed_base_url == "https://api.wavespeed.ai"
-    assert settings.price_usd == {5: Decimal("0.45"), 10: Decimal("0.90")}
+    assert settings.price_usd == {
+        5: Decimal("0.45"),
+        10: Decimal("0.90"),
+        15: Decimal("1.35"),
+        20: Decimal("1.80"),
+    }
+    assert settings.allowed_durations == [5, 10]
 
 
 def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,7 +82,6 @@ def test_production_takes_settings_that_follow_its_rules() -> None:
         ("PUBLIC_BASE_URL", "http://kling.example.com", "must be https"),
         ("PUBLIC_BASE_URL", "https://", "must be https"),
         ("PUBLIC_BASE_URL", None, "must be https"),  # the default is a loopback http URL
-        ("PRICE_USD", '{"5": "0.45"}', "must price every duration [5, 10]: [10] unpriced"),
         ("METRICS_TOKEN", "", "must be set"),
         ("METRICS_TOKEN", None, "must be set"),
     ],
@@ -129,3 +134,9 @@ def test_the_gate_takes_the_tiers_limits_unless_given(
 def test_an_unknown_tier_is_refused_naming_it() -> None:
     with pytest.raises(ValidationError, match="wavespeed_tier"):
         settings_from({"WAVESPEED_TIER": "platinum"})
+
+
+def test_allowed_durations_must_each_have_a_price() -> None:
+    assert settings_from({"ALLOWED_DURATIONS": "[5, 10, 15]"}).allowed_durations == [5, 10, 15]
+    with pytest.raises(ValidationError, match=r"PRICE_USD prices: \[25\] unpriced"):
+        settings_from({"ALLOWED_DURATIONS": "[5, 25]"})

@@ -164,3 +164,10 @@ def test_images_over_the_byte_limit_are_refused() -> None:
     data = _image((320, 320), "PNG")
     with pytest.raises(ImageRejected, match="byte limit"):
         inspect_image(data, len(data) - 1)
+
+
+def test_the_simulator_allows_the_durations_it_is_told() -> None:
+    body = {"image": "https://example.com/a.png", "prompt": "p", "duration": "15"}
+    assert validate_input(body, (5, 10, 15))["duration"] == 15
+    with pytest.raises(InputError, match="one of 5, 10, got '15'"):
+        validate_input(body)
