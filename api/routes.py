@@ -144,6 +144,12 @@ def _deadline(at: datetime | None, within: float | None, names: tuple[str, str])
     return utcnow() + timedelta(seconds=within)
 
 
+def _check_duration(duration: int, settings: Settings) -> None:
+    if duration not in settings.allowed_durations:
+        allowed = ", ".join(str(d) for d in settings.allowed_durations)
+        raise Refusal(422, "duration", "not_allowed", f"duration must be one of {allowed}")
+
+
 def _request_of(body: GenerationCreate, settings: Settings) -> GenerationInput:
     start_deadline = _deadline(
         body.start_deadline, body.start_within_seconds, ("start_deadline", "start_within_seconds")
@@ -151,9 +157,7 @@ def _request_of(body: GenerationCreate, settings: Settings) -> GenerationInput:
     deadline = _deadline(
         body.deadline, body.deadline_within_seconds, ("deadline", "deadline_within_seconds")
     )
-    if body.duration not in settings.allowed_durations:
-        allowed = ", ".join(str(d) for d in settings.allowed_durations)
-        raise Refusal(422, "duration", "not_allowed", f"duration must be one of {allowed}")
+    _check_duration(body.duration, settings)
     if start_deadline is not None and deadline is not None and start_deadline > deadline:
         raise Refusal(
             422, "start_deadline", "after_deadline", "the start deadline is after the deadline"
@@ -438,6 +442,7 @@ def retry_generation(
     if original is None:
         raise HTTPException(404, "no generation with this id")
     request, image = again(original, res.storage)
+    _check_duration(request.duration, res.settings)  # ALLOWED_DURATIONS may have narrowed
     generation, response.status_code = _once(
         res, tenant, f"retry:{job_id}", idempotency_key,
         lambda keyed: _accepted(res, tenant, request, image, keyed),

@@ -333,7 +333,7 @@ class BulkCancel(BaseModel):
     status: list[LiveStatus] = Field(default_factory=list, max_length=4)
     priority: list[Priority] = Field(default_factory=list, max_length=3)
     metadata: dict[
-        Annotated[str, Field(min_length=1, max_length=METADATA_MAX_KEY_CHARS)],
+        Annotated[Text, Field(min_length=1, max_length=METADATA_MAX_KEY_CHARS)],
         Annotated[Text, Field(max_length=METADATA_MAX_VALUE_CHARS)],
     ] = Field(default_factory=dict, max_length=METADATA_MAX_KEYS)
     created_after: AwareDatetime | None = None

@@ -112,8 +112,9 @@ class Settings(BaseSettings):
     tenant_max_in_flight: int | None = Field(default=None, ge=1)
 
     submit_max_attempts: int = 8
-    # Tries at deleting the prediction of a stopped job before it is left to WaveSpeed.
-    withdraw_max_attempts: int = Field(default=12, ge=1)
+    # Tries at deleting the prediction of a stopped job before it is left to WaveSpeed,
+    # backing off to `store_retry_max_seconds`: the default outlasts a two-hour outage.
+    withdraw_max_attempts: int = Field(default=24, ge=1)
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 120.0
 

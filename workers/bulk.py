@@ -3,9 +3,10 @@ matches, re-enable a callback URL that answered 410.
 
 Each is bounded (`max_items`), reported (its row counts what it matched and what it did) and
 run by a worker, never inside the request that asked for it: the request writes the action and
-its task (`create`), and the task (`run`) works through it a batch at a time under a lease,
-keeping its cursor on the row. A worker that dies mid-way leaves its lease to run out; the
-reconciler then sends the task again (`stalled`), and it resumes at the cursor. An action sent
+its task (`create`), and the task (`run`) does one batch under a lease, keeps its cursor on
+the row and sends itself again for the next. A worker that dies mid-way leaves its lease to
+run out; the reconciler then sends the task again (`stalled`), and it resumes at the cursor.
+Only what existed when the action was asked for is picked. An action sent
 `reconcile_max_resends` times without finishing fails, saying so. Each item goes through the
 same step as its single-item route (`Pipeline.cancel`, `callbacks.replay`), so a bulk action
 keeps their invariants.
@@ -79,38 +80,46 @@ def get(session: Session, tenant_id: str | None, action_id: uuid.UUID) -> BulkAc
 
 
 def run(pipeline: Pipeline, action_id: uuid.UUID) -> None:
-    """Work through the action a batch at a time, until the filter matches no more or its
-    bound is reached. A duplicate message finds the lease held, or the action done."""
-    while True:
-        with unit_of_work(pipeline.sessions) as session:
-            action = _lease(session, action_id)
-        if action is None:
-            return
-        left = action.max_items - action.done
-        matched, acted, cursor = _STEPS[action.kind](pipeline, action, min(BATCH, left))
-        finished = cursor is None or action.done + acted >= action.max_items
-        with unit_of_work(pipeline.sessions) as session:
-            session.execute(
-                update(BulkAction)
-                .where(BulkAction.id == action_id)
-                .values(
-                    matched=BulkAction.matched + matched, done=BulkAction.done + acted,
-                    cursor=cursor, updated_at=func.now(), resends=0, lease_until=None,
-                    status=ActionStatus.DONE if finished else ActionStatus.PENDING,
-                    finished_at=func.now() if finished else None,
-                )
-            )  # fmt: skip
-        if finished:
-            log.info("bulk.done", action_id=str(action_id), kind=action.kind)
-            return
+    """One batch of the action, then the task again for the next one (so that no action
+    holds a worker for long), until the filter matches no more or its bound is reached. A
+    duplicate message finds the lease held, or the action done."""
+    lease = uuid.uuid4()
+    with unit_of_work(pipeline.sessions) as session:
+        action = _lease(session, action_id, lease)
+    if action is None:
+        return
+    left = action.max_items - action.done
+    matched, acted, cursor = _STEPS[action.kind](pipeline, action, min(BATCH, left))
+    finished = cursor is None or acted >= left
+    with pipeline.work() as work:
+        recorded = work.session.execute(
+            update(BulkAction)
+            .where(
+                BulkAction.id == action_id, BulkAction.lease_id == lease,
+                BulkAction.status == ActionStatus.PENDING,
+            )
+            .values(
+                matched=BulkAction.matched + matched, done=BulkAction.done + acted,
+                cursor=cursor, updated_at=func.now(), resends=0, lease_until=None,
+                lease_id=None, status=ActionStatus.DONE if finished else ActionStatus.PENDING,
+                finished_at=func.now() if finished else None,
+            )
+            .returning(BulkAction.id)
+        ).first()  # fmt: skip
+        if recorded is not None and not finished:
+            work.send(dispatch.BULK, action_id)
+    if recorded is None:
+        log.warning("bulk.lease_lost", action_id=str(action_id))  # another worker took over
+    elif finished:
+        log.info("bulk.done", action_id=str(action_id), kind=action.kind)
 
 
-def _lease(session: Session, action_id: uuid.UUID) -> BulkAction | None:
+def _lease(session: Session, action_id: uuid.UUID, lease: uuid.UUID) -> BulkAction | None:
     """Take the pending action for one batch, unless another worker holds it."""
     return session.scalars(
         update(BulkAction)
         .where(BulkAction.id == action_id, BulkAction.status == ActionStatus.PENDING, _free())
-        .values(lease_until=func.now() + LEASE, updated_at=func.now())
+        .values(lease_until=func.now() + LEASE, lease_id=lease, updated_at=func.now())
         .returning(BulkAction)
     ).first()
 
@@ -153,7 +162,8 @@ def _cancel(pipeline: Pipeline, action: BulkAction, limit: int) -> tuple[int, in
     live = [s.value for s in JobState if not s.terminal]
     query = select(Job.id, Job.created_at).where(
         Job.tenant_id == action.tenant_id, Job.status.in_(wanted.statuses or live),
-        *wanted.where(),
+        # What existed when it was asked for: jobs made since are not the caller's meaning.
+        Job.created_at <= action.created_at, *wanted.where(),
     )  # fmt: skip
     with pipeline.sessions() as session:
         rows = session.execute(_page(query, Job, action.cursor, limit)).all()
@@ -165,6 +175,7 @@ def _replay(pipeline: Pipeline, action: BulkAction, limit: int) -> tuple[int, in
     wanted = action.filter
     query = select(CallbackDelivery.id, CallbackDelivery.created_at).where(
         CallbackDelivery.tenant_id == action.tenant_id,
+        CallbackDelivery.created_at <= action.created_at,
         CallbackDelivery.status.in_(wanted.get("status") or [DeliveryStatus.EXHAUSTED]),
     )
     if wanted.get("event"):

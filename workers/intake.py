@@ -181,20 +181,23 @@ def load_image(
 def committed_spend(
     session: Session, tenant: Tenant, since: datetime, settings: Settings
 ) -> Decimal:
-    """What the tenant's jobs of the month cost or may cost: charged, in flight or queued,
-    and ended with a charge not known (`workers.charges`) at a prediction that existed."""
+    """What the tenant's jobs of the month cost or may cost: in flight or queued, charged,
+    or ended with a charge not known (`workers.charges`)."""
     rows = session.execute(
         select(Job.duration, func.count())
         .where(
             Job.tenant_id == tenant.id,
             Job.created_at >= since,
-            Job.status.in_(LIVE)
-            | Job.charged.is_(True)
-            | (Job.charged.is_(None) & Job.prediction_id.is_not(None)),
+            # In flight (not settled yet), charged, or not known to be free.
+            Job.charged.is_not(False),
         )
         .group_by(Job.duration)
     ).all()
-    return sum((settings.price_usd[duration] * count for duration, count in rows), Decimal(0))
+    # A duration no longer priced (PRICE_USD narrowed since) counts at the highest price.
+    top = max(settings.price_usd.values())
+    return sum(
+        (settings.price_usd.get(duration, top) * count for duration, count in rows), Decimal(0)
+    )
 
 
 def check_quotas(

@@ -347,6 +347,8 @@ class BulkAction(Base):
     cursor: Mapped[str | None] = mapped_column(Text)
     # A worker is on it until then; past it (the worker died) the reconciler sends it again.
     lease_until: Mapped[datetime | None]
+    # Which worker's lease it is: a worker whose lease ran out records nothing more.
+    lease_id: Mapped[uuid.UUID | None]
     resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())

@@ -408,13 +408,9 @@ class Pipeline:
             )
             # Stopped while the POST was in flight: keep the id of what may be charged, and
             # delete it at WaveSpeed.
-            kept = moved or any(
-                jobs.update_fields(
-                    session, job_id, state, prediction_id=prediction.id, due_at=func.now(),
-                    when=Job.prediction_id.is_(None) & (Job.error_code == code),
-                )
-                for state, code in STOPPED
-            )  # fmt: skip
+            kept = moved or _settle_stopped(
+                session, job_id, attempt, prediction_id=prediction.id, due_at=func.now()
+            )
             job = jobs.get(session, job_id)
             if moved:
                 self._event(work, job_id, callbacks.PROCESSING)
@@ -445,11 +441,12 @@ class Pipeline:
         elif exc.retryable:
             self._retry_submit(job_id, attempt, exc.retry_after, str(exc))
         else:
-            self.fail(
-                job_id, JobState.SUBMITTING, classify(status_code=exc.status_code).code,
-                exc.message,
-                when=Job.submit_attempts == attempt,
-            )  # fmt: skip
+            with self.work() as work:
+                if not self.fail(
+                    job_id, JobState.SUBMITTING, classify(status_code=exc.status_code).code,
+                    exc.message, when=Job.submit_attempts == attempt, work=work,
+                ):  # fmt: skip
+                    _nothing_created(work.session, job_id, attempt)
 
     def _retry_submit(
         self, job_id: uuid.UUID, attempt: int, retry_after: float | None, why: str
@@ -459,14 +456,16 @@ class Pipeline:
         attempt_matches = Job.submit_attempts == attempt
         with self.work() as work:
             if attempt < self.settings.submit_max_attempts:
-                self._requeue(
+                moved = self._requeue(
                     work, job_id, JobState.SUBMITTING, attempt, retry_after, why, attempt_matches
                 )
             else:
-                self.fail(
+                moved = self.fail(
                     job_id, JobState.SUBMITTING, ErrorCode.UPSTREAM_UNAVAILABLE, why,
                     when=attempt_matches, work=work,
                 )  # fmt: skip
+            if not moved:
+                _nothing_created(work.session, job_id, attempt)
 
     def _requeue(
         self,
@@ -477,13 +476,13 @@ class Pipeline:
         retry_after: float | None,
         why: str,
         when: ColumnElement[bool] | None = None,
-    ) -> None:
+    ) -> bool:
         settings = self.settings
         delay = backoff(
             attempt, settings.retry_base_seconds, settings.retry_max_seconds, retry_after,
             settings.retry_after_max_seconds,
         )  # fmt: skip
-        if jobs.transition(
+        moved = jobs.transition(
             work.session,
             job_id,
             src,
@@ -497,10 +496,12 @@ class Pipeline:
             # Unparked when the countdown message below is on its way; a wait too long for
             # a countdown parks the job, and the gate sends it a message once admitted.
             parked_at=None if work.holds(delay) else func.now(),
-        ):
+        )
+        if moved:
             # The gate is asked again when the wait is over (beat asks too, if this is lost).
             work.send(dispatch.SUBMIT, job_id, delay)
             work.free_slot()  # its slot is free for another job meanwhile
+        return moved
 
     # -- poll -----------------------------------------------------------------------------
 
@@ -756,7 +757,9 @@ class Pipeline:
             moved = jobs.transition(
                 work.session, job_id, JobState.FAILED, JobState.STORING, reason="restored",
                 when=Job.error_code.in_([ErrorCode.STORAGE_FAILED, ErrorCode.OUTPUT_EXPIRED])
-                & Job.output_url.is_not(None),
+                & Job.output_url.is_not(None) & Job.deleted_at.is_(None),
+                # Asked for after the job's deadline: the caller wants the video now.
+                deadline_at=None,
                 error_code=None, error_message=None, completed_at=None, due_at=func.now(),
                 store_deadline_at=jobs.db_in(self.settings.store_deadline_seconds),
             )  # fmt: skip
@@ -848,12 +851,13 @@ class Pipeline:
                 error_code=ErrorCode.CANCELLED, error_message=note, due_at=_withdraw_due(),
                 completed_at=self.clock(), charged=charges.settled(ErrorCode.CANCELLED),
             )  # fmt: skip
+            ended = jobs.get(session, job_id)
             if moved:
                 self._event(work, job_id, callbacks.CANCELLED)
                 work.free_slot()
-                if job.prediction_id:
+                if ended.due_at is not None:
                     work.send(dispatch.WITHDRAW, job_id)
-            return jobs.get(session, job_id)
+            return ended
 
     # -- withdraw -------------------------------------------------------------------------
 
@@ -865,13 +869,16 @@ class Pipeline:
         with unit_of_work(self.sessions) as session:
             job = _bind(jobs.get(session, job_id))
         state = JobState(job.status)
-        if not state.terminal or job.due_at is None or job.prediction_id is None:
+        if not state.terminal or job.due_at is None:
             return
         try:
+            if job.prediction_id is None and not self._found_unanswered(job):
+                return
+            assert job.prediction_id is not None
             report = self._last_report(job.prediction_id)
             deleted = self.wavespeed.delete([job.prediction_id])
-        except WaveSpeedError as exc:
-            self._withdraw_failed(job, exc)
+        except (WaveSpeedError, HistoryInconclusive) as exc:
+            self._withdraw_failed(job, str(exc), getattr(exc, "retry_after", None))
             return
         learned = charges.of_report(report)
         values: dict[str, Any] = {"due_at": None, "step_failures": 0}
@@ -888,36 +895,47 @@ class Pipeline:
             )  # fmt: skip
         log.info("withdraw.done", job_id=str(job_id), status=report, deleted=deleted)
 
+    def _found_unanswered(self, job: Job) -> bool:
+        """The prediction of a job stopped while its submit had no answer, looked up in
+        WaveSpeed's history and recorded on the job (which `job` then carries); a try that
+        found nothing yet is recorded as a failed one."""
+        found = self._find_in_history(job, job.submit_attempts)
+        if found is None:
+            self._withdraw_failed(job, "its submit is not in WaveSpeed's history (yet)")
+            return False
+        with unit_of_work(self.sessions) as session:
+            _settle_stopped(session, job.id, job.submit_attempts, prediction_id=found.id)
+        job.prediction_id = found.id
+        return True
+
     def _last_report(self, prediction_id: str) -> str | None:
-        """The prediction's status before it is deleted; None if WaveSpeed does not know it."""
+        """The prediction's status before it is deleted; None if WaveSpeed does not know it
+        or could not say (the delete is tried all the same)."""
         try:
             return self.wavespeed.result(prediction_id).status
         except WaveSpeedError as exc:
-            if exc.status_code == 404:
-                return None
-            raise
+            log.info("withdraw.no_report", prediction_id=prediction_id, error=str(exc))
+            return None
 
-    def _withdraw_failed(self, job: Job, exc: WaveSpeedError) -> None:
+    def _withdraw_failed(self, job: Job, why: str, retry_after: float | None = None) -> None:
         settings = self.settings
         tries = job.step_failures + 1
-        log.warning("withdraw.failed", job_id=str(job.id), tries=tries, error=str(exc))
+        what = f"prediction {job.prediction_id}" if job.prediction_id else "the unanswered submit"
+        log.warning("withdraw.failed", job_id=str(job.id), tries=tries, error=why)
         if tries >= settings.withdraw_max_attempts:
             values: dict[str, Any] = {"due_at": None}
-            note = f"gave up deleting prediction {job.prediction_id} after {tries} tries: {exc}"
+            note = f"gave up deleting {what} after {tries} tries: {why}"
         else:
             delay = backoff(
-                tries, settings.retry_base_seconds, settings.retry_max_seconds, exc.retry_after,
-                settings.retry_after_max_seconds,
+                tries, settings.retry_base_seconds, settings.store_retry_max_seconds,
+                retry_after, settings.retry_after_max_seconds,
             )  # fmt: skip
             values = {"due_at": jobs.db_in(delay)}
-            note = (
-                f"deleting prediction {job.prediction_id} failed ({tries}), "
-                f"again in {delay:.0f}s: {exc}"
-            )
+            note = f"deleting {what} failed ({tries}), again in {delay:.0f}s: {why}"
         with unit_of_work(self.sessions) as session:
             jobs.update_fields(
                 session, job.id, JobState(job.status),
-                when=_tracks(job) & Job.due_at.is_not(None), note=note[:500],
+                when=_same_prediction(job) & Job.due_at.is_not(None), note=note[:500],
                 step_failures=tries, **values,
             )  # fmt: skip
 
@@ -944,9 +962,39 @@ def _stopped(job: Job) -> bool:
 
 
 def _withdraw_due() -> ColumnElement[datetime | None]:
-    """A stopping job's `due_at`: now if it has a prediction to delete, else none. On an
-    ended job, a `due_at` means its prediction is still to be deleted (`Pipeline.withdraw`)."""
-    return case((Job.prediction_id.is_not(None), func.now()), else_=None)
+    """A stopping job's `due_at`: now if it has a prediction to delete, or a submit that may
+    have made one; else none. On an ended job, a `due_at` means its prediction is still to
+    be deleted (`Pipeline.withdraw`)."""
+    may_have_one = Job.prediction_id.is_not(None) | (
+        (Job.status == JobState.SUBMITTING) & Job.last_submit_at.is_not(None)
+    )
+    return case((may_have_one, func.now()), else_=None)
+
+
+def _settle_stopped(session: Session, job_id: uuid.UUID, attempt: int, **values: Any) -> bool:
+    """Record what became of submit `attempt` of a job stopped from outside while it was on
+    its way (`STOPPED`): the prediction it made, or that it made none."""
+    return any(
+        jobs.update_fields(
+            session, job_id, state, **values,
+            when=Job.prediction_id.is_(None) & (Job.error_code == code)
+            & (Job.submit_attempts == attempt),
+        )
+        for state, code in STOPPED
+    )  # fmt: skip
+
+
+def _nothing_created(session: Session, job_id: uuid.UUID, attempt: int) -> None:
+    """Submit `attempt` surely made no prediction: a job stopped meanwhile has nothing to
+    delete, and was not charged."""
+    _settle_stopped(session, job_id, attempt, due_at=None, charged=False)
+
+
+def _same_prediction(job: Job) -> ColumnElement[bool]:
+    """The job still holds the prediction (or the lack of one) this worker read."""
+    if job.prediction_id is None:
+        return Job.prediction_id.is_(None)
+    return _tracks(job)
 
 
 def _past_deadline() -> ColumnElement[bool]:

@@ -72,7 +72,8 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
     admission gate let through (retries whose backoff ended, capacity freed elsewhere)."""
     sessions, send, settings = pipeline.sessions, pipeline.dispatch, pipeline.settings
     plan = sweeps(pipeline)
-    backlog = {q: send.waiting(q) for q in sorted({dispatch.ROUTES[s.task] for s in plan})}
+    tasks = {s.task for s in plan} | {dispatch.BULK}
+    backlog = {q: send.waiting(q) for q in sorted({dispatch.ROUTES[t] for t in tasks})}
 
     def grace(base: float, task: str) -> float:
         """Lateness allowed to `task`'s work: more while its queue still holds a backlog."""
@@ -92,7 +93,8 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
         webhook_in.prune(work.session, WEBHOOK_ID_RETENTION_SECONDS)
         for delivery_id in deliveries:
             work.send(dispatch.NOTIFY, delivery_id)
-        actions = bulk.stalled(work.session, outbox_grace, pipeline.settings.reconcile_max_resends)
+        bulk_grace = grace(settings.outbox_grace_seconds, dispatch.BULK)
+        actions = bulk.stalled(work.session, bulk_grace, settings.reconcile_max_resends)
         for action_id in actions:
             work.send(dispatch.BULK, action_id)
     _stop_if_unsent(work)
@@ -101,8 +103,9 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
     for kind, count in counts.items():
         metrics.RECONCILER_RESENT.labels(kind).inc(count)
     counts["expired"] = pipeline.expire_due()
-    counts["deleted"] = retention.sweep(pipeline)
     counts["admitted"] = pipeline.admit()
+    # Last: its S3 calls must not hold up the gate.
+    counts["deleted"] = retention.sweep(pipeline)
     if any(counts.values()):
         log.info("reconcile.resent", **counts, backlog={q: n for q, n in backlog.items() if n})
     return counts

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import case, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from workers import callbacks, jobs
@@ -36,6 +36,19 @@ PREDICTIONS_PER_DELETE = 100
 ENDED = [s.value for s in TERMINAL]
 
 
+def _refuse_if_busy(session: Session, tenant: Tenant) -> None:
+    """Under the tenant's lock (the one creates take), refuse while a job of the tenant runs,
+    or has a prediction still to delete (a submit stopped before its answer came)."""
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": tenant.id})
+    busy = session.scalar(
+        select(func.count()).where(
+            Job.tenant_id == tenant.id, Job.status.not_in(ENDED) | Job.due_at.is_not(None)
+        )
+    )
+    if busy:
+        raise StillRunning(f"{busy} jobs of {tenant.name} still run or have a prediction to delete")
+
+
 class StillRunning(Exception):
     """Only an ended job (or a tenant with no live job) is deleted: cancel it first."""
 
@@ -51,7 +64,8 @@ def delete_job(pipeline: Pipeline, job_id: uuid.UUID) -> Job:
         for key in _objects(job):
             pipeline.storage.delete(key)
         with unit_of_work(pipeline.sessions) as session:
-            _tombstone(session, job)
+            if not _tombstone(session, job):  # restored meanwhile: it runs again
+                raise StillRunning(str(job_id))
     with pipeline.sessions() as session:
         return jobs.get(session, job_id)
 
@@ -63,19 +77,24 @@ def _objects(job: Job) -> list[str]:
     return keys + ([job.s3_key] if job.s3_key else [])
 
 
-def _tombstone(session: Session, job: Job) -> None:
-    session.execute(
+def _tombstone(session: Session, job: Job) -> bool:
+    """Clear an ended job's inputs, if it is still the ended job that was read."""
+    done = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.deleted_at.is_(None))
+        .where(Job.id == job.id, Job.deleted_at.is_(None), Job.status == job.status)
         .values(
             deleted_at=func.now(), prompt="", negative_prompt=None, image_url=None,
             metadata_={}, s3_key=None, s3_bucket=None, output_url=None, updated_at=func.now(),
             # Its prediction is deleted at WaveSpeed next (`Pipeline.withdraw`).
             due_at=case((Job.prediction_id.is_not(None), func.now()), else_=None),
         )
-    )  # fmt: skip
+        .returning(Job.id)
+    ).first()  # fmt: skip
+    if done is None:
+        return False
     callbacks.forget(session, job.id)
     jobs.note(session, job.id, "deleted: its inputs and video removed")
+    return True
 
 
 def expired_jobs(session: Session, limit: int) -> list[Job]:
@@ -107,6 +126,8 @@ def sweep(pipeline: Pipeline, limit: int = 50) -> int:
         except StorageError as exc:
             log.warning("retention.s3_failed", job_id=str(job.id), error=str(exc))
             break
+        except (StillRunning, jobs.JobNotFound):
+            continue  # restored, or purged, since it was read
         deleted += 1
     return deleted
 
@@ -121,17 +142,17 @@ class Purged:
 
 
 def purge(pipeline: Pipeline, tenant: Tenant) -> Purged:
-    """Remove everything of a tenant, for account deletion: its objects in S3, its
-    predictions at WaveSpeed, then every row of it. Refused while a job of it still runs."""
+    """Remove everything of a tenant, for account deletion: its keys first (so it makes
+    nothing new meanwhile), its objects in S3, its predictions at WaveSpeed, then every row
+    of it. Refused while a job of it still runs or still has a prediction to delete."""
+    with unit_of_work(pipeline.sessions) as session:
+        _refuse_if_busy(session, tenant)
+        keys = delete(ApiKey).where(ApiKey.tenant_id == tenant.id).returning(ApiKey.id)
+        report = Purged(keys=len(session.scalars(keys).all()))
     with pipeline.sessions() as session:
-        live = session.scalar(
-            select(func.count()).where(Job.tenant_id == tenant.id, Job.status.not_in(ENDED))
-        )
-        if live:
-            raise StillRunning(f"{live} jobs of {tenant.name} still run")
         owned = list(session.scalars(select(Job).where(Job.tenant_id == tenant.id)))
         uploads = list(session.scalars(select(Upload.key).where(Upload.tenant_id == tenant.id)))
-    report = Purged(jobs=len(owned), uploads=len(uploads))
+    report.jobs, report.uploads = len(owned), len(uploads)
     for key in [k for job in owned for k in _objects(job)] + uploads:
         pipeline.storage.delete(key)
         report.objects += 1
@@ -140,11 +161,7 @@ def purge(pipeline: Pipeline, tenant: Tenant) -> Purged:
         chunk = predictions[start : start + PREDICTIONS_PER_DELETE]
         report.predictions_deleted += pipeline.wavespeed.delete(chunk)
     with unit_of_work(pipeline.sessions) as session:
-        report.keys = len(
-            session.scalars(
-                delete(ApiKey).where(ApiKey.tenant_id == tenant.id).returning(ApiKey.id)
-            ).all()
-        )
+        _refuse_if_busy(session, tenant)  # a submit answered meanwhile, say
         session.execute(delete(Job).where(Job.tenant_id == tenant.id))
         session.execute(delete(Tenant).where(Tenant.id == tenant.id))
     log.info("tenant.purged", tenant_id=tenant.id, **vars(report))

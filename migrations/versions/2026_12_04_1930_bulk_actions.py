@@ -31,6 +31,7 @@ def upgrade() -> None:
         sa.Column("done", sa.Integer(), server_default="0", nullable=False),
         sa.Column("cursor", sa.Text()),
         sa.Column("lease_until", sa.DateTime(timezone=True)),
+        sa.Column("lease_id", sa.Uuid()),
         sa.Column("resends", sa.Integer(), server_default="0", nullable=False),
         sa.Column("error", sa.Text()),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=now, nullable=False),

@@ -22,7 +22,7 @@ from workers.pipeline import Pipeline, video_key
 from workers.reconciler import reconcile
 from workers.representation import Generation
 from workers.states import JobState
-from workers.wavespeed import WaveSpeedClient
+from workers.wavespeed import WaveSpeedClient, WaveSpeedRejected
 
 pytestmark = pytest.mark.integration
 
@@ -314,3 +314,39 @@ def test_an_output_flagged_nsfw_is_on_the_record_and_fails_a_tenant_that_rejects
     record = Generation.of(job)
     assert (record.nsfw, record.charged) == ([True], "true")  # made and billed all the same
     assert dispatch.STORE not in [t for t, *_ in dispatcher.take()]
+
+
+def test_a_job_stopped_while_its_submit_had_no_answer_has_the_prediction_found_and_deleted(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[60, 60], submit_drop_after_create=1.0)
+    job_id = new_job(pipeline, portrait)
+    pipeline.submit(job_id)  # WaveSpeed made it, but its answer was lost
+    assert status(pipeline, job_id).status == JobState.SUBMITTING
+    simulator.set_faults(inference_seconds=[60, 60])
+    dispatcher.take()
+    pipeline.cancel(job_id)
+    assert withdraws(dispatcher) == [job_id]
+    pipeline.withdraw(job_id)
+    job = status(pipeline, job_id)
+    assert job.prediction_id and job.due_at is None
+    assert simulator.prediction(job.prediction_id)["status"] == "deleted"
+    assert ours(simulator, job_id)[0]["id"] == job.prediction_id  # the one it made
+
+
+def test_a_submit_refused_after_the_cancel_leaves_nothing_to_delete_and_no_charge(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> None:
+    job_id = new_job(pipeline, portrait)
+
+    class CancelledThenRefused:
+        def __getattr__(self, name: str) -> object:
+            return getattr(pipeline.wavespeed, name)
+
+        def submit(self, *args: object, **kwargs: object) -> object:
+            pipeline.cancel(job_id)
+            raise WaveSpeedRejected("duration must be one of 5, 10", status_code=400)
+
+    replace(pipeline, wavespeed=CancelledThenRefused()).submit(job_id)  # type: ignore[arg-type]
+    job = status(pipeline, job_id)
+    assert (job.status, job.due_at, job.charged) == (JobState.CANCELLED, None, False)

@@ -112,3 +112,41 @@ def test_a_purge_removes_everything_of_a_tenant_and_says_what(
         assert session.get(Tenant, owner.id) is None
         assert session.scalar(select(func.count()).where(Job.tenant_id == owner.id)) == 0
         assert session.scalar(select(func.count()).where(Upload.tenant_id == owner.id)) == 0
+
+
+def test_a_purge_waits_for_a_prediction_still_to_delete(
+    pipeline: Pipeline, portrait: bytes
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    pipeline.cancel(job_id)
+    with unit_of_work(pipeline.sessions) as session:  # as if stopped while its POST ran
+        session.execute(update(Job).where(Job.id == job_id).values(due_at=func.now()))
+        owner = session.scalars(select(Tenant).where(Tenant.name == "flow")).one()
+        tenants.create_key(session, owner)
+    with pytest.raises(retention.StillRunning, match="prediction to delete"):
+        retention.purge(pipeline, owner)
+    with pipeline.sessions() as session:  # nothing was removed, its keys included
+        assert session.get(Tenant, owner.id) is not None
+        assert tenants.list_keys(session, owner)
+    assert pipeline.storage.head(status(pipeline, job_id).input_key) is not None
+
+
+def test_a_restore_after_the_deadline_keeps_the_paid_output(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    job_id = completed(pipeline, portrait, simulator)
+    with unit_of_work(pipeline.sessions) as session:  # its store failed for good, late
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                status="failed",
+                error_code="storage_failed",
+                s3_key=None,
+                deadline_at=datetime.now(UTC) - timedelta(minutes=1),
+            )
+        )
+    assert pipeline.restore(job_id)
+    assert pipeline.expire_due() == 0  # asked for now: its deadline no longer applies
+    pipeline.store(job_id)
+    assert status(pipeline, job_id).status == JobState.COMPLETED

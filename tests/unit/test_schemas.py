@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from api.problems import validation_problem
-from api.schemas import GenerationCreate
+from api.schemas import BulkCancel, GenerationCreate
 
 BODY = {"image_url": "https://example.com/a.png", "prompt": "slow push-in"}
 
@@ -91,3 +91,9 @@ def test_a_start_deadline_is_an_aware_time_ahead_within_30_days(
 def test_a_start_deadline_soon_is_accepted() -> None:
     soon = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
     assert GenerationCreate.model_validate({**BODY, "start_deadline": soon}).start_deadline
+
+
+def test_a_bulk_filter_holds_only_text_postgres_can_store() -> None:
+    for metadata in ({"a\x00b": "x"}, {"a": "x\x00"}, {"a": "\ud800"}):
+        with pytest.raises(ValidationError):
+            BulkCancel.model_validate({"metadata": metadata})
