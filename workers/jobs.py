@@ -180,16 +180,18 @@ def record_miss(
     *,
     posted_before: datetime,
     missed_before: datetime,
+    state: JobState = JobState.SUBMITTING,
 ) -> int | None:
-    """Count a history lookup of submit `attempt`, begun at `looked_at`, that did not find
-    it, if it proves something: the attempt was claimed before `posted_before` (its POST can
-    no longer arrive) and any earlier miss began before `missed_before`. Answers the misses
-    so far, or None when this lookup came too early to count."""
+    """Count a history lookup of submit `attempt` of a job in `state` (a stopped one's too),
+    begun at `looked_at`, that did not find it, if it proves something: the attempt was
+    claimed before `posted_before` (its POST can no longer arrive) and any earlier miss began
+    before `missed_before`. Answers the misses so far, or None when this lookup came too
+    early to count."""
     row = session.execute(
         update(Job)
         .where(
             Job.id == job_id,
-            Job.status == JobState.SUBMITTING,
+            Job.status == state,
             Job.submit_attempts == attempt,
             Job.last_submit_at <= posted_before,
             Job.last_miss_at.is_(None) | (Job.last_miss_at <= missed_before),

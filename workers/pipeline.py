@@ -868,11 +868,12 @@ class Pipeline:
         reconciler (`due_at` of the ended job), up to `withdraw_max_attempts`."""
         with unit_of_work(self.sessions) as session:
             job = _bind(jobs.get(session, job_id))
+            looked_at = jobs.db_now(session)  # before any lookup: what it can prove dates from
         state = JobState(job.status)
         if not state.terminal or job.due_at is None:
             return
         try:
-            if job.prediction_id is None and not self._found_unanswered(job):
+            if job.prediction_id is None and not self._found_unanswered(job, looked_at):
                 return
             assert job.prediction_id is not None
             report = self._last_report(job.prediction_id)
@@ -895,12 +896,30 @@ class Pipeline:
             )  # fmt: skip
         log.info("withdraw.done", job_id=str(job_id), status=report, deleted=deleted)
 
-    def _found_unanswered(self, job: Job) -> bool:
+    def _found_unanswered(self, job: Job, looked_at: datetime) -> bool:
         """The prediction of a job stopped while its submit had no answer, looked up in
-        WaveSpeed's history and recorded on the job (which `job` then carries); a try that
-        found nothing yet is recorded as a failed one."""
-        found = self._find_in_history(job, job.submit_attempts)
+        WaveSpeed's history and recorded on the job (which `job` then carries). Absence is
+        proven as `recover` proves it: two misses, both begun after the POST could no longer
+        arrive, a POST's timeout apart; then nothing was made, nor charged. A miss that
+        proves nothing yet is recorded as a failed try."""
+        attempt = job.submit_attempts
+        found = self._find_in_history(job, attempt)
         if found is None:
+            spacing = timedelta(seconds=self.settings.submit_post_seconds)
+            with unit_of_work(self.sessions) as session:
+                misses = jobs.record_miss(
+                    session, job.id, attempt, looked_at, state=JobState(job.status),
+                    posted_before=looked_at - self._in_flight, missed_before=looked_at - spacing,
+                )  # fmt: skip
+                if misses is not None and misses >= 2:
+                    _nothing_created(session, job.id, attempt)
+                    jobs.note(
+                        session,
+                        job.id,
+                        f"attempt {attempt} not in WaveSpeed's history, "
+                        "twice: it made nothing to delete, and nothing was charged",
+                    )
+                    return False
             self._withdraw_failed(job, "its submit is not in WaveSpeed's history (yet)")
             return False
         with unit_of_work(self.sessions) as session:

@@ -350,3 +350,26 @@ def test_a_submit_refused_after_the_cancel_leaves_nothing_to_delete_and_no_charg
     replace(pipeline, wavespeed=CancelledThenRefused()).submit(job_id)  # type: ignore[arg-type]
     job = status(pipeline, job_id)
     assert (job.status, job.due_at, job.charged) == (JobState.CANCELLED, None, False)
+
+
+def test_a_stopped_submit_that_made_nothing_is_proven_absent_and_settled_uncharged(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(submit_500=1.0)  # refused before anything was made, ambiguous to us
+    job_id = new_job(pipeline, portrait)
+    pipeline.submit(job_id)
+    assert status(pipeline, job_id).status == JobState.SUBMITTING
+    simulator.reset_faults()
+    pipeline.cancel(job_id)
+    long_ago = datetime.now(UTC) - timedelta(minutes=10)
+    with unit_of_work(pipeline.sessions) as session:  # its POST can no longer arrive
+        session.execute(update(Job).where(Job.id == job_id).values(last_submit_at=long_ago))
+    pipeline.withdraw(job_id)  # a first miss: not proof yet
+    job = status(pipeline, job_id)
+    assert (job.due_at is not None, job.recover_misses, job.charged) == (True, 1, None)
+    with unit_of_work(pipeline.sessions) as session:  # a POST's timeout later
+        session.execute(update(Job).where(Job.id == job_id).values(last_miss_at=long_ago))
+    pipeline.withdraw(job_id)
+    job = status(pipeline, job_id)
+    assert (job.due_at, job.charged) == (None, False)
+    assert "twice: it made nothing to delete" in history(pipeline, job_id)[-1]
