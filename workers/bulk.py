@@ -29,7 +29,7 @@ from workers.callbacks import DeliveryStatus
 from workers.db import unit_of_work
 from workers.listing import JobFilter
 from workers.models import BulkAction, CallbackDelivery, Job
-from workers.states import JobState
+from workers.states import LIVE, JobState
 from workers.work import Work
 
 if TYPE_CHECKING:
@@ -159,9 +159,8 @@ def stalled(session: Session, grace_seconds: float, cap: int) -> list[uuid.UUID]
 
 def _cancel(pipeline: Pipeline, action: BulkAction, limit: int) -> tuple[int, int, str | None]:
     wanted = JobFilter.from_json(action.filter)
-    live = [s.value for s in JobState if not s.terminal]
     query = select(Job.id, Job.created_at).where(
-        Job.tenant_id == action.tenant_id, Job.status.in_(wanted.statuses or live),
+        Job.tenant_id == action.tenant_id, Job.status.in_(wanted.statuses or LIVE),
         # What existed when it was asked for: jobs made since are not the caller's meaning.
         Job.created_at <= action.created_at, *wanted.where(),
     )  # fmt: skip

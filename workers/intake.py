@@ -24,7 +24,7 @@ from config.settings import Priority
 from workers import admission, callbacks, dispatch, jobs
 from workers.media import IMAGE_TYPES, ImageInfo, InvalidMedia, inspect_image
 from workers.models import IdempotencyKey, Job, Tenant, Upload
-from workers.states import JobState
+from workers.states import LIVE, JobState
 from workers.storage import Storage, StorageError
 from workers.urlguard import UrlGuard, UrlRefused
 from workers.work import Work, silent
@@ -69,8 +69,6 @@ class GenerationInput:
     deadline_at: datetime | None = None
     retry_of: uuid.UUID | None = None
 
-
-LIVE = [s.value for s in JobState if not s.terminal]
 
 # The extension an input object gets, by the content type its bytes were checked to be.
 _EXTENSIONS = dict(IMAGE_TYPES.values())

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -65,6 +66,8 @@ class Tenant(Base):
     sealed_webhook_secret: Mapped[str] = mapped_column(Text)
     sealed_previous_webhook_secret: Mapped[str | None] = mapped_column(Text)
     previous_secret_expires_at: Mapped[datetime | None]
+
+    __table_args__ = (CheckConstraint("weight >= 1", name="weight_positive"),)
 
 
 class ApiKey(Base):

@@ -31,7 +31,7 @@ from workers.models import Job, Tenant
 from workers.outbox import settle as settle_outbox
 from workers.retry import backoff
 from workers.sealing import Sealer
-from workers.states import JobState
+from workers.states import LIVE, JobState
 from workers.storage import Storage, StorageError
 from workers.urlguard import UrlGuard
 from workers.wavespeed import Prediction, WaveSpeedClient, WaveSpeedError
@@ -965,8 +965,6 @@ def _bind(job: Job) -> Job:
     return job
 
 
-# The states a job can be stopped in (cancel, its deadline).
-LIVE = [s for s in JobState if not s.terminal]
 # Failures that give up on a prediction which may still be running: it is deleted.
 WITHDRAWN = frozenset({ErrorCode.DEADLINE_EXCEEDED, ErrorCode.PROCESSING_TIMEOUT})
 # The ends of a job stopped from outside (state, code): a submit still in flight, or a store

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from workers import callbacks, jobs
 from workers.db import unit_of_work
 from workers.models import ApiKey, Job, Tenant, Upload
-from workers.states import TERMINAL, JobState
+from workers.states import LIVE, TERMINAL, JobState
 from workers.storage import StorageError
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ log = structlog.get_logger(__name__)
 
 # WaveSpeed's delete takes a list of ids; this many per call.
 PREDICTIONS_PER_DELETE = 100
-ENDED = [s.value for s in TERMINAL]
 
 
 def _refuse_if_busy(session: Session, tenant: Tenant) -> None:
@@ -42,7 +41,7 @@ def _refuse_if_busy(session: Session, tenant: Tenant) -> None:
     session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": tenant.id})
     busy = session.scalar(
         select(func.count()).where(
-            Job.tenant_id == tenant.id, Job.status.not_in(ENDED) | Job.due_at.is_not(None)
+            Job.tenant_id == tenant.id, Job.status.in_(LIVE) | Job.due_at.is_not(None)
         )
     )
     if busy:
@@ -106,7 +105,7 @@ def expired_jobs(session: Session, limit: int) -> list[Job]:
             .join(Tenant, Tenant.id == Job.tenant_id)
             .where(
                 Tenant.retain_days.is_not(None), Job.deleted_at.is_(None),
-                Job.status.in_(ENDED), Job.completed_at < cutoff,
+                Job.status.in_(sorted(TERMINAL)), Job.completed_at < cutoff,
             )
             .order_by(Job.completed_at)
             .limit(limit)

@@ -22,6 +22,8 @@ class JobState(StrEnum):
 
 
 TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})
+# The states a job is still on its way in: where it can be stopped (cancel, its deadline).
+LIVE = tuple(s for s in JobState if s not in TERMINAL)
 
 # Forward moves of the happy path, plus the steps back to `queued` that a retry takes.
 _FORWARD: dict[JobState, frozenset[JobState]] = {

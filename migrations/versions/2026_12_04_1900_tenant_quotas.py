@@ -21,6 +21,8 @@ def upgrade() -> None:
     op.add_column(
         "tenants", sa.Column("weight", sa.SmallInteger(), server_default="1", nullable=False)
     )
+    # A weight of 0 would give a tenant no turn, and divide the gate's turns by zero.
+    op.create_check_constraint(op.f("ck_tenants_weight_positive"), "tenants", "weight >= 1")
     op.add_column("tenants", sa.Column("submits_per_minute", sa.Integer()))
     op.add_column("tenants", sa.Column("max_queued", sa.Integer()))
     # A tenant's queued jobs are counted at every create once it has a `max_queued`.
@@ -31,5 +33,6 @@ def downgrade() -> None:
     op.drop_index("ix_jobs_tenant_id_status", table_name="jobs")
     op.drop_column("tenants", "max_queued")
     op.drop_column("tenants", "submits_per_minute")
+    op.drop_constraint(op.f("ck_tenants_weight_positive"), "tenants", type_="check")
     op.drop_column("tenants", "weight")
     op.drop_column("tenants", "max_in_flight")

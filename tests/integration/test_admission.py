@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.admission import PRIORITIES, Gate, admit
@@ -229,3 +230,9 @@ def test_a_tenants_cap_is_taken_by_its_highest_priority_first(
     (urgent,) = add_jobs(sessions, "a", 1, priority=PRIORITIES["high"])
     gate = Gate(max_in_flight=10, per_minute=100, tenant_max_in_flight=1)
     assert run(sessions, gate) == [urgent]
+
+
+def test_a_weight_below_one_is_refused_by_the_database(sessions: sessionmaker[Session]) -> None:
+    add_jobs(sessions, "a", 1)
+    with pytest.raises(IntegrityError, match="ck_tenants_weight_positive"):
+        set_quotas(sessions, "a", weight=0)  # it would give the tenant no turn at the gate
