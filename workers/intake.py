@@ -16,12 +16,12 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
 from config.settings import Priority
-from workers import admission, callbacks, dispatch, jobs, tenants
+from workers import admission, callbacks, dispatch, jobs
 from workers.media import IMAGE_TYPES, ImageInfo, InvalidMedia, inspect_image
 from workers.models import IdempotencyKey, Job, Tenant, Upload
 from workers.states import LIVE, JobState
@@ -206,7 +206,7 @@ def check_quotas(
     other's jobs, so neither limit is passed by a burst."""
     if tenant.monthly_budget_usd is None and tenant.max_queued is None:
         return
-    tenants.lock(session, tenant.id)
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": tenant.id})
     if tenant.max_queued is not None:
         _check_queue(session, tenant, tenant.max_queued, settings)
     if tenant.monthly_budget_usd is not None:

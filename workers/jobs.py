@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, case, exists, func, insert, literal, select, update
+from sqlalchemy import Row, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -29,16 +29,6 @@ def db_in(seconds: float) -> ColumnElement[datetime]:
     """The database's `now()` plus `seconds`. Due times and cutoffs are all on the database's
     clock, so workers whose clocks disagree still agree on what is due."""
     return func.now() + timedelta(seconds=seconds)
-
-
-def withdraw_due() -> ColumnElement[datetime | None]:
-    """A stopping job's `due_at`: now if it has a prediction to delete, or a submit that may
-    have made one; else none. On an ended job, a `due_at` means its prediction is still to
-    be deleted (`Pipeline.withdraw`)."""
-    may_have_one = Job.prediction_id.is_not(None) | (
-        (Job.status == JobState.SUBMITTING) & Job.last_submit_at.is_not(None)
-    )
-    return case((may_have_one, func.now()), else_=None)
 
 
 def get(session: Session, job_id: uuid.UUID) -> Job:

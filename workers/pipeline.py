@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import structlog
-from sqlalchemy import ColumnElement, func
+from sqlalchemy import ColumnElement, case, func
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
@@ -823,7 +823,7 @@ class Pipeline:
             when=when,
             error_code=code,
             error_message=message[:2000],
-            due_at=jobs.withdraw_due() if code in WITHDRAWN else None,
+            due_at=_withdraw_due() if code in WITHDRAWN else None,
             completed_at=self.clock(),
             **{"charged": charges.settled(code), **values},
         )
@@ -848,7 +848,7 @@ class Pipeline:
                 note += "; a submit without an answer yet is deleted once it is known"
             moved = jobs.transition(
                 session, job_id, LIVE, JobState.CANCELLED, reason=note,
-                error_code=ErrorCode.CANCELLED, error_message=note, due_at=jobs.withdraw_due(),
+                error_code=ErrorCode.CANCELLED, error_message=note, due_at=_withdraw_due(),
                 completed_at=self.clock(), charged=charges.settled(ErrorCode.CANCELLED),
             )  # fmt: skip
             ended = jobs.get(session, job_id)
@@ -868,11 +868,12 @@ class Pipeline:
         reconciler (`due_at` of the ended job), up to `withdraw_max_attempts`."""
         with unit_of_work(self.sessions) as session:
             job = _bind(jobs.get(session, job_id))
+            looked_at = jobs.db_now(session)  # before any lookup: what it can prove dates from
         state = JobState(job.status)
         if not state.terminal or job.due_at is None:
             return
         try:
-            if job.prediction_id is None and not self._found_unanswered(job):
+            if job.prediction_id is None and not self._found_unanswered(job, looked_at):
                 return
             assert job.prediction_id is not None
             report = self._last_report(job.prediction_id)
@@ -895,15 +896,13 @@ class Pipeline:
             )  # fmt: skip
         log.info("withdraw.done", job_id=str(job_id), status=report, deleted=deleted)
 
-    def _found_unanswered(self, job: Job) -> bool:
+    def _found_unanswered(self, job: Job, looked_at: datetime) -> bool:
         """The prediction of a job stopped while its submit had no answer, looked up in
         WaveSpeed's history and recorded on the job (which `job` then carries). Absence is
         proven as `recover` proves it: two misses, both begun after the POST could no longer
         arrive, a POST's timeout apart; then nothing was made, nor charged. A miss that
         proves nothing yet is recorded as a failed try."""
         attempt = job.submit_attempts
-        with self.sessions() as session:
-            looked_at = jobs.db_now(session)  # before the lookup: what it can prove dates from
         found = self._find_in_history(job, attempt)
         if found is None:
             spacing = timedelta(seconds=self.settings.submit_post_seconds)
@@ -955,7 +954,7 @@ class Pipeline:
         with unit_of_work(self.sessions) as session:
             jobs.update_fields(
                 session, job.id, JobState(job.status),
-                when=_tracks(job) & Job.due_at.is_not(None), note=note[:500],
+                when=_same_prediction(job) & Job.due_at.is_not(None), note=note[:500],
                 step_failures=tries, **values,
             )  # fmt: skip
 
@@ -979,6 +978,16 @@ def _stopped(job: Job) -> bool:
     return (job.status, job.error_code) in STOPPED
 
 
+def _withdraw_due() -> ColumnElement[datetime | None]:
+    """A stopping job's `due_at`: now if it has a prediction to delete, or a submit that may
+    have made one; else none. On an ended job, a `due_at` means its prediction is still to
+    be deleted (`Pipeline.withdraw`)."""
+    may_have_one = Job.prediction_id.is_not(None) | (
+        (Job.status == JobState.SUBMITTING) & Job.last_submit_at.is_not(None)
+    )
+    return case((may_have_one, func.now()), else_=None)
+
+
 def _settle_stopped(session: Session, job_id: uuid.UUID, attempt: int, **values: Any) -> bool:
     """Record what became of submit `attempt` of a job stopped from outside while it was on
     its way (`STOPPED`): the prediction it made, or that it made none."""
@@ -996,6 +1005,13 @@ def _nothing_created(session: Session, job_id: uuid.UUID, attempt: int) -> None:
     """Submit `attempt` surely made no prediction: a job stopped meanwhile has nothing to
     delete, and was not charged."""
     _settle_stopped(session, job_id, attempt, due_at=None, charged=False)
+
+
+def _same_prediction(job: Job) -> ColumnElement[bool]:
+    """The job still holds the prediction (or the lack of one) this worker read."""
+    if job.prediction_id is None:
+        return Job.prediction_id.is_(None)
+    return _tracks(job)
 
 
 def _past_deadline() -> ColumnElement[bool]:

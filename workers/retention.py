@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
-from workers import callbacks, jobs, tenants
+from workers import callbacks, jobs
 from workers.db import unit_of_work
 from workers.models import ApiKey, Job, Tenant, Upload
 from workers.states import LIVE, TERMINAL, JobState
@@ -38,7 +38,7 @@ PREDICTIONS_PER_DELETE = 100
 def _refuse_if_busy(session: Session, tenant: Tenant) -> None:
     """Under the tenant's lock (the one creates take), refuse while a job of the tenant runs,
     or has a prediction still to delete (a submit stopped before its answer came)."""
-    tenants.lock(session, tenant.id)
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": tenant.id})
     busy = session.scalar(
         select(func.count()).where(
             Job.tenant_id == tenant.id, Job.status.in_(LIVE) | Job.due_at.is_not(None)
@@ -85,7 +85,7 @@ def _tombstone(session: Session, job: Job) -> bool:
             deleted_at=func.now(), prompt="", negative_prompt=None, image_url=None,
             metadata_={}, s3_key=None, s3_bucket=None, output_url=None, updated_at=func.now(),
             # Its prediction is deleted at WaveSpeed next (`Pipeline.withdraw`).
-            due_at=jobs.withdraw_due(),
+            due_at=case((Job.prediction_id.is_not(None), func.now()), else_=None),
         )
         .returning(Job.id)
     ).first()  # fmt: skip

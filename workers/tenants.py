@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from workers.models import ApiKey, Tenant
@@ -54,12 +54,6 @@ def create_tenant(
     session.add(tenant)
     session.flush()
     return tenant
-
-
-def lock(session: Session, tenant_id: str) -> None:
-    """The tenant's lock, to the end of the transaction: what counts its jobs (a create's
-    quotas, a purge) sees every other such change of it."""
-    session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": tenant_id})
 
 
 def find_tenant(session: Session, name_or_id: str) -> Tenant:
