@@ -41,7 +41,10 @@ from api.schemas import (
     BulkReplay,
     DeliveryOut,
     EndpointEnable,
+    Event,
+    EventFeed,
     EventOut,
+    FeedEvent,
     GenerationCreate,
     GenerationPage,
     History,
@@ -51,7 +54,7 @@ from api.schemas import (
     Upload,
 )
 from config import Settings
-from workers import bulk, callbacks, jobs, listing, retention, tenants
+from workers import bulk, callbacks, feed, jobs, listing, retention, tenants
 from workers.intake import (
     GenerationInput,
     InputImage,
@@ -479,6 +482,31 @@ def get_events(job_id: uuid.UUID, db: Db, tenant: CurrentTenant) -> History:
         events=[EventOut.of(e) for e in jobs.events(db, job_id)],
         deliveries=[DeliveryOut.of(d, a) for d, a in callbacks.of_job(db, job_id)],
     )
+
+
+# -- the event feed ------------------------------------------------------------------------
+
+
+@v1.get("/events", response_model=EventFeed, tags=["callbacks"], responses=ERRORS)
+def list_events(
+    db: Db,
+    tenant: CurrentTenant,
+    after: Annotated[
+        str | None, Query(max_length=64, description="The id of the last event you have")
+    ] = None,
+    types: Annotated[list[Event], Query(max_length=5)] = [],  # noqa: B006
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> EventFeed:
+    """Every event of your jobs, oldest first, whether or not a callback carried it; each
+    `id` is the `webhook-id` of its callback. A receiver that was down passes the last id it
+    saw as `after` and gets what it missed; the order holds while events arrive."""
+    try:
+        since = feed.parse_event_id(after) if after else None
+        events = feed.page(db, tenant.id, after=since, types=types, limit=limit)
+    except (ValueError, feed.UnknownEvent) as exc:
+        raise Refusal(422, "after", "invalid", "not the id of an event of yours") from exc
+    last = feed.event_id(events[-1].id) if events else after
+    return EventFeed(data=[FeedEvent.of(e) for e in events], next_cursor=last)
 
 
 # -- uploads, callbacks -------------------------------------------------------------------

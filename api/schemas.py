@@ -24,9 +24,10 @@ from pydantic_core import PydanticCustomError, PydanticKnownError
 from config.settings import Priority
 from workers.admission import PRIORITIES
 from workers.bulk import MAX_ITEMS
-from workers.callbacks import DEFAULT_EVENTS, webhook_id
+from workers.callbacks import DEFAULT_EVENTS
+from workers.feed import event_id
 from workers.listing import JobFilter
-from workers.models import BulkAction, CallbackAttempt, CallbackDelivery, JobEvent
+from workers.models import BulkAction, CallbackAttempt, CallbackDelivery, JobEvent, TenantEvent
 from workers.representation import Generation
 
 EXAMPLE_PROMPT = (
@@ -250,6 +251,29 @@ class GenerationPage(BaseModel):
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page")
 
 
+class FeedEvent(BaseModel):
+    """One event of the feed: exactly what its callback carries, with its `webhook-id`."""
+
+    id: str = Field(description="The `webhook-id` of the event's callback; pass as `after`")
+    type: str
+    timestamp: datetime
+    data: dict[str, Any] = Field(description="The job record as it was when the event happened")
+
+    @classmethod
+    def of(cls, event: TenantEvent) -> FeedEvent:
+        return cls(
+            id=event_id(event.id), type=event.type, timestamp=event.payload["timestamp"],
+            data=event.payload["data"],
+        )  # fmt: skip
+
+
+class EventFeed(BaseModel):
+    data: list[FeedEvent]
+    next_cursor: str | None = Field(
+        None, description="Pass as `after` for the events after these (null: none so far)"
+    )
+
+
 class EventOut(BaseModel):
     from_state: str | None
     to_state: str
@@ -283,7 +307,7 @@ class DeliveryOut(BaseModel):
     @classmethod
     def of(cls, delivery: CallbackDelivery, attempts: list[CallbackAttempt]) -> DeliveryOut:
         return cls(
-            id=delivery.id, webhook_id=webhook_id(delivery.id), event=delivery.event,
+            id=delivery.id, webhook_id=event_id(delivery.id), event=delivery.event,
             url=delivery.url, status=delivery.status, next_attempt_at=delivery.next_attempt_at,
             delivered_at=delivery.delivered_at,
             attempts=[AttemptOut.model_validate(a, from_attributes=True) for a in attempts],

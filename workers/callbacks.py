@@ -30,10 +30,9 @@ from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
 from config import Settings
-from workers import jobs, metrics
+from workers import feed, jobs, metrics
 from workers.dispatch import NOTIFY
 from workers.models import CallbackAttempt, CallbackDelivery, CallbackHost, Tenant
-from workers.representation import Generation
 from workers.retry import parse_retry_after
 from workers.sealing import Sealer
 from workers.tenants import signing_secrets
@@ -116,10 +115,6 @@ class Attempt:
     lease: datetime
 
 
-def webhook_id(delivery_id: uuid.UUID) -> str:
-    return f"msg_{delivery_id.hex}"
-
-
 def host_of(url: str) -> str:
     """scheme://host:port: one receiver, as far as limits and the breaker are concerned."""
     parsed = httpx.URL(url)
@@ -128,9 +123,11 @@ def host_of(url: str) -> str:
 
 
 def record(session: Session, job_id: uuid.UUID, event: str, now: datetime) -> uuid.UUID | None:
-    """Write the delivery of `event` for a job, if it has a callback URL that asked for it.
-    Answers the delivery id to dispatch after commit (None when there is nothing to send)."""
+    """Add `event` of the job to its tenant's feed (`workers.feed`) and write its delivery,
+    under the same id, if the job has a callback URL that asked for it. Answers the delivery
+    id to dispatch after commit (None when there is nothing to send)."""
     job = jobs.get(session, job_id)
+    recorded = feed.record(session, job, event, now)
     if not job.webhook_url or event not in (job.webhook_events or DEFAULT_EVENTS):
         return None
     gone = session.scalar(
@@ -140,14 +137,9 @@ def record(session: Session, job_id: uuid.UUID, event: str, now: datetime) -> uu
             CallbackDelivery.status == DeliveryStatus.GONE,
         )
     )
-    payload = {
-        "type": event,
-        "timestamp": now.isoformat(),
-        "data": Generation.of(job).model_dump(mode="json"),
-    }
     delivery = CallbackDelivery(
-        job_id=job.id, tenant_id=job.tenant_id, event=event, url=job.webhook_url,
-        host=host_of(job.webhook_url), payload=payload,
+        id=recorded, job_id=job.id, tenant_id=job.tenant_id, event=event, url=job.webhook_url,
+        host=host_of(job.webhook_url),
         status=DeliveryStatus.GONE if gone else DeliveryStatus.PENDING,
         next_attempt_at=None if gone else now,
     )  # fmt: skip
@@ -229,8 +221,8 @@ def _claim(
         delivery.next_attempt_at = now + timedelta(seconds=wait)
         return Outcome(DeliveryStatus.PENDING, wait)
     tenant = session.get_one(Tenant, delivery.tenant_id)
-    body = json.dumps(delivery.payload, separators=(",", ":")).encode()
-    headers = sign(signing_secrets(tenant, sealer, now), webhook_id(delivery.id), now, body)
+    body = json.dumps(feed.payload(session, delivery.id), separators=(",", ":")).encode()
+    headers = sign(signing_secrets(tenant, sealer, now), feed.event_id(delivery.id), now, body)
     delivery.sending_until = now + policy.lease
     return Attempt(
         delivery.id, delivery.job_id, delivery.url, delivery.host, body, headers,
@@ -416,15 +408,7 @@ def forget(session: Session, job_id: uuid.UUID) -> None:
     """A deleted job's callbacks: none is sent any more, and each keeps only its event and
     the job's id (the record they carried held its inputs)."""
     supersede(session, job_id)
-    session.execute(
-        update(CallbackDelivery)
-        .where(CallbackDelivery.job_id == job_id)
-        .values(
-            payload=func.jsonb_build_object(
-                "type", CallbackDelivery.event, "data", func.jsonb_build_object("id", str(job_id))
-            )
-        )
-    )
+    feed.forget(session, job_id)
 
 
 def replay(work: Work, tenant_id: str, delivery_id: uuid.UUID, now: datetime) -> bool:

@@ -12,6 +12,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     MetaData,
@@ -260,19 +261,45 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
+class TenantEvent(Base):
+    """An event of a tenant's feed (`GET /v1/events`): what its callback carries, recorded
+    for every job whether or not it has a callback URL. Its id is the `webhook-id`.
+
+    The feed is ordered by the writing transaction's id, then `seq`: a transaction still
+    open holds back every event from one that started after it, so a reader paging with
+    a cursor never skips an event that commits late (`workers.feed`)."""
+
+    __tablename__ = "tenant_events"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    seq: Mapped[int] = mapped_column(BigInteger, Identity())
+    txid: Mapped[int] = mapped_column(
+        BigInteger, server_default=text("(pg_current_xact_id()::text::bigint)")
+    )
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    type: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    __table_args__ = (Index("ix_tenant_events_feed", "tenant_id", "txid", "seq"),)
+
+
 class CallbackDelivery(Base):
-    """One event for a producer's callback URL; its id is the `webhook-id` of every attempt."""
+    """The event of the same id, for a producer's callback URL; the id is the `webhook-id` of
+    every attempt."""
 
     __tablename__ = "callback_deliveries"
 
-    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenant_events.id", ondelete="CASCADE"), primary_key=True
+    )
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     event: Mapped[str] = mapped_column(String(40))
     url: Mapped[str] = mapped_column(Text)
     # scheme://host:port of `url`: what per-host limits and the circuit breaker count by.
     host: Mapped[str] = mapped_column(Text, default="", server_default="", index=True)
-    payload: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None]

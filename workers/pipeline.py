@@ -791,7 +791,8 @@ class Pipeline:
     # -- shared ---------------------------------------------------------------------------
 
     def _event(self, work: Work, job_id: uuid.UUID, event: str) -> None:
-        """Record the job's callback of `event`, if it has one, and send it after the commit."""
+        """Add `event` to the tenant's feed, and record the job's callback of it, if it has
+        one, to be sent after the commit."""
         delivery = callbacks.record(work.session, job_id, event, self.clock())
         if delivery is not None:
             work.send(dispatch.NOTIFY, delivery)
