@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,7 @@ from api import edge, problems
 from api.deps import Resources
 from api.routes import hooks, router, v1
 from api.throttle import KeyRateLimit, TenantSlots
+from api.waiters import JobWatch, WaiterSlots
 from config import Settings
 from config.logging import configure_logging
 from workers.celery_app import create_celery
@@ -47,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         webhook_pipeline = build_pipeline(
             settings, celery, pool_size=WEBHOOK_THREADS, publish_retry=False
         )
+        watch = JobWatch(settings.database_url)
         timeout = settings.broker_timeout_seconds
         broker = redis.Redis.from_url(
             settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
@@ -72,8 +75,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
             webhook_pipeline=webhook_pipeline,
             webhook_threads=anyio.CapacityLimiter(WEBHOOK_THREADS),
+            watch=watch,
+            waits=WaiterSlots(settings.tenant_max_waiters),
         )  # fmt: skip
+        listener = asyncio.create_task(watch.run())
         yield
+        listener.cancel()
         broker.close()
         close_pipeline(webhook_pipeline)
         close_pipeline(pipeline)

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.throttle import KeyRateLimit, TenantSlots
+from api.waiters import JobWatch, WaiterSlots
 from config import Settings
 from workers import tenants
 from workers.intake import Refusal
@@ -41,6 +42,9 @@ class Resources:
     # however heavy, never queues it.
     webhook_pipeline: Pipeline
     webhook_threads: anyio.CapacityLimiter
+    # Requests waiting for a job to change (long-poll, SSE), and each tenant's share of them.
+    watch: JobWatch
+    waits: WaiterSlots
 
 
 async def resources(request: Request) -> Resources:

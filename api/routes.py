@@ -6,9 +6,10 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Annotated, Any
 
 import anyio
@@ -24,7 +25,7 @@ from fastapi import (
     Response,
     UploadFile,
 )
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from sqlalchemy import text
@@ -53,6 +54,7 @@ from api.schemas import (
     Text,
     Upload,
 )
+from api.waiters import changes, until_changed
 from config import Settings
 from workers import bulk, callbacks, feed, jobs, listing, retention, tenants
 from workers.intake import (
@@ -72,6 +74,7 @@ from workers.intake import (
 from workers.models import Job, Tenant
 from workers.pipeline import utcnow
 from workers.representation import Generation
+from workers.states import JobState
 from workers.webhook_in import WebhookRejected, verify
 from workers.work import Work
 
@@ -368,10 +371,131 @@ def _owned(db: Db, tenant: Tenant, job_id: uuid.UUID) -> Job:
     return job
 
 
-@v1.get("/generations/{job_id}", response_model=Generation, tags=["generations"], responses=ERRORS)
-def get_generation(job_id: uuid.UUID, db: Db, tenant: CurrentTenant) -> Generation:
-    """The job record."""
-    return Generation.of(_owned(db, tenant, job_id))
+# RFC 7240's `wait` preference, as `Prefer: wait=N` (other preferences are ignored).
+_WAIT = re.compile(r"^\s*wait\s*=\s*\"?(\d{1,6})\"?\s*$", re.IGNORECASE)
+PreferHeader = Annotated[
+    str | None,
+    Header(max_length=200, description="`wait=N`: answer once the job changes, at most N s"),
+]
+IfNoneMatchHeader = Annotated[
+    str | None,
+    Header(max_length=400, description="ETags you have: wait for (or answer 304 without) them"),
+]
+
+
+def _wait_of(prefer: str | None, settings: Settings) -> int:
+    """Seconds the caller asks to wait (0: none), capped at `long_poll_max_seconds`."""
+    for preference in (prefer or "").split(","):
+        name = preference.partition("=")[0].strip().lower()
+        if name != "wait":
+            continue
+        found = _WAIT.match(preference.split(";")[0])
+        if not found:
+            raise Refusal(422, "Prefer", "invalid", "wait must be a whole number of seconds")
+        return min(int(found.group(1)), settings.long_poll_max_seconds)
+    return 0
+
+
+def etag(status: str) -> str:
+    """A weak validator of the job's state: it changes when the job changes state."""
+    return f'W/"{status}"'
+
+
+def _known(if_none_match: str | None) -> set[str]:
+    return {tag.strip() for tag in (if_none_match or "").split(",") if tag.strip()}
+
+
+def _read(res: Resources, tenant: Tenant, job_id: uuid.UUID) -> Generation | None:
+    with res.sessions() as db:
+        job = jobs.for_tenant(db, tenant.id, job_id)
+        return Generation.of(job) if job is not None else None
+
+
+@v1.get(
+    "/generations/{job_id}", response_model=Generation, tags=["generations"],
+    responses={**ERRORS, 304: {"description": "Still in the state If-None-Match names"}},
+)  # fmt: skip
+async def get_generation(
+    job_id: uuid.UUID,
+    res: Res,
+    tenant: CurrentTenant,
+    prefer: PreferHeader = None,
+    if_none_match: IfNoneMatchHeader = None,
+) -> Response:
+    """The job record, with its `ETag` (its state). With `Prefer: wait=N` (N at most 60) the
+    answer comes when the job changes state or when N seconds run out; with `If-None-Match`
+    the state you already have is the one to wait out, and an unchanged job answers 304.
+    Waiting holds no thread and no database connection."""
+    wait, known = _wait_of(prefer, res.settings), _known(if_none_match)
+    read = partial(_read, res, tenant, job_id)
+    if wait:
+        with res.waits.slot(tenant.id):
+            first = await anyio.to_thread.run_sync(read)
+            baseline = known or ({etag(first.status)} if first else set())
+            found = await until_changed(
+                res.watch, job_id, read, lambda g: etag(g.status) not in baseline, wait
+            )
+    else:
+        found = await anyio.to_thread.run_sync(read)
+    if found is None:
+        raise HTTPException(404, "no generation with this id")
+    headers = {"ETag": etag(found.status), "Vary": "Prefer, If-None-Match"}
+    if wait:
+        headers["Preference-Applied"] = f"wait={wait}"
+    if etag(found.status) in known:
+        return Response(status_code=304, headers=headers)
+    return JSONResponse(found.model_dump(mode="json"), headers=headers)
+
+
+@v1.get(
+    "/generations/{job_id}/events/stream", tags=["generations"],
+    response_class=StreamingResponse,
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}},
+                               "description": "Server-Sent Events of the job's state changes"}},
+)  # fmt: skip
+async def stream_events(
+    job_id: uuid.UUID,
+    res: Res,
+    tenant: CurrentTenant,
+    last_event_id: Annotated[str | None, Header(max_length=20)] = None,
+) -> StreamingResponse:
+    """Server-Sent Events of the job's state changes (`event: state`, `id` the change's id,
+    `data` the change with the job record as it is now), from the first or from after
+    `Last-Event-ID`, ending once the job has ended. A quiet stream carries a comment line
+    every 15 s."""
+    if last_event_id is not None and not last_event_id.isdigit():
+        raise Refusal(422, "Last-Event-ID", "invalid", "not an event id this stream sent")
+    res.waits.check(tenant.id)
+    if await anyio.to_thread.run_sync(partial(_read, res, tenant, job_id)) is None:
+        raise HTTPException(404, "no generation with this id")
+
+    async def body() -> AsyncIterator[str]:
+        # The slot is taken by the stream itself: a response never started holds none.
+        with res.waits.slot(tenant.id):
+            read = partial(_changes_after, res, tenant, job_id)
+            async for chunk in changes(res.watch, job_id, read, int(last_event_id or 0)):
+                yield chunk
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+def _changes_after(
+    res: Resources, tenant: Tenant, job_id: uuid.UUID, after: int
+) -> tuple[list[tuple[int, str]], bool]:
+    with res.sessions() as db:
+        job = jobs.for_tenant(db, tenant.id, job_id)
+        if job is None:  # removed with its tenant
+            return [], True
+        generation = Generation.of(job).model_dump(mode="json")
+        ended = JobState(job.status).terminal
+        return [
+            (e.id, json.dumps({
+                "id": e.id, "from": e.from_state, "to": e.to_state, "reason": e.reason,
+                "at": e.at.isoformat(), "generation": generation,
+            }, separators=(",", ":")))
+            for e in jobs.state_changes(db, job_id, after)
+        ], ended  # fmt: skip
 
 
 @v1.post(

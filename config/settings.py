@@ -152,6 +152,11 @@ class Settings(BaseSettings):
     rate_limit: str = "1200/minute"
     tenant_max_batches: int = Field(default=2, ge=1)
     tenant_max_image_fetches: int = Field(default=8, ge=1)
+    # Long-polls (`Prefer: wait=N`) and event streams one tenant may hold open per API
+    # process (each costs a little memory and a read per change of its job), and the
+    # longest wait a request may ask for.
+    tenant_max_waiters: int = Field(default=1000, ge=1)
+    long_poll_max_seconds: int = Field(default=60, ge=1, le=300)
 
     image_max_bytes: int = 10 * 1024 * 1024
     image_min_side: int = 300

@@ -139,6 +139,20 @@ def events(session: Session, job_id: uuid.UUID) -> Sequence[JobEvent]:
     ).all()
 
 
+def state_changes(session: Session, job_id: uuid.UUID, after: int) -> Sequence[JobEvent]:
+    """The job's transitions after event `after`, oldest first (notes left out). They are
+    written under the job's row lock, so their ids follow the order they committed in."""
+    return session.scalars(
+        select(JobEvent)
+        .where(
+            JobEvent.job_id == job_id,
+            JobEvent.id > after,
+            JobEvent.from_state.is_distinct_from(JobEvent.to_state),
+        )
+        .order_by(JobEvent.id)
+    ).all()
+
+
 def claim_poll(session: Session, job_id: uuid.UUID, seq: int | None) -> tuple[Job, datetime] | None:
     """Take the poll chain of a processing job: bump `poll_seq` if the caller's `seq` is
     current (or `None`, which takes over from any chain). Answers the row and the database's
