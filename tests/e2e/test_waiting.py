@@ -119,9 +119,7 @@ def test_waits_are_refused_clearly(api: httpx.Client, upload_id: str) -> None:
         "/v1/generations/00000000-0000-4000-8000-000000000000", headers={"Prefer": "wait=5"}
     )
     assert missing.status_code == 404
-    stream = api.get(
-        f"/v1/generations/{job_id}/events/stream", headers={"Last-Event-ID": "x"}
-    )
+    stream = api.get(f"/v1/generations/{job_id}/events/stream", headers={"Last-Event-ID": "x"})
     assert stream.status_code == 422 and stream.json()["errors"][0]["field"] == "Last-Event-ID"
 
 
