@@ -21,6 +21,7 @@ from api.waiters import JobWatch, WaiterSlots
 from config import Settings
 from config.logging import configure_logging
 from workers.celery_app import create_celery
+from workers.estimates import Estimator
 from workers.metrics import BacklogCollector, scrape_registry
 from workers.migrate import SchemaNotAtHead, require_head
 from workers.runtime import build_pipeline, close_pipeline
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             webhook_threads=anyio.CapacityLimiter(WEBHOOK_THREADS),
             watch=watch,
             waits=WaiterSlots(settings.tenant_max_waiters),
+            estimator=Estimator(settings),
         )  # fmt: skip
         listener = asyncio.create_task(watch.run())
         yield

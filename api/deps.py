@@ -18,6 +18,7 @@ from api.throttle import KeyRateLimit, TenantSlots
 from api.waiters import JobWatch, WaiterSlots
 from config import Settings
 from workers import tenants
+from workers.estimates import Estimator
 from workers.intake import Refusal
 from workers.models import Tenant
 from workers.pipeline import Pipeline
@@ -45,6 +46,7 @@ class Resources:
     # Requests waiting for a job to change (long-poll, SSE), and each tenant's share of them.
     watch: JobWatch
     waits: WaiterSlots
+    estimator: Estimator
 
 
 async def resources(request: Request) -> Resources:

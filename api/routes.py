@@ -6,8 +6,9 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Annotated, Any
@@ -30,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from api import problems
 from api.deps import CurrentTenant, Db, Res, Resources, metrics_reader, rate_limited, spend
@@ -41,6 +43,7 @@ from api.schemas import (
     BulkCancel,
     BulkReplay,
     DeliveryOut,
+    DryRun,
     EndpointEnable,
     Event,
     EventFeed,
@@ -57,6 +60,8 @@ from api.schemas import (
 from api.waiters import changes, until_changed
 from config import Settings
 from workers import bulk, callbacks, feed, jobs, listing, retention, tenants
+from workers.admission import PRIORITIES
+from workers.estimates import WOULD_BE
 from workers.intake import (
     GenerationInput,
     InputImage,
@@ -215,7 +220,8 @@ def _accepted(
 
 @v1.post(
     "/generations", status_code=201, response_model=Generation, tags=["generations"],
-    responses={**ERRORS, 200: {"model": Generation, "description": "Idempotent replay"},
+    responses={**ERRORS, 200: {"model": Generation | DryRun,
+                               "description": "Idempotent replay, or a dry run's answer"},
                402: PROBLEM, 409: PROBLEM},
 )  # fmt: skip
 def create_generation(
@@ -224,14 +230,37 @@ def create_generation(
     tenant: CurrentTenant,
     response: Response,
     idempotency_key: IdempotencyHeader = None,
-) -> Generation:
+) -> Generation | JSONResponse:
     """Validate as WaveSpeed would (the image fetched and opened for real), check the budget,
     store the job and its first task in one transaction, publish after commit. Refusals
     enqueue nothing. With `Idempotency-Key`, a retry of the same body answers the same job
     (200); the same key with another body is a 409. A job that was committed is answered 201
-    whatever the broker does; a failure before the commit answers 503 and leaves nothing."""
+    whatever the broker does; a failure before the commit answers 503 and leaves nothing.
+    With `dry_run`, every check runs and nothing else: 200 with what the job would cost and
+    when it would start, or the refusal a create would get."""
+    if body.dry_run:
+        return JSONResponse(_dry_run(res, tenant, body).model_dump(mode="json"))
     generation, response.status_code = _create_once(res, tenant, body, idempotency_key)
     return generation
+
+
+def _dry_run(res: Res, tenant: Tenant, body: GenerationCreate) -> DryRun:
+    """Every check of `_create` (the image through the guard, the budget and the queue limit
+    under the tenant's lock, in a transaction rolled back) and where the job would stand."""
+    request = _request_of(body, res.settings)
+    if request.webhook_url:
+        check_callback_url(res.guard, request.webhook_url)
+    with res.fetches.slot(tenant.id), res.sessions() as db:
+        load_image(db, res.guard, tenant, request, res.settings)
+    price = res.settings.price_usd[request.duration]
+    with res.sessions() as db:  # never committed
+        left = check_quotas(db, tenant, price, utcnow(), res.settings)
+        would_be = Job(
+            tenant_id=tenant.id, priority=PRIORITIES[request.priority], duration=request.duration,
+            status=JobState.QUEUED,
+        )  # fmt: skip
+        estimate = res.estimator.of(db, [], would_be)[WOULD_BE]
+    return DryRun(price_usd=price, budget_left_usd=left, **asdict(estimate))
 
 
 def _create_once(
@@ -303,6 +332,8 @@ def _batch_item(
         fields = dict(raw)
         key = _item_key(fields.pop("idempotency_key", None), batch_key, index)
         body = GenerationCreate.model_validate(fields)
+        if body.dry_run:
+            return BatchItem(index=index, status=200, dry_run=_dry_run(res, tenant, body))
         generation, status = _create_once(res, tenant, body, key)
     except ValidationError as exc:
         problem = problems.validation_problem(exc.errors(include_url=False))
@@ -329,6 +360,7 @@ def _item_key(own: Any, batch_key: str | None, index: int) -> str | None:
 @v1.get("/generations", response_model=GenerationPage, tags=["generations"], responses=ERRORS)
 def list_generations(
     db: Db,
+    res: Res,
     tenant: CurrentTenant,
     status: Annotated[
         str | None,
@@ -359,7 +391,7 @@ def list_generations(
     )  # fmt: skip
     rows, following = listing.page(db, tenant.id, chosen, limit=limit, after=after)
     return GenerationPage(
-        data=[Generation.of(job) for job in rows],
+        data=_records(res, db, rows),
         next_cursor=following.encode() if following else None,
     )
 
@@ -408,7 +440,13 @@ def _known(if_none_match: str | None) -> set[str]:
 def _read(res: Resources, tenant: Tenant, job_id: uuid.UUID) -> Generation | None:
     with res.sessions() as db:
         job = jobs.for_tenant(db, tenant.id, job_id)
-        return Generation.of(job) if job is not None else None
+        return _records(res, db, [job])[0] if job is not None else None
+
+
+def _records(res: Resources, db: Session, found: Sequence[Job]) -> list[Generation]:
+    """The jobs' records with where each live one stands: one query for all of them."""
+    estimates = res.estimator.of(db, found)
+    return [Generation.of(job, estimates.get(job.id)) for job in found]
 
 
 @v1.get(
@@ -487,7 +525,7 @@ def _changes_after(
         job = jobs.for_tenant(db, tenant.id, job_id)
         if job is None:  # removed with its tenant
             return [], True
-        generation = Generation.of(job).model_dump(mode="json")
+        generation = _records(res, db, [job])[0].model_dump(mode="json")
         ended = JobState(job.status).terminal
         return [
             (e.id, json.dumps({

@@ -6,6 +6,7 @@ import json
 import math
 import uuid
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -216,6 +217,15 @@ class GenerationCreate(BaseModel):
         ),
     )
 
+    dry_run: bool = Field(
+        False,
+        description=(
+            "Run every check a create runs (the image fetched and opened, budget and quotas) "
+            "and answer 200 with the price, the budget left and the place it would get; "
+            "nothing is stored, enqueued or charged"
+        ),
+    )
+
     @model_validator(mode="after")
     def _one_image(self) -> Self:
         if (self.image_url is None) == (self.upload_id is None):
@@ -231,12 +241,27 @@ class BatchCreate(BaseModel):
     )
 
 
+class DryRun(BaseModel):
+    """What a create would do: it would be accepted, at this price, and start about then."""
+
+    dry_run: Literal[True] = True
+    price_usd: Decimal
+    budget_left_usd: Decimal | None = Field(
+        description="The monthly budget left once this job is counted (null: no budget)"
+    )
+    queue_position: int | None = Field(description="Jobs the gate would admit before it")
+    estimated_start_at: datetime | None
+    estimated_completion_at: datetime | None
+
+
 class BatchItem(BaseModel):
-    """One item of a batch: its position, its HTTP-like status, and the job or the problem."""
+    """One item of a batch: its position, its HTTP-like status, and the job (or, for a dry
+    run, what it would be) or the problem."""
 
     index: int
     status: int
     generation: Generation | None = None
+    dry_run: DryRun | None = None
     problem: dict[str, Any] | None = None
 
 

@@ -200,17 +200,19 @@ def committed_spend(
 
 def check_quotas(
     session: Session, tenant: Tenant, adding: Decimal, now: datetime, settings: Settings
-) -> None:
+) -> Decimal | None:
     """Refuse what would take the tenant over its monthly budget (402) or its queue over
-    `max_queued` (429). A per-tenant advisory lock makes concurrent requests see each
-    other's jobs, so neither limit is passed by a burst."""
+    `max_queued` (429); answers the budget left once `adding` is spent (None: no budget). A
+    per-tenant advisory lock makes concurrent requests see each other's jobs, so neither
+    limit is passed by a burst."""
     if tenant.monthly_budget_usd is None and tenant.max_queued is None:
-        return
+        return None
     session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": tenant.id})
     if tenant.max_queued is not None:
         _check_queue(session, tenant, tenant.max_queued, settings)
-    if tenant.monthly_budget_usd is not None:
-        _check_budget(session, tenant, tenant.monthly_budget_usd, adding, now, settings)
+    if tenant.monthly_budget_usd is None:
+        return None
+    return _check_budget(session, tenant, tenant.monthly_budget_usd, adding, now, settings)
 
 
 def _check_queue(session: Session, tenant: Tenant, limit: int, settings: Settings) -> None:
@@ -276,7 +278,7 @@ def _quota(own: Any, default: Any, used: Any) -> dict[str, Any]:
 def _check_budget(
     session: Session, tenant: Tenant, budget: Decimal, adding: Decimal, now: datetime,
     settings: Settings,
-) -> None:  # fmt: skip
+) -> Decimal:  # fmt: skip
     month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     spent = committed_spend(session, tenant, month, settings)
     if spent + adding > budget:
@@ -285,6 +287,7 @@ def _check_budget(
             f"${adding} more would bring this month's spend (${spent}, jobs in flight "
             f"included) over the monthly budget of ${budget}",
         )  # fmt: skip
+    return budget - spent - adding
 
 
 @dataclass(frozen=True)

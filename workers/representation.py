@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -13,6 +14,7 @@ from config.settings import Priority
 from workers import charges
 from workers.admission import PRIORITY_NAMES
 from workers.charges import Charged
+from workers.estimates import Estimate
 from workers.models import Job
 
 
@@ -67,9 +69,14 @@ class Generation(BaseModel):
     # Whether WaveSpeed charged for it (`workers.charges`): "unknown" when it cannot be told.
     charged: Charged
     error: JobError | None
+    # Where a live job stands (`workers.estimates`), on records read from the API; ended
+    # jobs, and the records callbacks carry, have none.
+    queue_position: int | None = None
+    estimated_start_at: datetime | None = None
+    estimated_completion_at: datetime | None = None
 
     @classmethod
-    def of(cls, job: Job) -> Generation:
+    def of(cls, job: Job, estimate: Estimate | None = None) -> Generation:
         video = None
         if job.s3_key and job.s3_bucket and job.sha256 and job.bytes is not None:
             video = StoredVideo(
@@ -107,4 +114,5 @@ class Generation(BaseModel):
             error=JobError(code=job.error_code, message=job.error_message)
             if job.error_code
             else None,
+            **(asdict(estimate) if estimate else {}),
         )
