@@ -10,6 +10,10 @@ request as soon as the last one answered; every phase stops at its request count
 limit. Reported: requests a second, p50/p99 latency, and the API process's CPU milliseconds per
 request (steadier than req/s on a shared machine). `--profile DIR` samples the API with py-spy
 during the POST phase and prints where its Python CPU went (`bench.pyspy`).
+
+Then `--waiters` clients (1000; 0 skips it) each wait for a job of their own, first with
+`Prefer: wait=60` and then polling once a second, in the same run (`bench.waiting`): wake-up
+latency, requests, the API's CPU per client and its memory while they wait.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from bench import pyspy
+from bench import pyspy, waiting
 from bench.harness import emit, percentile, tree_cpu_seconds
 from sandbox.stack import Stack
 
@@ -133,7 +137,9 @@ def upload(info: dict[str, Any]) -> str:
 
 def run(options: argparse.Namespace) -> dict[str, Any]:
     root = options.root or Path(tempfile.mkdtemp(prefix="kling-bench-api-"))
-    stack = Stack(root, environ=dict(os.environ))
+    # Every waiter of the run belongs to the one development tenant.
+    environ = {"TENANT_MAX_WAITERS": str(max(1000, 2 * options.waiters)), **os.environ}
+    stack = Stack(root, environ=environ)
     try:
         # The API alone: no worker or beat competing for the cores.
         info = stack.up(apps=False)
@@ -152,9 +158,11 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
         base = measure("healthz", info, api.pid, healthz, 200, options.baseline_requests, options)
         with pyspy.record({"api": api.pid}, options.profile):
             post = measure("generations", info, api.pid, generation, 201, options.requests, options)
+        dsn = stack.direct_env["DATABASE_URL"].replace("+psycopg", "")
+        waits = waiting.run(info, dsn, api.pid, upload_id, options) if options.waiters else None
     finally:
         stack.down()
-    return report(options, base, post)
+    return {**report(options, base, post), "waiters": waits}
 
 
 def report(options: argparse.Namespace, base: Phase, post: Phase) -> dict[str, Any]:
@@ -186,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per phase")
     parser.add_argument("--root", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR", help="py-spy, POSTs")
+    parser.add_argument("--waiters", type=int, default=1000, help="clients waiting; 0: none")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds before jobs move")
+    parser.add_argument("--pace", type=float, default=200.0, help="jobs moved a second")
+    parser.add_argument("--rounds", type=int, default=2, help="of each way of waiting")
     options = parser.parse_args(argv)
     result = run(options)
     post, base = result["post_generations"], result["healthz"]
@@ -199,9 +211,25 @@ def main(argv: list[str] | None = None) -> int:
         f"| x{result['ratio_rps_post_to_healthz']} req/s "
         f"| {post['requests']} + {base['requests']} requests, {options.concurrency} concurrent |",
     )
+    waits = result["waiters"]
+    if waits:
+        held, polled = waits["long_poll"], waits["poll_1s"]
+        print(
+            f"| api waiters | {held['clients']} long-polls: wake p50 {held['wake_p50_ms']} ms, "
+            f"p99 {held['wake_p99_ms']} ms, {held['requests']} requests, "
+            f"{held['api_cpu_ms_per_client']} API CPU ms/client, "
+            f"+{held['api_rss_growth_mib']} MiB RSS "
+            f"| polling 1/s: wake p50 {polled['wake_p50_ms']} ms, p99 {polled['wake_p99_ms']} ms, "
+            f"{polled['requests']} requests, {polled['api_cpu_ms_per_client']} API CPU ms/client, "
+            f"+{polled['api_rss_growth_mib']} MiB RSS "
+            f"| x{waits['ratio_cpu_long_poll_to_poll']} CPU |",
+            flush=True,
+        )
     if options.profile:
         print(pyspy.summary(options.profile / "api.txt"))
-    return 1 if post["errors"] or base["errors"] else 0
+    failed = waits and any(w["errors"] or w["saw_change"] < w["clients"] for w in
+                           (waits["long_poll"], waits["poll_1s"]))  # fmt: skip
+    return 1 if post["errors"] or base["errors"] or failed else 0
 
 
 if __name__ == "__main__":
