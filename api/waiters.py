@@ -8,18 +8,20 @@ on the event loop. A waiter is an `asyncio.Event` in a dict: while it waits it h
 thread and no database connection, whatever the number of waiters.
 
 A notification can be missed while the listening connection is down, so every waiter is
-woken whenever the listener connects again (it re-reads its job and finds any change), and
-while it is down waiters look again every `fallback_seconds` instead of only at their end.
+woken whenever the listener is lost and when it connects again (it re-reads its job and
+finds any change), and while it is down waiters look again every `fallback_seconds` instead
+of only at their end. The process listens only while someone waits (`JobWatch`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import TypeVar
 
 import anyio
@@ -77,33 +79,51 @@ class WaiterSlots:
 
 class JobWatch:
     """Wakes the waiters of a job when it changes state. `run` is the listener, a task of the
-    API's lifespan; `watch` registers a waiter."""
+    API's lifespan; `watch` registers a waiter.
+
+    The process listens only while someone waits (and `linger` seconds after): a listening
+    connection is woken, and counts a transaction, for every notification of every job, so
+    an API process nobody waits on costs the database nothing."""
 
     def __init__(
         self,
         database_url: str,
         *,
         check_every: float = 30.0,
+        linger: float = 30.0,
         reconnect_max: float = 10.0,
         fallback_seconds: float = 5.0,
+        ready_wait: float = 3.0,
     ) -> None:
         self._dsn = libpq_dsn(database_url)
-        self._check_every, self._reconnect_max = check_every, reconnect_max
+        self._check_every, self._linger = check_every, linger
+        self._reconnect_max, self._ready_wait = reconnect_max, ready_wait
         self.fallback_seconds = fallback_seconds
         self._waiters: defaultdict[uuid.UUID, set[asyncio.Event]] = defaultdict(set)
-        self.listening = False
+        self._wanted = asyncio.Event()  # someone waits: listen
+        self._ready = asyncio.Event()  # listening now
+        self._idle_since = 0.0
+
+    @property
+    def listening(self) -> bool:
+        return self._ready.is_set()
 
     @property
     def waiting(self) -> int:
         return sum(len(events) for events in self._waiters.values())
 
-    @contextmanager
-    def watch(self, job_id: uuid.UUID) -> Iterator[asyncio.Event]:
+    @asynccontextmanager
+    async def watch(self, job_id: uuid.UUID) -> AsyncIterator[asyncio.Event]:
         """An event set whenever `job_id` may have changed. Register *before* reading the
-        job, and clear it before each read, so no change falls between a read and a wait."""
+        job, and clear it before each read, so no change falls between a read and a wait.
+        Waits (a little) for the listener to start, so the first read already counts."""
         woken = asyncio.Event()
         self._waiters[job_id].add(woken)
+        self._wanted.set()
         try:
+            if not self.listening:
+                with contextlib.suppress(TimeoutError):  # then `patience` looks again soon
+                    await asyncio.wait_for(self._ready.wait(), self._ready_wait)
             yield woken
         finally:
             waiters = self._waiters.get(job_id)
@@ -111,6 +131,8 @@ class JobWatch:
                 waiters.discard(woken)
                 if not waiters:
                     del self._waiters[job_id]
+            if not self._waiters:
+                self._idle_since = time.monotonic()
 
     def patience(self, left: float) -> float:
         """How long a waiter may sleep now: all it has left while notifications arrive, a
@@ -118,34 +140,46 @@ class JobWatch:
         return left if self.listening else min(left, self.fallback_seconds)
 
     async def run(self) -> None:
-        """Listen until cancelled, reconnecting with a growing pause after any failure."""
+        """Listen whenever someone waits, until cancelled, reconnecting with a growing pause
+        after any failure."""
         pause = 0.5
         while True:
+            await self._wanted.wait()
             try:
                 await self._listen()
+                pause = 0.5  # closed because nobody waited: start at once when asked
+                continue
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 log.warning("waiters.listener_lost", error=type(exc).__name__)
-            if self.listening:  # it was up: the next try comes soon again
-                pause = 0.5
-            self.listening = False
-            self._wake_all()
+            finally:
+                self._ready.clear()
+                self._wake_all()  # a notification may have been missed: look again
             await asyncio.sleep(pause)
             pause = min(pause * 2, self._reconnect_max)
 
     async def _listen(self) -> None:
+        """Listen until nobody has waited for `linger` seconds (then close: no error)."""
         async with await psycopg.AsyncConnection.connect(
             self._dsn, autocommit=True, application_name=APPLICATION, connect_timeout=5,
             keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
         ) as conn:  # fmt: skip
             await conn.execute(f"LISTEN {CHANNEL}")
-            self.listening = True
+            self._ready.set()
             log.info("waiters.listening")
             self._wake_all()  # whatever changed while nobody listened
+            checked = time.monotonic()
             while True:
-                async for note in conn.notifies(timeout=self._check_every):
+                async for note in conn.notifies(timeout=min(self._linger, self._check_every)):
                     self._wake(note.payload)
-                # A quiet spell: prove the connection still answers, or reconnect.
-                await asyncio.wait_for(conn.execute("SELECT 1"), timeout=5)
+                now = time.monotonic()
+                if not self._waiters and now - self._idle_since >= self._linger:
+                    self._wanted.clear()
+                    log.info("waiters.idle")
+                    return
+                if now - checked >= self._check_every:
+                    # A quiet spell: prove the connection still answers, or reconnect.
+                    await asyncio.wait_for(conn.execute("SELECT 1"), timeout=5)
+                    checked = now
 
     def _wake(self, payload: str) -> None:
         try:
@@ -172,7 +206,7 @@ async def until_changed(
     passed, waking on its notifications; answers the last read (None: no such job)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    with watch.watch(job_id) as woken:
+    async with watch.watch(job_id) as woken:
         while True:
             woken.clear()
             value = await anyio.to_thread.run_sync(read)
@@ -193,7 +227,7 @@ async def changes(
     """Server-Sent Events of the job's changes after event `last`: `read_after(last)` answers
     the new (id, JSON) events and whether the job has ended; the stream ends once it has and
     everything up to its end was sent. A comment line keeps a quiet connection open."""
-    with watch.watch(job_id) as woken:
+    async with watch.watch(job_id) as woken:
         while True:
             woken.clear()
             events, ended = await anyio.to_thread.run_sync(read_after, last)

@@ -4,6 +4,7 @@ the listener's return after its connection was lost (a notification may have bee
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import psycopg
 import pytest
@@ -37,8 +38,9 @@ def test_a_change_wakes_the_waiters_of_its_job_only(
     async def scenario() -> tuple[bool, bool]:
         watch = JobWatch(database_url)
         listener = asyncio.create_task(watch.run())
-        await asyncio.wait_for(_listening(watch), 10)
-        with watch.watch(changing) as woken, watch.watch(quiet) as other:
+        async with watch.watch(changing) as woken, watch.watch(quiet) as other:
+            assert watch.listening  # the first waiter started the listener
+            woken.clear()
             await asyncio.to_thread(pipeline.cancel, changing)
             result = await _woken(woken, 5), await _woken(other, 0.5)
         listener.cancel()
@@ -58,8 +60,8 @@ def test_waiters_wake_when_the_listener_comes_back(
     async def scenario() -> tuple[bool, bool]:
         watch = JobWatch(database_url, reconnect_max=0.5)
         listener = asyncio.create_task(watch.run())
-        await asyncio.wait_for(_listening(watch), 10)
-        with watch.watch(job_id) as woken:
+        async with watch.watch(job_id) as woken:
+            woken.clear()
             with psycopg.connect(libpq_dsn(database_url), autocommit=True) as admin:
                 admin.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -75,6 +77,36 @@ def test_waiters_wake_when_the_listener_comes_back(
         return back, again
 
     assert asyncio.run(scenario()) == (True, True)
+
+
+def test_nobody_listens_while_nobody_waits(database_url: str) -> None:
+    """A listening connection is woken (and counts a transaction) by every notification of
+    every job: it is open only while someone waits, and `linger` seconds more."""
+
+    def listeners() -> int:
+        with psycopg.connect(libpq_dsn(database_url), autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE application_name = %s AND datname = current_database()",
+                (APPLICATION,),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    async def scenario() -> list[int]:
+        watch = JobWatch(database_url, linger=0.5)
+        listener = asyncio.create_task(watch.run())
+        await asyncio.sleep(1)
+        counts = [await asyncio.to_thread(listeners)]
+        async with watch.watch(uuid.uuid4()):
+            counts.append(await asyncio.to_thread(listeners))
+        await asyncio.sleep(2)
+        counts.append(await asyncio.to_thread(listeners))
+        async with watch.watch(uuid.uuid4()):  # and again when someone waits again
+            counts.append(await asyncio.to_thread(listeners))
+        listener.cancel()
+        return counts
+
+    assert asyncio.run(scenario()) == [0, 1, 0, 1]
 
 
 def test_a_tenant_holds_at_most_its_share_of_waiters() -> None:
