@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import random
 import threading
@@ -192,3 +193,12 @@ def test_a_body_within_one_part_is_one_put(
     assert storage.get_bytes(key) == body and copy.read_bytes() == body
     head = storage.head(key)
     assert head is not None and head["ContentType"] == "video/mp4"
+
+
+def test_a_single_put_carries_the_sha256_we_record(storage: Storage, s3: Any, key: str) -> None:
+    """S3 keeps the very digest the job records, as the object's checksum (real S3 also
+    refuses a body that does not match it; moto stores it without checking)."""
+    body = random.Random(7).randbytes(100_000)
+    stored = storage.put_bytes(key, body, "video/mp4")
+    kept = s3.head_object(Bucket=storage.bucket, Key=key, ChecksumMode="ENABLED")
+    assert base64.b64decode(kept["ChecksumSHA256"]).hex() == stored.sha256
