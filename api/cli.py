@@ -140,10 +140,14 @@ def tenants_update(
         str | None,
         typer.Option(help="deliver: outputs WaveSpeed flags are stored as any; reject: fail"),
     ] = None,
+    reply_queues: Annotated[
+        str | None,
+        typer.Option(help="A glob its broker requests' replies must match (myapp.*), or none"),
+    ] = None,
 ) -> None:
     """Set a tenant's quotas: its share of the gate (in flight, per minute, its weight in
     the round-robin), how many jobs it may have queued, how many days its ended jobs are
-    kept, and its monthly budget."""
+    kept, its monthly budget, and the queues its broker requests may reply to."""
     from decimal import Decimal, InvalidOperation
 
     from workers import tenants
@@ -174,6 +178,11 @@ def tenants_update(
             if nsfw not in ("deliver", "reject"):
                 raise typer.BadParameter("--nsfw is deliver or reject")
             owner.reject_nsfw = nsfw == "reject"
+        if reply_queues is not None:
+            try:
+                tenants.limit_replies(owner, None if reply_queues == "none" else reply_queues)
+            except tenants.TenantError as exc:
+                raise typer.BadParameter(str(exc)) from exc
         typer.echo(json.dumps(_shown(session, owner), indent=2, default=str))
 
 

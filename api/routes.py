@@ -8,7 +8,6 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Annotated, Any
@@ -26,6 +25,7 @@ from fastapi import (
     Response,
     UploadFile,
 )
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
@@ -33,7 +33,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api import problems
+from api import creates, problems
 from api.deps import CurrentTenant, Db, Res, Resources, metrics_reader, rate_limited, spend
 from api.schemas import (
     BatchCreate,
@@ -53,6 +53,7 @@ from api.schemas import (
     GenerationPage,
     History,
     Readiness,
+    RequestOut,
     SigningSecret,
     Text,
     Upload,
@@ -60,20 +61,11 @@ from api.schemas import (
 from api.waiters import changes, until_changed
 from config import Settings
 from workers import bulk, callbacks, feed, jobs, listing, retention, tenants
-from workers.admission import PRIORITIES
-from workers.estimates import WOULD_BE
 from workers.intake import (
-    GenerationInput,
-    InputImage,
     Refusal,
-    accept,
     again,
-    check_callback_url,
-    check_quotas,
-    commit_staged,
-    load_image,
+    broker_request,
     replayed,
-    stage,
     store_upload,
 )
 from workers.models import Job, Tenant
@@ -81,7 +73,6 @@ from workers.pipeline import utcnow
 from workers.representation import Generation
 from workers.states import JobState
 from workers.webhook_in import WebhookRejected, verify
-from workers.work import Work
 
 log = structlog.get_logger(__name__)
 
@@ -90,7 +81,6 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(rate_limited)])
 hooks = APIRouter(prefix="/v1")
 
 PROBLEM = {"model": problems.Problem, "content": {"application/problem+json": {}}}
-IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 IdempotencyHeader = Annotated[str | None, Header(max_length=255, pattern=r"^[\x21-\x7e]+$")]
 # Items of one batch created at once: each holds an API thread and, for an `image_url`, one
 # of its tenant's image fetches.
@@ -146,78 +136,6 @@ def _check(probe: Any) -> str:
 # -- generations --------------------------------------------------------------------------
 
 
-def _deadline(at: datetime | None, within: float | None, names: tuple[str, str]) -> datetime | None:
-    """A deadline given as a time or as seconds from now, not both."""
-    if within is None:
-        return at
-    if at is not None:
-        raise Refusal(422, names[1], "conflict", f"give {names[0]} or {names[1]}, not both")
-    return utcnow() + timedelta(seconds=within)
-
-
-def _check_duration(duration: int, settings: Settings) -> None:
-    if duration not in settings.allowed_durations:
-        allowed = ", ".join(str(d) for d in settings.allowed_durations)
-        raise Refusal(422, "duration", "not_allowed", f"duration must be one of {allowed}")
-
-
-def _request_of(body: GenerationCreate, settings: Settings) -> GenerationInput:
-    start_deadline = _deadline(
-        body.start_deadline, body.start_within_seconds, ("start_deadline", "start_within_seconds")
-    )
-    deadline = _deadline(
-        body.deadline, body.deadline_within_seconds, ("deadline", "deadline_within_seconds")
-    )
-    _check_duration(body.duration, settings)
-    if start_deadline is not None and deadline is not None and start_deadline > deadline:
-        raise Refusal(
-            422, "start_deadline", "after_deadline", "the start deadline is after the deadline"
-        )
-    return GenerationInput(
-        prompt=body.prompt, negative_prompt=body.negative_prompt,
-        guidance_scale=body.guidance_scale, duration=body.duration,
-        image_url=str(body.image_url) if body.image_url else None, upload_id=body.upload_id,
-        webhook_url=str(body.webhook_url) if body.webhook_url else None,
-        webhook_events=tuple(body.webhook_events), metadata=dict(body.metadata),
-        priority=body.priority, start_deadline_at=start_deadline, deadline_at=deadline,
-    )  # fmt: skip
-
-
-def _create(
-    res: Res, tenant: Tenant, body: GenerationCreate, idempotency: tuple[str, str] | None = None
-) -> Job:
-    """Everything checked before the job exists; the image staged in S3; the job, its first
-    task and the idempotency key committed together; the task published after commit."""
-    request = _request_of(body, res.settings)
-    if request.webhook_url:
-        check_callback_url(res.guard, request.webhook_url)
-    with res.fetches.slot(tenant.id), res.sessions() as db:
-        image = load_image(db, res.guard, tenant, request, res.settings)
-    return _accepted(res, tenant, request, image, idempotency)
-
-
-def _accepted(
-    res: Res,
-    tenant: Tenant,
-    request: GenerationInput,
-    image: InputImage,
-    idempotency: tuple[str, str] | None,
-) -> Job:
-    settings = res.settings
-    staged = stage(res.storage, settings, request, image)
-
-    def write(work: Work) -> Job:
-        price = settings.price_usd[request.duration]
-        check_quotas(work.session, tenant, price, utcnow(), settings)
-        return accept(work, tenant, request, staged, idempotency)
-
-    # The first task goes out after the commit, tried once: the job exists either way, so the
-    # caller is answered 201 whatever the broker does, and its outbox row is published later.
-    job = commit_staged(res.pipeline.work, res.storage, staged, write)
-    log.info("generation.accepted", job_id=str(job.id))
-    return job
-
-
 @v1.post(
     "/generations", status_code=201, response_model=Generation, tags=["generations"],
     responses={**ERRORS, 200: {"model": Generation | DryRun,
@@ -245,22 +163,7 @@ def create_generation(
 
 
 def _dry_run(res: Res, tenant: Tenant, body: GenerationCreate) -> DryRun:
-    """Every check of `_create` (the image through the guard, the budget and the queue limit
-    under the tenant's lock, in a transaction rolled back) and where the job would stand."""
-    request = _request_of(body, res.settings)
-    if request.webhook_url:
-        check_callback_url(res.guard, request.webhook_url)
-    with res.fetches.slot(tenant.id), res.sessions() as db:
-        load_image(db, res.guard, tenant, request, res.settings)
-    price = res.settings.price_usd[request.duration]
-    with res.sessions() as db:  # never committed
-        left = check_quotas(db, tenant, price, utcnow(), res.settings)
-        would_be = Job(
-            tenant_id=tenant.id, priority=PRIORITIES[request.priority], duration=request.duration,
-            status=JobState.QUEUED,
-        )  # fmt: skip
-        estimate = res.estimator.of(db, [], would_be)[WOULD_BE]
-    return DryRun(price_usd=price, budget_left_usd=left, **asdict(estimate))
+    return creates.dry_run(res.pipeline, res.estimator, tenant, body, res.fetches.slot)
 
 
 def _create_once(
@@ -269,7 +172,13 @@ def _create_once(
     """The job for `body`, created (201) or, for an `Idempotency-Key` seen before with the
     same body, the one it made then (200)."""
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True)
-    return _once(res, tenant, canonical, key, lambda keyed: _create(res, tenant, body, keyed))
+
+    def make(keyed: tuple[str, str] | None) -> Job:
+        request = creates.request_of(body, res.settings)
+        return creates.create(res.pipeline, tenant, request, idempotency=keyed,
+                              slot=res.fetches.slot)  # fmt: skip
+
+    return _once(res, tenant, canonical, key, make)
 
 
 def _once(
@@ -349,7 +258,7 @@ def _batch_item(
 def _item_key(own: Any, batch_key: str | None, index: int) -> str | None:
     if own is None:
         return f"{batch_key}/{index}" if batch_key else None
-    if not isinstance(own, str) or not IDEMPOTENCY_KEY.fullmatch(own):
+    if not isinstance(own, str) or not creates.IDEMPOTENCY_KEY.fullmatch(own):
         raise Refusal(
             422, "idempotency_key", "invalid",
             "an item's idempotency_key is 1 to 255 printable ASCII characters",
@@ -373,6 +282,9 @@ def list_generations(
     metadata: Annotated[list[Text], Query(description="key:value, repeatable")] = [],  # noqa: B006
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: str | None = None,
+    request_id: Annotated[
+        str | None, Query(max_length=255, description="The broker request that made it")
+    ] = None,
 ) -> GenerationPage:
     """The tenant's generations, newest first, filtered; pass `next_cursor` for more."""
     wanted = {}
@@ -387,7 +299,7 @@ def list_generations(
         raise Refusal(422, "cursor", "invalid", "not a cursor this API gave out") from exc
     chosen = listing.JobFilter(
         statuses=(status,) if status else (), created_after=created_after,
-        created_before=created_before, metadata=wanted,
+        created_before=created_before, metadata=wanted, request_id=request_id,
     )  # fmt: skip
     rows, following = listing.page(db, tenant.id, chosen, limit=limit, after=after)
     return GenerationPage(
@@ -607,10 +519,10 @@ def retry_generation(
     if original is None:
         raise HTTPException(404, "no generation with this id")
     request, image = again(original, res.storage)
-    _check_duration(request.duration, res.settings)  # ALLOWED_DURATIONS may have narrowed
+    creates.check_duration(request.duration, res.settings)  # ALLOWED_DURATIONS may have narrowed
     generation, response.status_code = _once(
         res, tenant, f"retry:{job_id}", idempotency_key,
-        lambda keyed: _accepted(res, tenant, request, image, keyed),
+        lambda keyed: creates.accepted(res.pipeline, tenant, request, image, keyed),
     )  # fmt: skip
     return generation
 
@@ -644,6 +556,18 @@ def get_events(job_id: uuid.UUID, db: Db, tenant: CurrentTenant) -> History:
         events=[EventOut.of(e) for e in jobs.events(db, job_id)],
         deliveries=[DeliveryOut.of(d, a) for d, a in callbacks.of_job(db, job_id)],
     )
+
+
+@v1.get("/requests/{request_id}", response_model=RequestOut, tags=["generations"], responses=ERRORS)
+def get_request(
+    request_id: Annotated[str, PathParam(max_length=255)], db: Db, tenant: CurrentTenant
+) -> RequestOut:
+    """What came of a generation request you sent over the broker (`generation.request`):
+    the job it made, or the problem it was refused with. 404 until it has been taken."""
+    found = broker_request(db, tenant.id, request_id)
+    if found is None:
+        raise HTTPException(404, "no request with this id has been taken (yet)")
+    return RequestOut.of(found)
 
 
 # -- the event feed ------------------------------------------------------------------------

@@ -28,7 +28,14 @@ from workers.bulk import MAX_ITEMS
 from workers.callbacks import DEFAULT_EVENTS
 from workers.feed import event_id
 from workers.listing import JobFilter
-from workers.models import BulkAction, CallbackAttempt, CallbackDelivery, JobEvent, TenantEvent
+from workers.models import (
+    BrokerRequest,
+    BulkAction,
+    CallbackAttempt,
+    CallbackDelivery,
+    JobEvent,
+    TenantEvent,
+)
 from workers.representation import Generation
 
 EXAMPLE_PROMPT = (
@@ -125,6 +132,7 @@ Event = Literal[
     "generation.cancelled",
     "generation.expired",
     "generation.processing",
+    "generation.refused",
 ]
 
 
@@ -274,6 +282,23 @@ class BatchResult(BaseModel):
 class GenerationPage(BaseModel):
     data: list[Generation]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page")
+
+
+class RequestOut(BaseModel):
+    """What came of a generation request sent over the broker (`generation.request`)."""
+
+    request_id: str
+    status: Literal["accepted", "refused"]
+    job_id: uuid.UUID | None = Field(description="The job it made (accepted)")
+    problem: dict[str, Any] | None = Field(description="Why it was refused (refused)")
+    created_at: datetime
+
+    @classmethod
+    def of(cls, found: BrokerRequest) -> RequestOut:
+        return cls(
+            request_id=found.request_id, status="refused" if found.problem else "accepted",
+            job_id=found.job_id, problem=found.problem, created_at=found.created_at,
+        )  # fmt: skip
 
 
 class FeedEvent(BaseModel):

@@ -125,6 +125,9 @@ class Settings(BaseSettings):
         default_factory=lambda: [0.0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
     )
     callback_timeout_seconds: float = 15.0
+    # Tries at publishing a broker request's reply (`workers.replies`), backing off to
+    # `max_countdown_seconds`: the default outlasts a broker gone for over an hour.
+    reply_max_attempts: int = Field(default=20, ge=1)
     # One receiver cannot hold up the others: attempts to one host at a time, and its circuit
     # breaker (opens after that many failures in a row, for a cool-down that doubles with
     # each further failure up to the max; then one attempt probes it).

@@ -35,6 +35,8 @@ class RecordingDispatcher:
     """Collects the tasks the pipeline asks for, so a test can run them one by one."""
 
     sent: list[tuple[str, uuid.UUID, float | None, dict[str, Any]]] = field(default_factory=list)
+    # Producers' own tasks published (`workers.replies`): task, queue, body, message id.
+    replies: list[tuple[str, str, dict[str, Any], str]] = field(default_factory=list)
 
     def __call__(
         self, task: str, job_id: uuid.UUID, *, countdown: float | None = None, **kwargs: Any
@@ -45,6 +47,9 @@ class RecordingDispatcher:
         """The messages so far, which then count as consumed (or, for a test, lost)."""
         sent, self.sent = self.sent, []
         return sent
+
+    def reply(self, task: str, queue: str, body: dict[str, Any], message_id: str) -> None:
+        self.replies.append((task, queue, body, message_id))
 
     def waiting(self, queue: str) -> int:
         """Like a broker's queue length: messages not yet taken, without a countdown."""

@@ -45,7 +45,9 @@ FAILED = "generation.failed"
 CANCELLED = "generation.cancelled"
 PROCESSING = "generation.processing"
 EXPIRED = "generation.expired"
-DEFAULT_EVENTS = (COMPLETED, FAILED, CANCELLED, EXPIRED)
+# A request over the broker that was refused (`api.inbox`): it never became a job.
+REFUSED = "generation.refused"
+DEFAULT_EVENTS = (COMPLETED, FAILED, CANCELLED, EXPIRED, REFUSED)
 
 
 class DeliveryStatus(StrEnum):
@@ -107,7 +109,7 @@ class Attempt:
     """A claimed attempt: everything the POST needs, and the lease that proves it is ours."""
 
     delivery_id: uuid.UUID
-    job_id: uuid.UUID
+    job_id: uuid.UUID | None  # None: a refused broker request's callback
     url: str
     host: str
     body: bytes
@@ -122,25 +124,28 @@ def host_of(url: str) -> str:
     return f"{parsed.scheme}://{parsed.host}:{port}"
 
 
-def record(session: Session, job_id: uuid.UUID, event: str, now: datetime) -> uuid.UUID | None:
-    """Add `event` of the job to its tenant's feed (`workers.feed`) and write its delivery,
-    under the same id, if the job has a callback URL that asked for it. Answers the delivery
-    id to dispatch after commit (None when there is nothing to send)."""
-    job = jobs.get(session, job_id)
-    recorded = feed.record(session, job, event, now)
-    if not job.webhook_url or event not in (job.webhook_events or DEFAULT_EVENTS):
-        return None
+def record(
+    session: Session,
+    event: uuid.UUID,
+    event_type: str,
+    tenant_id: str,
+    job_id: uuid.UUID | None,
+    url: str,
+    now: datetime,
+) -> uuid.UUID | None:
+    """Write the delivery of the feed's `event` (`workers.announce`) to `url`, under the
+    event's id. Answers the delivery id to dispatch after commit (None when nothing is sent:
+    the URL answered 410 before)."""
     gone = session.scalar(
         select(CallbackDelivery.id).where(
-            CallbackDelivery.tenant_id == job.tenant_id,
-            CallbackDelivery.url == job.webhook_url,
+            CallbackDelivery.tenant_id == tenant_id,
+            CallbackDelivery.url == url,
             CallbackDelivery.status == DeliveryStatus.GONE,
         )
     )
     delivery = CallbackDelivery(
-        id=recorded, job_id=job.id, tenant_id=job.tenant_id, event=event, url=job.webhook_url,
-        host=host_of(job.webhook_url),
-        status=DeliveryStatus.GONE if gone else DeliveryStatus.PENDING,
+        id=event, job_id=job_id, tenant_id=tenant_id, event=event_type, url=url,
+        host=host_of(url), status=DeliveryStatus.GONE if gone else DeliveryStatus.PENDING,
         next_attempt_at=None if gone else now,
     )  # fmt: skip
     session.add(delivery)

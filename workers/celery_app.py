@@ -24,7 +24,7 @@ REQUEST_ID_HEADER = "request_id"
 
 
 def create_celery(settings: Settings) -> Celery:
-    celery = Celery("kling", broker=settings.redis_url, include=["workers.tasks"])
+    celery = Celery("kling", broker=settings.redis_url, include=["workers.tasks", "api.inbox"])
     broker_timeout = settings.broker_timeout_seconds
     limit = settings.task_time_limit_seconds
     lease = settings.store_stall_seconds

@@ -20,10 +20,13 @@ POLL = "generation.poll"
 STORE = "generation.store"
 WITHDRAW = "generation.withdraw"
 NOTIFY = "generation.notify"
+REPLY = "generation.reply"
+# Producers' generation requests over the broker (`api.inbox`), on a queue of their own.
+REQUEST = "generation.request"
 RECONCILE = "maintenance.reconcile"
 BULK = "maintenance.bulk"
 
-QUEUES = ("submit", "poll", "store", "notify", "maintenance")
+QUEUES = ("submit", "poll", "store", "notify", "maintenance", "requests")
 
 ROUTES: dict[str, str] = {
     SUBMIT: "submit",
@@ -33,6 +36,8 @@ ROUTES: dict[str, str] = {
     # A short WaveSpeed call, like a poll.
     WITHDRAW: "poll",
     NOTIFY: "notify",
+    REPLY: "notify",
+    REQUEST: "requests",
     RECONCILE: "maintenance",
     BULK: "maintenance",
 }
@@ -48,6 +53,11 @@ class Dispatcher(Protocol):
     def waiting(self, queue: str) -> int:
         """Messages ready in `queue` that no worker has taken yet (countdowns held by a
         worker are not counted)."""
+        ...
+
+    def reply(self, task: str, queue: str, body: dict[str, Any], message_id: str) -> None:
+        """Publish a producer's own task (`workers.replies`), `message_id` its task id and
+        its `webhook-id` header."""
         ...
 
 
@@ -100,6 +110,12 @@ class CeleryDispatcher:
         self._celery.send_task(
             task, args=[str(job_id)], kwargs=kwargs, countdown=countdown, queue=ROUTES[task],
             retry=self._retry,
+        )  # fmt: skip
+
+    def reply(self, task: str, queue: str, body: dict[str, Any], message_id: str) -> None:
+        self._celery.send_task(
+            task, kwargs=body, queue=queue, task_id=message_id,
+            headers={"webhook-id": message_id}, retry=self._retry,
         )  # fmt: skip
 
     def waiting(self, queue: str) -> int:

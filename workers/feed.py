@@ -15,13 +15,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import insert, literal_column, select, tuple_, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from workers.models import Job, TenantEvent
-from workers.representation import Generation
+from workers.models import TenantEvent
 
 # Every transaction id below it has committed or rolled back: nothing more can appear there.
 _SETTLED_BEFORE: ColumnElement[int] = literal_column(
@@ -46,18 +46,22 @@ def parse_event_id(value: str) -> uuid.UUID:
     return uuid.UUID(hex=value[len(PREFIX) :])
 
 
-def record(session: Session, job: Job, event_type: str, now: datetime) -> uuid.UUID:
-    """Add `event_type` of `job`, with the job's record as it is now, to its tenant's feed in
-    the caller's transaction; answers the event's id (its callback, if any, takes it too)."""
+def record(
+    session: Session,
+    tenant_id: str,
+    job_id: uuid.UUID | None,
+    event_type: str,
+    data: dict[str, Any],
+    now: datetime,
+) -> uuid.UUID:
+    """Add `event_type` with `data` (the job's record as it is now, or a refused request) to
+    the tenant's feed in the caller's transaction; answers the event's id (its callback and
+    reply, if any, take it too)."""
     new_id = uuid.uuid4()
-    payload = {
-        "type": event_type,
-        "timestamp": now.isoformat(),
-        "data": Generation.of(job).model_dump(mode="json"),
-    }
+    payload = {"type": event_type, "timestamp": now.isoformat(), "data": data}
     session.execute(
         insert(TenantEvent).values(
-            id=new_id, tenant_id=job.tenant_id, job_id=job.id, type=event_type, payload=payload
+            id=new_id, tenant_id=tenant_id, job_id=job_id, type=event_type, payload=payload
         )
     )
     return new_id

@@ -23,7 +23,7 @@ from config import Settings
 from config.settings import Priority
 from workers import admission, callbacks, dispatch, jobs
 from workers.media import IMAGE_TYPES, ImageInfo, InvalidMedia, inspect_image
-from workers.models import IdempotencyKey, Job, Tenant, Upload
+from workers.models import BrokerRequest, IdempotencyKey, Job, Tenant, Upload
 from workers.states import LIVE, JobState
 from workers.storage import Storage, StorageError
 from workers.urlguard import UrlGuard, UrlRefused
@@ -68,6 +68,9 @@ class GenerationInput:
     start_deadline_at: datetime | None = None
     deadline_at: datetime | None = None
     retry_of: uuid.UUID | None = None
+    # A request over the broker (`api.inbox`): its id, and where its events are replied to.
+    request_id: str | None = None
+    reply: dict[str, Any] | None = None
 
 
 # The extension an input object gets, by the content type its bytes were checked to be.
@@ -265,6 +268,7 @@ def tenant_usage(
         "weight": _quota(tenant.weight, 1, None),
         "retain_days": _quota(tenant.retain_days, None, None),
         "reject_nsfw": _quota(tenant.reject_nsfw, False, None),
+        "reply_queues": _quota(tenant.reply_queues, None, None),
         "monthly_budget_usd": _quota(
             tenant.monthly_budget_usd, None, committed_spend(session, tenant, month, settings)
         ),
@@ -350,6 +354,8 @@ def accept(
         start_deadline_at=request.start_deadline_at,
         deadline_at=request.deadline_at,
         retry_of=request.retry_of,
+        request_id=request.request_id,
+        reply=request.reply,
     )
     jobs.create(work.session, job)
     if request.retry_of is not None:  # the original's history lists its retries
@@ -380,12 +386,18 @@ def again(original: Job, storage: Storage) -> tuple[GenerationInput, InputImage]
         image_url=original.image_url, webhook_url=original.webhook_url,
         webhook_events=tuple(original.webhook_events or callbacks.DEFAULT_EVENTS),
         metadata=dict(original.metadata_), priority=admission.PRIORITY_NAMES[original.priority],
+        reply=original.reply,
         retry_of=original.id,
     )  # fmt: skip
     extension = original.input_key.rpartition(".")[2]
     return request, InputImage(
         original.input_content_type, extension, source_key=original.input_key
     )
+
+
+def broker_request(session: Session, tenant_id: str, request_id: str) -> BrokerRequest | None:
+    """What came of the tenant's broker request `request_id` (`api.inbox`), if it came."""
+    return session.get(BrokerRequest, (tenant_id, request_id))
 
 
 def replayed(session: Session, tenant: Tenant, key: str, digest: str) -> Job | None:

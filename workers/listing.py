@@ -46,6 +46,8 @@ class JobFilter:
     created_after: datetime | None = None
     created_before: datetime | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # The broker request that made it (`api.inbox`).
+    request_id: str | None = None
 
     def where(self) -> list[ColumnElement[bool]]:
         conditions: list[ColumnElement[bool]] = []
@@ -59,6 +61,8 @@ class JobFilter:
             conditions.append(Job.created_at < self.created_before)
         for key, value in self.metadata.items():
             conditions.append(Job.metadata_[key].astext == value)
+        if self.request_id is not None:
+            conditions.append(Job.request_id == self.request_id)
         return conditions
 
     def to_json(self) -> dict[str, Any]:

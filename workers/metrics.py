@@ -92,6 +92,15 @@ QUARANTINED = Counter(
     "the cap), by task",
     ["task"],
 )
+BROKER_REQUESTS = Counter(
+    "kling_broker_requests",
+    "Generation requests taken from the broker (`generation.request`), by outcome: accepted, "
+    "refused, duplicate (already taken), rejected (no valid key, or no request at all)",
+    ["outcome"],
+)
+REPLIES = Counter(
+    "kling_replies", "Events published as producers' own tasks, by outcome", ["outcome"]
+)
 RECONCILER_DEFERRED = Counter(
     "kling_reconciler_deferred",
     "Reconciler sweeps run with the longer backlog grace, by job state, because the queue "

@@ -61,6 +61,9 @@ class Tenant(Base):
     retain_days: Mapped[int | None] = mapped_column(Integer)
     # Takes no output WaveSpeed flags as NSFW: such a job fails `content_moderated`.
     reject_nsfw: Mapped[bool] = mapped_column(default=False, server_default="false")
+    # The queues its broker requests may ask replies on (a glob, e.g. `myapp.*`); NULL: any
+    # queue but the product's own (`api.inbox`).
+    reply_queues: Mapped[str | None] = mapped_column(String(200))
     # Standard Webhooks signing secrets, sealed (`workers.sealing`): ciphertext, never the
     # secret itself; `workers.tenants` opens them. The previous one stays valid for a while
     # after a rotation so receivers can switch without dropping a callback.
@@ -130,6 +133,10 @@ class Job(Base):
     # Not completed by then, the job stops: its prediction is deleted at WaveSpeed and it
     # fails `deadline_exceeded` (`Pipeline.expire_due`).
     deadline_at: Mapped[datetime | None]
+    # A request over the broker (`api.inbox`): its id, and the producer's task to send each
+    # of `events` to (`{"task", "queue", "events"}`; `workers.replies`).
+    request_id: Mapped[str | None] = mapped_column(String(255))
+    reply: Mapped[dict[str, Any] | None]
     # The job this one was made again from (`POST /v1/generations/{id}/retry`).
     retry_of: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="SET NULL"), index=True
@@ -199,6 +206,7 @@ class Job(Base):
         Index("ix_jobs_status_due_at", "status", "due_at"),
         Index("ix_jobs_last_submit_at", "last_submit_at"),
         Index("ix_jobs_tenant_id_status", "tenant_id", "status"),
+        Index("ix_jobs_tenant_id_request_id", "tenant_id", "request_id"),
     )
 
 
@@ -277,7 +285,10 @@ class TenantEvent(Base):
         BigInteger, server_default=text("(pg_current_xact_id()::text::bigint)")
     )
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # None for a broker request refused before it became a job (`generation.refused`).
+    job_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
     type: Mapped[str] = mapped_column(String(40))
     payload: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
@@ -294,7 +305,10 @@ class CallbackDelivery(Base):
     id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("tenant_events.id", ondelete="CASCADE"), primary_key=True
     )
-    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # None for the refusal of a broker request, which never became a job.
+    job_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     event: Mapped[str] = mapped_column(String(40))
     url: Mapped[str] = mapped_column(Text)
@@ -314,6 +328,45 @@ class CallbackDelivery(Base):
     delivered_at: Mapped[datetime | None]
 
     __table_args__ = (Index("ix_callback_deliveries_status_next", "status", "next_attempt_at"),)
+
+
+class BrokerRequest(Base):
+    """A generation request that came over the broker (`api.inbox`), once per `request_id`:
+    the job it made, or the problem it was refused with. A redelivered or re-sent message
+    finds it and makes nothing."""
+
+    __tablename__ = "broker_requests"
+
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    request_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    problem: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Reply(Base):
+    """The event of the same id, to be sent as a task of the producer's (`workers.replies`):
+    published at least once, its id in the message as its `webhook-id`."""
+
+    __tablename__ = "replies"
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenant_events.id", ondelete="CASCADE"), primary_key=True
+    )
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    task: Mapped[str] = mapped_column(String(200))
+    queue: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    sent_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_replies_status_next", "status", "next_attempt_at"),)
 
 
 class CallbackAttempt(Base):

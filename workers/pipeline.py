@@ -23,7 +23,7 @@ from sqlalchemy import ColumnElement, case, func
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings
-from workers import admission, callbacks, charges, dispatch, jobs, metrics, webhook_in
+from workers import admission, announce, callbacks, charges, dispatch, jobs, metrics, webhook_in
 from workers.db import unit_of_work
 from workers.errors import ErrorCode, classify
 from workers.media import InvalidMedia, probe_video
@@ -791,11 +791,9 @@ class Pipeline:
     # -- shared ---------------------------------------------------------------------------
 
     def _event(self, work: Work, job_id: uuid.UUID, event: str) -> None:
-        """Add `event` to the tenant's feed, and record the job's callback of it, if it has
-        one, to be sent after the commit."""
-        delivery = callbacks.record(work.session, job_id, event, self.clock())
-        if delivery is not None:
-            work.send(dispatch.NOTIFY, delivery)
+        """Add `event` to the tenant's feed, with the job's callback and reply of it if it
+        asked for them, sent after the commit (`workers.announce`)."""
+        announce.job_event(work, job_id, event, self.clock())
 
     def fail(
         self,

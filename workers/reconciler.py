@@ -24,7 +24,17 @@ from typing import Any
 import structlog
 from sqlalchemy.orm import Session
 
-from workers import bulk, callbacks, dispatch, jobs, metrics, quarantine, retention, webhook_in
+from workers import (
+    bulk,
+    callbacks,
+    dispatch,
+    jobs,
+    metrics,
+    quarantine,
+    replies,
+    retention,
+    webhook_in,
+)
 from workers.dispatch import RECOVER
 from workers.models import Job
 from workers.outbox import relay
@@ -72,7 +82,7 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
     admission gate let through (retries whose backoff ended, capacity freed elsewhere)."""
     sessions, send, settings = pipeline.sessions, pipeline.dispatch, pipeline.settings
     plan = sweeps(pipeline)
-    tasks = {s.task for s in plan} | {dispatch.BULK}
+    tasks = {s.task for s in plan} | {dispatch.BULK, dispatch.REPLY}
     backlog = {q: send.waiting(q) for q in sorted({dispatch.ROUTES[t] for t in tasks})}
 
     def grace(base: float, task: str) -> float:
@@ -89,16 +99,22 @@ def reconcile(pipeline: Pipeline) -> dict[str, int]:
             metrics.RECONCILER_DEFERRED.labels(str(sweep.state)).inc()
         counts[str(sweep.state)] = _sweep(pipeline, sweep, grace(sweep.grace, sweep.task))
     with pipeline.work() as work:
-        deliveries = callbacks.due(work.session, pipeline.clock())
+        now = pipeline.clock()
+        deliveries = callbacks.due(work.session, now)
         webhook_in.prune(work.session, WEBHOOK_ID_RETENTION_SECONDS)
         for delivery_id in deliveries:
             work.send(dispatch.NOTIFY, delivery_id)
+        reply_grace = grace(settings.outbox_grace_seconds, dispatch.REPLY)
+        lost = replies.due(work.session, now, reply_grace, settings.reply_max_attempts)
+        for reply_id in lost:
+            work.send(dispatch.REPLY, reply_id)
         bulk_grace = grace(settings.outbox_grace_seconds, dispatch.BULK)
         actions = bulk.stalled(work.session, bulk_grace, settings.reconcile_max_resends)
         for action_id in actions:
             work.send(dispatch.BULK, action_id)
     _stop_if_unsent(work)
     counts["callbacks"] = len(deliveries)
+    counts["replies"] = len(lost)
     counts["bulk"] = len(actions)
     for kind, count in counts.items():
         metrics.RECONCILER_RESENT.labels(kind).inc(count)

@@ -54,6 +54,8 @@ class Generation(BaseModel):
     start_deadline: datetime | None
     deadline: datetime | None
     retry_of: uuid.UUID | None
+    # The id of the broker request that made it (`api.inbox`), if one did.
+    request_id: str | None
     prediction_id: str | None
     submit_attempts: int
     created_at: datetime
@@ -100,6 +102,7 @@ class Generation(BaseModel):
             start_deadline=job.start_deadline_at,
             deadline=job.deadline_at,
             retry_of=job.retry_of,
+            request_id=job.request_id,
             prediction_id=job.prediction_id,
             submit_attempts=job.submit_attempts,
             created_at=job.created_at,

@@ -11,6 +11,7 @@ from workers.callbacks import Callbacks, Policy
 from workers.db import engine_for, make_session_factory
 from workers.dispatch import CeleryDispatcher
 from workers.pipeline import Pipeline
+from workers.replies import Replies
 from workers.sealing import Sealer
 from workers.storage import Storage, make_s3_client
 from workers.urlguard import UrlGuard, UrlPolicy
@@ -81,6 +82,16 @@ def close_pipeline(pipeline: Pipeline) -> None:
     pipeline.guard.close()
     pipeline.storage.close()
     pipeline.sessions.kw["bind"].dispose()
+
+
+def build_replies(pipeline: Pipeline) -> Replies:
+    """The reply service beside a pipeline: its units of work and its broker."""
+    settings = pipeline.settings
+    return Replies(
+        work=pipeline.work, publish=pipeline.dispatch.reply, clock=pipeline.clock,
+        max_attempts=settings.reply_max_attempts, retry_base=settings.retry_base_seconds,
+        retry_max=settings.max_countdown_seconds,
+    )  # fmt: skip
 
 
 def build_callbacks(pipeline: Pipeline) -> Callbacks:

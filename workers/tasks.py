@@ -25,7 +25,7 @@ from workers.db import unit_of_work
 from workers.pipeline import Pipeline
 from workers.poison import RunCounter, subject_of
 from workers.reconciler import reconcile
-from workers.runtime import build_callbacks, build_pipeline
+from workers.runtime import build_callbacks, build_pipeline, build_replies
 
 
 class Runtime:
@@ -36,6 +36,7 @@ class Runtime:
         self.pid = os.getpid()
         self.pipeline = build_pipeline(settings, app)
         self.callbacks = build_callbacks(self.pipeline)
+        self.replies = build_replies(self.pipeline)
         broker = redis.Redis.from_url(
             settings.redis_url,
             socket_timeout=settings.broker_timeout_seconds,
@@ -136,6 +137,12 @@ def withdraw(job_id: str) -> None:
 def notify(delivery_id: str) -> None:
     """Make a due callback attempt to the producer."""
     runtime().callbacks.deliver(uuid.UUID(delivery_id))
+
+
+@task(name=dispatch.REPLY)
+def reply(reply_id: str) -> None:
+    """Publish an event as the producer's own task (`workers.replies`)."""
+    runtime().replies.send(uuid.UUID(reply_id))
 
 
 @task(name=dispatch.BULK)

@@ -187,3 +187,15 @@ def update_quotas(session: Session, tenant: Tenant, changes: dict[str, int | Non
         setattr(tenant, name, value)
     session.flush()
     return tenant
+
+
+# A reply-queue glob: queue-name characters and the glob's own.
+REPLY_QUEUES = re.compile(r"[A-Za-z0-9_.:*?\[\]-]{1,200}")
+
+
+def limit_replies(tenant: Tenant, pattern: str | None) -> None:
+    """Let the tenant's broker requests reply only to queues matching `pattern` (a glob,
+    `myapp.*`); None: to any queue but the product's own."""
+    if pattern is not None and not REPLY_QUEUES.fullmatch(pattern):
+        raise TenantError("reply queues are a glob of letters, digits, _ . : - * ? [ ]")
+    tenant.reply_queues = pattern

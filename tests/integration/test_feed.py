@@ -9,9 +9,10 @@ from sqlalchemy import select
 
 from tests.integration.flow import new_job, status
 from workers import callbacks, feed
-from workers.db import unit_of_work
+from workers.announce import job_event
 from workers.models import CallbackDelivery, TenantEvent
 from workers.pipeline import Pipeline
+from workers.work import silent
 
 pytestmark = pytest.mark.integration
 
@@ -66,10 +67,10 @@ def test_an_event_that_commits_late_is_not_skipped_by_a_cursor(
     pipeline.cancel(earlier)
     tenant_id = status(pipeline, first).tenant_id
     (mark,) = _page(pipeline, tenant_id)
-    with unit_of_work(pipeline.sessions) as slow:
-        callbacks.record(slow, first, callbacks.PROCESSING, pipeline.clock())
-        with unit_of_work(pipeline.sessions) as quick:
-            callbacks.record(quick, second, callbacks.PROCESSING, pipeline.clock())
+    with silent(pipeline.sessions) as slow:
+        job_event(slow, first, callbacks.PROCESSING, pipeline.clock())
+        with silent(pipeline.sessions) as quick:
+            job_event(quick, second, callbacks.PROCESSING, pipeline.clock())
         # `second` is committed, but an older transaction is still open: held back.
         assert _page(pipeline, tenant_id, after=mark.id) == []
     after_mark = _page(pipeline, tenant_id, after=mark.id)

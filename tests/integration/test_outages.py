@@ -16,6 +16,7 @@ from sqlalchemy import func, select, update
 from tests.integration.flow import new_job, status, submitted
 from tests.support import RecordingDispatcher, SimulatorAdmin
 from workers import callbacks, dispatch, jobs, quarantine
+from workers.announce import job_event
 from workers.db import unit_of_work
 from workers.models import (
     CallbackAttempt,
@@ -30,6 +31,7 @@ from workers.pipeline import Pipeline
 from workers.reconciler import reconcile
 from workers.runtime import build_callbacks
 from workers.states import JobState
+from workers.work import silent
 
 pytestmark = pytest.mark.integration
 
@@ -144,8 +146,8 @@ def delivery(pipeline: Pipeline, portrait: bytes) -> Any:
 
     def make(url: str = "https://hooks.example.com/kling") -> uuid.UUID:
         job_id = new_job(pipeline, portrait, webhook_url=url)
-        with unit_of_work(pipeline.sessions) as session:
-            delivery_id = callbacks.record(session, job_id, callbacks.CANCELLED, pipeline.clock())
+        with silent(pipeline.sessions) as work:
+            delivery_id = job_event(work, job_id, callbacks.CANCELLED, pipeline.clock()).delivery
         assert delivery_id is not None
         return delivery_id
 

@@ -18,11 +18,13 @@ from sandbox.receiver import Receiver, serve
 from tests.integration.flow import new_job
 from tests.support import kling
 from workers import callbacks, tenants
+from workers.announce import job_event
 from workers.db import unit_of_work
 from workers.models import CallbackDelivery, Tenant
 from workers.pipeline import Pipeline
 from workers.runtime import build_callbacks
 from workers.sealing import Sealer, SealingError, new_key
+from workers.work import silent
 
 pytestmark = pytest.mark.integration
 
@@ -58,9 +60,10 @@ def test_a_callback_signed_from_the_sealed_secret_verifies_and_no_key_means_no_c
 ) -> None:
     with serve(Receiver()) as receiver:
         job_id = new_job(pipeline, portrait, webhook_url=receiver.url)
-        with unit_of_work(pipeline.sessions) as session:
-            delivery_id = callbacks.record(session, job_id, callbacks.COMPLETED, pipeline.clock())
-            secret = tenants.webhook_secret(tenants.find_tenant(session, "flow"), pipeline.sealer)
+        with silent(pipeline.sessions) as work:
+            delivery_id = job_event(work, job_id, callbacks.COMPLETED, pipeline.clock()).delivery
+            flow = tenants.find_tenant(work.session, "flow")
+            secret = tenants.webhook_secret(flow, pipeline.sealer)
         assert delivery_id is not None
 
         # A worker whose keys do not open the secret sends nothing rather than a callback
