@@ -29,6 +29,7 @@ import psycopg
 import redis
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from bench.broker_producer import BrokerProducer, jobs_per_request
 from sandbox.processes import Process
 from sandbox.receiver import Receiver, flaky, serve
 from sandbox.stack import Stack
@@ -66,6 +67,8 @@ class Options:
     # Failed or cancelled jobs the producer retries once they ended (their retries are jobs
     # like the others, checked with them).
     retries: int = 10
+    # Requests a Celery producer sends onto the broker meanwhile (`generation.request`).
+    broker_requests: int = 60
     chaos_seconds: float = 60.0
     timeout: float = 900.0
     seed: int = 7
@@ -125,14 +128,86 @@ def _run(chaos: Run) -> list[Result]:
         chaos.workers.append(stack.start_worker(f"worker{n}", concurrency=options.concurrency))
     httpx.put(f"{simulator}/_sim/faults", json=FAULTS).raise_for_status()
     job_ids = chaos.job_ids = submit_jobs(chaos)
-    unleash(chaos, random.Random(options.seed))
-    wait_terminal(chaos, job_ids)
-    job_ids += retry_jobs(chaos, job_ids)
-    wait_terminal(chaos, job_ids)
-    httpx.delete(f"{simulator}/_sim/faults").raise_for_status()
-    settle_ledger(chaos)
-    settle_callbacks(chaos, job_ids)
-    return check(chaos, job_ids)
+    with httpx.Client(base_url=stack.info["api_url"], headers=_auth(chaos), timeout=60) as api:
+        producer = broker_producer(chaos, api)
+        producer.start(options.chaos_seconds / 2)
+        unleash(chaos, random.Random(options.seed))
+        wait_terminal(chaos, job_ids)
+        producer.resend_missing(timeout=300)
+        broker_jobs = producer.job_ids()
+        chaos.log(f"broker requests: {producer.sent} sent, {producer.resent} sent again after "
+                  f"their message was lost, {len(broker_jobs)} accepted")  # fmt: skip
+        job_ids += broker_jobs
+        wait_terminal(chaos, job_ids)
+        job_ids += retry_jobs(chaos, job_ids)
+        wait_terminal(chaos, job_ids)
+        httpx.delete(f"{simulator}/_sim/faults").raise_for_status()
+        settle_ledger(chaos)
+        settle_callbacks(chaos, job_ids)
+        settle_replies(chaos, producer)
+        producer.stop()
+        return [*check(chaos, job_ids), *check_broker(chaos, producer)]
+
+
+def _auth(chaos: Run) -> dict[str, str]:
+    return {"Authorization": f"Bearer {chaos.stack.info['api_key']}"}
+
+
+def broker_producer(chaos: Run, api: httpx.Client) -> BrokerProducer:
+    image = (Path(__file__).resolve().parent.parent / "examples" / "portrait.png").read_bytes()
+    upload = api.post("/v1/uploads", files={"file": ("p.png", image, "image/png")})
+    return BrokerProducer(
+        chaos.stack.direct_env["REDIS_URL"], api, chaos.stack.info["api_key"],
+        upload.raise_for_status().json()["upload_id"], chaos.receiver.url,
+        chaos.options.broker_requests,
+    )  # fmt: skip
+
+
+def _missing_replies(chaos: Run, producer: BrokerProducer) -> list[str]:
+    """Requests whose end has not come back as a reply (nor its refusal)."""
+    outcomes = producer.outcomes()
+    accepted = {r: str(o["job_id"]) for r, o in outcomes.items() if o and o.get("job_id")}
+    rows = job_rows(chaos, list(accepted.values()))
+    missing = []
+    for request_id, found in outcomes.items():
+        if found is None:
+            missing.append(request_id)
+            continue
+        job = rows.get(accepted.get(request_id, ""))
+        wanted = f"generation.{job['status']}" if job else "generation.refused"
+        if wanted not in producer.replies.get(request_id, {}):
+            missing.append(request_id)
+    return missing
+
+
+def settle_replies(chaos: Run, producer: BrokerProducer) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _missing_replies(chaos, producer):
+        time.sleep(1)
+
+
+def check_broker(chaos: Run, producer: BrokerProducer) -> list[Result]:
+    outcomes = producer.outcomes()
+    taken = sum(1 for found in outcomes.values() if found is not None)
+    dsn = chaos.stack.direct_env["DATABASE_URL"].replace("+psycopg", "")
+    per_request = jobs_per_request(dsn)
+    doubled = {r: n for r, n in per_request.items() if n > 1}
+    missing = _missing_replies(chaos, producer)
+    repeats = sum(len(ids) - 1 for by in producer.replies.values() for ids in by.values())
+    return [
+        Result(
+            "every broker request was taken once, and none became two jobs",
+            taken == len(outcomes) and not doubled,
+            f"requests={len(outcomes)}, taken={taken}, jobs={sum(per_request.values())}, "
+            f"sent again={producer.resent}, doubled={doubled or 'none'}",
+        ),
+        Result(
+            "every broker request's end came back as a reply",
+            not missing,
+            f"missing={missing[:5] or 'none'}, replies={sum(map(len, producer.replies.values()))}"
+            f", the same event more than once={repeats}",
+        ),
+    ]
 
 
 def submit_jobs(chaos: Run) -> list[str]:

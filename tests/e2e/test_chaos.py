@@ -21,12 +21,12 @@ def test_small_chaos_run_keeps_every_invariant() -> None:
     root = Path(tempfile.mkdtemp(prefix="kling-test-chaos-"))
     options = Options(
         jobs=30, workers=2, kills=1, flushes=1, redis_restarts=0, postgres_restarts=0,
-        cancels=6, retries=3, chaos_seconds=8, timeout=300, root=root,
+        cancels=6, retries=3, broker_requests=12, chaos_seconds=8, timeout=300, root=root,
     )  # fmt: skip
     try:
         results = run(options)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     failures = [result.line() for result in results if not result.ok]
-    assert len(results) == 7
+    assert len(results) == 9
     assert failures == []
