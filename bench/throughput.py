@@ -9,6 +9,8 @@
    second through the same broker and the same worker (2 processes). Per job, from accepted
    to callback delivered: CPU ms of the API, the worker (pool children included) and beat,
    Postgres commits (`pg_stat_database.xact_commit`) and Redis commands (`INFO commandstats`).
+Intake: requests a second taken in over HTTP creates and over the broker's
+   `generation.request`, in the same run, the pipeline idle before each.
 6. Callback latency: from the simulator marking a prediction completed to our callback arriving
    at the producer, p50/p99, with WaveSpeed's webhooks on and with them dropped (polling only).
    Inference times scatter uniformly over `--inference 4 12` seconds while the poll schedule
@@ -27,11 +29,14 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import redis
 
 from bench import pyspy
@@ -43,15 +48,20 @@ from bench.harness import (
     percentile,
     poll_schedule,
     stack_pids,
+    tree_cpu_seconds,
 )
 from config import Settings
 from sandbox.receiver import Receiver, serve
 from sandbox.stack import Stack
 from workers.celery_app import create_celery
+from workers.dispatch import QUEUES
 
 IMAGE = Path(__file__).resolve().parent.parent / "examples" / "portrait.png"
 # The processes a job's cost is counted in (the worker's pool children with it).
 COSTED = ("api", "worker", "beat")
+# Requests taken in at once on each intake path: the API's threads, the requests worker's
+# processes.
+INTAKE_CONCURRENCY = 8
 
 
 def noop_rate(stack: Stack, count: int) -> float:
@@ -110,6 +120,61 @@ def throughput(
     }  # fmt: skip
 
 
+def intake(stack: Stack, api: httpx.Client, upload_id: str, count: int) -> dict[str, Any]:
+    """Requests a second taken in over HTTP (`POST /v1/generations`, 8 at once, by the API)
+    and over the broker (`generation.request` from Celery's `send_task`, by a `requests`
+    worker of 8 processes), each from its first request to its last job
+    committed, the pipeline idle before each; and the CPU of the process that took them."""
+    dsn = stack.direct_env["DATABASE_URL"].replace("+psycopg", "")
+    pids = stack_pids(stack)
+    body = {"upload_id": upload_id, "prompt": "pan left", "duration": 5}
+    _settled(dsn)
+    cpu, started = tree_cpu_seconds([pids["api"] or 0]), time.monotonic()
+    with ThreadPoolExecutor(INTAKE_CONCURRENCY) as pool:
+        list(pool.map(lambda _: api.post("/v1/generations", json=body).raise_for_status(),
+                      range(count)))  # fmt: skip
+    http = (count / (time.monotonic() - started), tree_cpu_seconds([pids["api"] or 0]) - cpu)
+    _settled(dsn)
+    run = uuid.uuid4().hex[:8]
+    celery = create_celery(Settings(redis_url=stack.env["REDIS_URL"]))
+    cpu, started = tree_cpu_seconds([pids["requests"] or 0]), time.monotonic()
+    for n in range(count):
+        kwargs = {"api_key": stack.info["api_key"], "request_id": f"{run}-{n}", **body}
+        celery.send_task("generation.request", kwargs=kwargs, queue="requests")
+    while _taken(dsn, run) < count:
+        time.sleep(0.02)
+    broker = (count / (time.monotonic() - started), tree_cpu_seconds([pids["requests"] or 0]) - cpu)
+    return {
+        "intake_http_creates_per_s": round(http[0], 1),
+        "intake_http_api_cpu_ms_per_create": round(http[1] * 1000 / count, 2),
+        "intake_broker_requests_per_s": round(broker[0], 1),
+        "intake_broker_worker_cpu_ms_per_request": round(broker[1] * 1000 / count, 2),
+        "ratio_broker_to_http_intake": round(broker[0] / http[0], 3),
+    }
+
+
+def _settled(dsn: str, timeout: float = 300) -> None:
+    """Until no job is on its way: the next phase has the machine to itself."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM jobs WHERE status NOT IN "
+                "('completed', 'failed', 'cancelled', 'expired')"
+            ).fetchone()
+        if row is not None and row[0] == 0:
+            return
+        time.sleep(0.5)
+
+
+def _taken(dsn: str, run: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM broker_requests WHERE request_id LIKE %s", (f"{run}-%",)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def latencies(
     stack: Stack,
     api: httpx.Client,
@@ -145,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--latency-jobs", type=int, default=20)
+    parser.add_argument("--intake", type=int, default=200, help="requests per intake path")
     parser.add_argument("--noop", type=int, default=2000)
     parser.add_argument("--inference", type=float, nargs=2, default=(4.0, 12.0))
     parser.add_argument("--render-mode", default=OUTPUT_RENDER_MODE)
@@ -161,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         root,
         environ=environ,
         simulator_args=["--render-mode", args.render_mode, "--inference-seconds", "0"],
+        worker_queues=[q for q in QUEUES if q != "requests"],
     )
     try:
         stack.up()
+        stack.start_worker("requests", concurrency=INTAKE_CONCURRENCY, queues=["requests"])
         info = stack.info
         with httpx.Client(
             base_url=info["api_url"],
@@ -176,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             upload_id = upload.raise_for_status().json()["upload_id"]
             baseline = noop_rate(stack, args.noop)
             measured = throughput(stack, api, upload_id, args.jobs, args.profile, args.profile_wall)
+            taken = intake(stack, api, upload_id, args.intake)
             on, off = (
                 latencies(stack, api, upload_id, args.latency_jobs, hooks, args.inference)
                 for hooks in (True, False)
@@ -186,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "throughput",
         **measured,
+        **taken,
         "celery_noop_tasks_per_s": round(baseline, 1),
         "ratio_jobs_to_noop_tasks": round(measured["jobs_per_s"] / baseline, 4),
         "latency_inference_seconds": list(args.inference),
@@ -204,7 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         f"| per job: worker {measured.get('worker_cpu_ms_per_job')} CPU ms, "
         f"API {measured.get('api_cpu_ms_per_job')} CPU ms, "
         f"{measured['postgres_commits_per_job']} Postgres commits, "
-        f"{measured['redis_commands_per_job']} Redis commands |"
+        f"{measured['redis_commands_per_job']} Redis commands "
+        f"| intake: HTTP {taken['intake_http_creates_per_s']} creates/s "
+        f"({taken['intake_http_api_cpu_ms_per_create']} API CPU ms each), broker "
+        f"{taken['intake_broker_requests_per_s']} requests/s "
+        f"({taken['intake_broker_worker_cpu_ms_per_request']} worker CPU ms each), "
+        f"x{taken['ratio_broker_to_http_intake']} |"
     )
     emit(result, row)
     if args.profile:

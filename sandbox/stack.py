@@ -83,6 +83,8 @@ class Stack:
     root: Path
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     worker_concurrency: int = 2
+    # What the stack's own worker consumes (a benchmark may give a queue a worker of its own).
+    worker_queues: Collection[str] = QUEUES
     simulator_args: list[str] = field(default_factory=list)
     proxied: Collection[str] = ()
     services: list[Any] = field(default_factory=list)
@@ -216,7 +218,7 @@ class Stack:
 
     def _start_apps(self) -> None:
         self.start_api("api", int(self.env["API_PORT"]))
-        self.start_worker("worker", concurrency=self.worker_concurrency)
+        self.start_worker("worker", concurrency=self.worker_concurrency, queues=self.worker_queues)
         self.start_beat()
 
     def start_beat(self, *, through: Mapping[str, ProxyHandle] | None = None) -> Process:
