@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from api.client import KlingClient
+from api.console.commands import announce, operators_app
 
 if TYPE_CHECKING:
     from workers.sealing import Sealer
@@ -48,6 +49,7 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(bulk_app, name="bulk")
+app.add_typer(operators_app, name="operators")
 console = Console(stderr=True)
 
 DEFAULT_ROOT = Path(".stack")
@@ -667,6 +669,8 @@ def demo(
         stack.up()
     demo_root = root if running else root / "demo"
     try:
+        info = _read_stack(demo_root)
+        announce(info["api_url"], info["database_url"])
         generate(
             str(DEMO_IMAGE), DEMO_PROMPT, "blur, distort, low quality", 0.5, 5, wait=True,
             out=out, root=demo_root,
