@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format bench chaos faults stack clean
+.PHONY: demo test lint format bench chaos faults stack clean .browser
 
 $(VENV): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,11 +14,17 @@ $(VENV): pyproject.toml
 demo: $(VENV)
 	$(BIN)/kling demo --out out/demo.mp4
 
-test: $(VENV)
+test: $(VENV) .browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy config api workers sandbox
 	$(BIN)/pytest
+
+# The console's browser tests drive Debian's Chromium (never a downloaded browser).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+.browser:
+	@command -v chromium >/dev/null || \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 
 lint: $(VENV)
 	$(BIN)/ruff check .

@@ -14,6 +14,7 @@ import structlog
 from fastapi import FastAPI, Request, Response
 
 from api import edge, problems
+from api.console.routes import install as install_console
 from api.deps import Resources
 from api.routes import hooks, router, v1
 from api.throttle import KeyRateLimit, TenantSlots
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(v1)
     app.include_router(hooks)
+    install_console(app)
     edge.install(
         app,
         default_limit=settings.body_max_bytes,

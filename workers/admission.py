@@ -132,6 +132,22 @@ class Gate:
     recovery_after: timedelta = timedelta(seconds=90)
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What the account's caps count now: jobs in flight, and submits of the last minute."""
+
+    in_flight: int
+    last_minute: int
+
+
+def gate_usage(session: Session, gate: Gate, now: datetime, minute_ago: datetime) -> Usage:
+    """Jobs in flight and submits of the last minute, as the gate counts them."""
+    row = session.execute(
+        _USAGE, {"minute_ago": minute_ago, "recovering_before": now - gate.recovery_after}
+    ).one()
+    return Usage(int(row.in_flight), int(row.last_minute))
+
+
 def anyone_waiting(session: Session, now: datetime) -> bool:
     """Whether some queued job waits for the gate to admit it."""
     return bool(session.scalar(_ANY_WAITING, {"now": now}))
@@ -158,9 +174,7 @@ def admit(
     if park is not None:
         session.execute(_PARK, {"now": now, "id": park})
     recovering_before = now - gate.recovery_after
-    usage = session.execute(
-        _USAGE, {"minute_ago": minute_ago, "recovering_before": recovering_before}
-    ).one()
+    usage = gate_usage(session, gate, now, minute_ago)
     # `last_submit_at` keeps only a job's latest attempt, so a job retried within the minute
     # counts once: the rate is a close lower bound, which WaveSpeed's 429 backs up.
     free = min(gate.max_in_flight - usage.in_flight, gate.per_minute - usage.last_minute)

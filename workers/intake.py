@@ -184,21 +184,28 @@ def committed_spend(
 ) -> Decimal:
     """What the tenant's jobs of the month cost or may cost: in flight or queued, charged,
     or ended with a charge not known (`workers.charges`)."""
-    rows = session.execute(
-        select(Job.duration, func.count())
-        .where(
-            Job.tenant_id == tenant.id,
-            Job.created_at >= since,
-            # In flight (not settled yet), charged, or not known to be free.
-            Job.charged.is_not(False),
-        )
-        .group_by(Job.duration)
-    ).all()
+    return spend_by_tenant(session, since, settings, tenant.id).get(tenant.id, Decimal(0))
+
+
+def spend_by_tenant(
+    session: Session, since: datetime, settings: Settings, tenant_id: str | None = None
+) -> dict[str, Decimal]:
+    """`committed_spend` of every tenant with jobs since `since` (or of `tenant_id` only)."""
+    query = select(Job.tenant_id, Job.duration, func.count()).where(
+        Job.created_at >= since,
+        # In flight (not settled yet), charged, or not known to be free.
+        Job.charged.is_not(False),
+    )
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
+    rows = session.execute(query.group_by(Job.tenant_id, Job.duration)).all()
     # A duration no longer priced (PRICE_USD narrowed since) counts at the highest price.
     top = max(settings.price_usd.values())
-    return sum(
-        (settings.price_usd.get(duration, top) * count for duration, count in rows), Decimal(0)
-    )
+    spent: dict[str, Decimal] = {}
+    for tenant, duration, count in rows:
+        price = settings.price_usd.get(duration, top) * count
+        spent[tenant] = spent.get(tenant, Decimal(0)) + price
+    return spent
 
 
 def check_quotas(

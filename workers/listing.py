@@ -48,6 +48,8 @@ class JobFilter:
     metadata: dict[str, str] = field(default_factory=dict)
     # The broker request that made it (`api.inbox`).
     request_id: str | None = None
+    # Any of these error codes (the operators' console; not a bulk action's filter).
+    error_codes: tuple[str, ...] = ()
 
     def where(self) -> list[ColumnElement[bool]]:
         conditions: list[ColumnElement[bool]] = []
@@ -63,6 +65,8 @@ class JobFilter:
             conditions.append(Job.metadata_[key].astext == value)
         if self.request_id is not None:
             conditions.append(Job.request_id == self.request_id)
+        if self.error_codes:
+            conditions.append(Job.error_code.in_(self.error_codes))
         return conditions
 
     def to_json(self) -> dict[str, Any]:
@@ -92,14 +96,17 @@ def _time(value: str | None) -> datetime | None:
 
 def page(
     session: Session,
-    tenant_id: str,
+    tenant_id: str | None,
     wanted: JobFilter,
     *,
     limit: int,
     after: Cursor | None = None,
 ) -> tuple[Sequence[Job], Cursor | None]:
-    """One page of a tenant's jobs, newest first, and the cursor of the next page."""
-    query = select(Job).where(Job.tenant_id == tenant_id, *wanted.where())
+    """One page of a tenant's jobs (every tenant's for None: the operators' console), newest
+    first, and the cursor of the next page."""
+    query = select(Job).where(*wanted.where())
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
     if after:
         query = query.where(tuple_(Job.created_at, Job.id) < tuple_(after.created_at, after.job_id))
     rows = session.scalars(

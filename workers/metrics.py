@@ -182,15 +182,22 @@ class BacklogCollector(Collector):
         return [(str(state), int(count)) for state, count in rows]
 
     def _depths(self) -> list[tuple[str, int]]:
-        try:
-            with self._redis.pipeline(transaction=False) as pipe:
-                for queue in self._queues:
-                    pipe.llen(queue)
-                lengths = pipe.execute()
-        except Exception as exc:  # as above
-            log.warning("metrics.queues_unavailable", error=type(exc).__name__)
-            return []
-        return list(zip(self._queues, (int(n) for n in lengths), strict=True))
+        return queue_depths(self._redis, self._queues)
+
+
+def queue_depths(redis: Any, queues: Iterable[str] = QUEUES) -> list[tuple[str, int]]:
+    """Messages waiting in each broker queue (one round trip); empty when Redis does not
+    answer, so a page or a scrape reports what it can rather than failing whole."""
+    names = tuple(queues)
+    try:
+        with redis.pipeline(transaction=False) as pipe:
+            for queue in names:
+                pipe.llen(queue)
+            lengths = pipe.execute()
+    except Exception as exc:
+        log.warning("metrics.queues_unavailable", error=type(exc).__name__)
+        return []
+    return list(zip(names, (int(n) for n in lengths), strict=True))
 
 
 class _DefaultRegistry(Collector):
