@@ -52,12 +52,12 @@ router = APIRouter(prefix="/console", include_in_schema=False)
 # What an action's redirect may announce: fixed texts, so nothing a link carries is echoed.
 NOTICES = {
     "cancelled": "The job is cancelled.",
-    "retried": "A new job was made from the failed one.",
+    "retried": "A new job was made with the same inputs.",
     "restored": "The store is restarted.",
     "replayed": "The callback is sent again.",
     "enabled": "The callback URL takes deliveries again.",
     "not_restorable": "Only a job whose store failed can be restored.",
-    "not_retryable": "This job cannot be retried (still running, or its input is gone).",
+    "not_retryable": "The retry was refused; the audit log says why.",
 }
 
 
@@ -306,9 +306,16 @@ def _back(path: str, done: str) -> RedirectResponse:
     return RedirectResponse(f"{path}?done={done}", status_code=303)
 
 
+def _exists(res: Resources, model: type[Job] | type[Tenant], key: Any) -> None:
+    with res.sessions() as db:
+        if db.get(model, key) is None:
+            raise HTTPException(404, f"no {model.__tablename__[:-1]} with this id")
+
+
 @router.post("/jobs/{job_id}/cancel")
 def cancel(job_id: uuid.UUID, res: Res, who: Operator, csrf: Csrf) -> Response:
     _checked(who, csrf)
+    _exists(res, Job, job_id)
     job = res.pipeline.cancel(job_id)  # a job already ended is answered as it is
     _audit(res, who, "job.cancel", str(job_id), status=job.status)
     return _back(f"/console/jobs/{job_id}", "cancelled")
@@ -317,6 +324,7 @@ def cancel(job_id: uuid.UUID, res: Res, who: Operator, csrf: Csrf) -> Response:
 @router.post("/jobs/{job_id}/restore")
 def restore(job_id: uuid.UUID, res: Res, who: Operator, csrf: Csrf) -> Response:
     _checked(who, csrf)
+    _exists(res, Job, job_id)
     restored = res.pipeline.restore(job_id)
     _audit(res, who, "job.restore", str(job_id), restored=restored)
     return _back(f"/console/jobs/{job_id}", "restored" if restored else "not_restorable")
@@ -373,6 +381,7 @@ def enable_endpoint(
 ) -> Response:  # fmt: skip
     """Deliver to a URL that answered 410 again: the tenant's own bulk action does it."""
     _checked(who, csrf)
+    _exists(res, Tenant, tenant_id)
     with res.pipeline.work() as work:
         action = bulk.create(work, tenant_id, bulk.ENABLE, {"url": url}, bulk.MAX_ITEMS)
     _audit(res, who, "endpoint.enable", tenant_id, url=url, bulk_action=str(action.id))

@@ -267,3 +267,21 @@ def test_a_narrow_window_and_a_keyboard_are_enough(page: Page, jobs: Jobs) -> No
         expect(page.get_by_role("heading", name="Overview", exact=True)).to_be_visible()
     finally:
         page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def test_a_retry_sent_twice_from_the_same_form_makes_one_job(page: Page, jobs: Jobs) -> None:
+    page.goto(f"/console/jobs/{jobs.failed['id']}")
+    form = page.locator(f"form[action='/console/jobs/{jobs.failed['id']}/retry']")
+    fields = {name: form.locator(f"input[name={name}]").input_value() for name in ("csrf", "nonce")}
+    sent = [
+        page.request.post(form.get_attribute("action") or "", form=fields, max_redirects=0)
+        for _ in range(2)
+    ]
+    assert [answer.status for answer in sent] == [303, 303]
+    first, again = (answer.headers["location"] for answer in sent)
+    assert first == again and first.endswith("?done=retried")
+    new_id = first.split("/")[-1].split("?")[0]
+    made = jobs.producer.api.get(f"/v1/generations/{new_id}").json()
+    assert made["retry_of"] == jobs.failed["id"]
+    page.goto(first)
+    expect(page.get_by_role("status")).to_have_text("A new job was made with the same inputs.")
