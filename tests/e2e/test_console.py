@@ -83,7 +83,8 @@ class Jobs:
     completed: dict[str, Any]
     queued: dict[str, Any]
     receiver: Receiver
-    producer: Producer  # of the failed job
+    gone: Receiver  # answers 410: its URL is disabled
+    producer: Producer  # of the failed jobs
     holder: Producer  # of the completed and the queued job
 
 
@@ -93,11 +94,13 @@ def jobs(stack: Stack, sessions: Any, portrait: bytes) -> Iterator[Jobs]:
     failing = new_producer(stack, sessions, portrait)
     # One submit a minute: its second job waits in the queue while the first completes.
     slow = new_producer(stack, sessions, portrait, submits_per_minute=1)
-    with serve(Receiver()) as receiver:
+    with serve(Receiver()) as receiver, serve(Receiver(lambda _: 410)) as gone:
         try:
             simulator.set_faults(task_fail={1403: 1.0})
             failed = failing.create(webhook_url=receiver.url)
+            told_gone = failing.create(webhook_url=gone.url)
             failed = failing.wait(failed["id"], "failed")
+            failing.wait(told_gone["id"], "failed")
         finally:
             simulator.reset_faults()
             simulator.close()
@@ -106,7 +109,7 @@ def jobs(stack: Stack, sessions: Any, portrait: bytes) -> Iterator[Jobs]:
         queued = slow.create(prompt="waits for the gate")
         assert slow.api.get(f"/v1/generations/{queued['id']}").json()["status"] == "queued"
         completed = slow.wait(completed["id"], "completed")
-        yield Jobs(failed, completed, queued, receiver, failing, slow)
+        yield Jobs(failed, completed, queued, receiver, gone, failing, slow)
     failing.api.close()
     slow.api.close()
 
@@ -238,9 +241,30 @@ def test_a_queued_job_is_cancelled_and_the_action_audited(page: Page, jobs: Jobs
     shot(page, "audit")
     page.get_by_role("link", name="Tenants", exact=True).click()
     shot(page, "tenants")
-    page.goto(f"/console/tenants/{jobs.producer.tenant_id}")
-    expect(page.get_by_text(jobs.receiver.url)).to_be_visible()
+
+
+def test_a_callback_url_disabled_by_a_410_is_re_enabled(page: Page, jobs: Jobs) -> None:
+    tenant = f"/console/tenants/{jobs.producer.tenant_id}"
+    wait_for(lambda: jobs.gone.received, timeout=30)
+
+    def row_of(url: str) -> Any:
+        return page.get_by_role("row").filter(has_text=url)
+
+    def disabled() -> bool:
+        page.goto(tenant)  # the worker records the 410 a moment after the receiver answers it
+        return "disabled" in (row_of(jobs.gone.url).inner_text() or "")
+
+    wait_for(disabled, timeout=30, interval=0.5)
+    expect(row_of(jobs.receiver.url)).to_contain_text("healthy")
     shot(page, "tenant")
+    row_of(jobs.gone.url).get_by_role("button", name="Re-enable").click()
+    expect(page.get_by_role("status")).to_have_text("The callback URL takes deliveries again.")
+
+    def enabled() -> bool:
+        page.goto(tenant)  # a worker runs the tenant's bulk action
+        return "disabled" not in row_of(jobs.gone.url).inner_text()
+
+    wait_for(enabled, timeout=30, interval=0.5)
 
 
 def test_a_forged_action_without_the_csrf_token_is_refused(page: Page, jobs: Jobs) -> None:

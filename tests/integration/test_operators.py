@@ -3,12 +3,15 @@ an audit log; a tenant's key is never an operator's token."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from config import Settings
+from tests.support import kling
 from workers import operators, tenants
 from workers.db import unit_of_work
 from workers.models import AuditEntry, Operator, OperatorSession, Tenant
@@ -67,3 +70,21 @@ def test_a_new_session_sweeps_expired_ones(sessions: sessionmaker[Session]) -> N
         operators.start_session(db, db.get_one(Operator, made.id), now)
     with sessions() as db:
         assert len(db.scalars(select(OperatorSession)).all()) == 1
+
+
+def test_the_cli_prints_a_token_once_and_disables_it(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    env = {"DATABASE_URL": settings.database_url}
+    made = kling(env, "operators", "create", "dana")
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)["token"]
+    with sessions() as db:
+        assert operators.authenticate(db, token) is not None
+        assert token not in json.dumps([o.token_hash for o in db.scalars(select(Operator))])
+    assert kling(env, "operators", "create", "dana").returncode == 1
+    disabled = kling(env, "operators", "disable", "dana")
+    assert disabled.returncode == 0, disabled.stderr
+    with sessions() as db:
+        assert operators.authenticate(db, token) is None
+    assert kling(env, "operators", "disable", "dana").returncode == 1
