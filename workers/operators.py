@@ -111,7 +111,8 @@ def end_session(session: Session, sid: str) -> None:
 
 
 def audit(session: Session, operator: str, action: str, subject: str | None, **detail: Any) -> None:
-    """Record what an operator did (in the caller's transaction, with the change itself)."""
+    """Record what an operator did, in the caller's transaction: with the change itself
+    when the caller makes it."""
     session.add(AuditEntry(operator=operator, action=action, subject=subject, detail=detail))
 
 

@@ -66,4 +66,7 @@ def announce(api_url: str, database_url: str) -> None:
     import secrets
 
     token = create_operator(f"demo-{secrets.token_hex(3)}", database_url)
-    console.print(f"console: [bold]{api_url.rstrip('/')}/console[/]  operator token: {token}")
+    # soft_wrap: a token broken across lines would not paste back whole.
+    console.print(
+        f"console: [bold]{api_url.rstrip('/')}/console[/]  operator token: {token}", soft_wrap=True
+    )

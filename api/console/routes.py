@@ -107,6 +107,8 @@ def _page(request: Request, name: str, who: SignedIn | None, **context: Any) -> 
 
 
 def _audit(res: Resources, who: SignedIn, action: str, subject: str, **detail: Any) -> None:
+    # For the pipeline's own actions (cancel, restore, retry), which commit on their own: the
+    # entry follows the change, and records how it turned out.
     with unit_of_work(res.sessions) as db:
         operators.audit(db, who.operator, action, subject, **detail)
     log.info("console.action", operator=who.operator, action=action, subject=subject)
@@ -366,9 +368,10 @@ def replay(
         owner = views.delivery_tenant(db, delivery_id)
     if owner is None:
         raise HTTPException(404, "no delivery with this id")
-    with res.pipeline.work() as work:
+    with res.pipeline.work() as work:  # the replay and its audit entry commit together
         callbacks.replay(work, owner, delivery_id, utcnow())
-    _audit(res, who, "callback.replay", str(delivery_id), job_id=str(job_id))
+        operators.audit(work.session, who.operator, "callback.replay", str(delivery_id),
+                        job_id=str(job_id))  # fmt: skip
     if request.headers.get("hx-request"):
         return job_callbacks(request, job_id, res, who)
     return _back(f"/console/jobs/{job_id}", "replayed")
@@ -382,9 +385,10 @@ def enable_endpoint(
     """Deliver to a URL that answered 410 again: the tenant's own bulk action does it."""
     _checked(who, csrf)
     _exists(res, Tenant, tenant_id)
-    with res.pipeline.work() as work:
+    with res.pipeline.work() as work:  # the action and its audit entry commit together
         action = bulk.create(work, tenant_id, bulk.ENABLE, {"url": url}, bulk.MAX_ITEMS)
-    _audit(res, who, "endpoint.enable", tenant_id, url=url, bulk_action=str(action.id))
+        operators.audit(work.session, who.operator, "endpoint.enable", tenant_id, url=url,
+                        bulk_action=str(action.id))  # fmt: skip
     return _back(f"/console/tenants/{tenant_id}", "enabled")
 
 

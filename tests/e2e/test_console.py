@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from sqlalchemy import func, update
 
 from config.settings import settings_from
 from sandbox.receiver import Receiver, serve
@@ -23,6 +24,7 @@ from sandbox.stack import Stack
 from tests.support import SimulatorAdmin, wait_for
 from workers import operators, tenants
 from workers.db import make_engine, make_session_factory, unit_of_work
+from workers.models import Job
 from workers.sealing import Sealer
 
 pytestmark = pytest.mark.integration
@@ -309,3 +311,26 @@ def test_a_retry_sent_twice_from_the_same_form_makes_one_job(page: Page, jobs: J
     assert made["retry_of"] == jobs.failed["id"]
     page.goto(first)
     expect(page.get_by_role("status")).to_have_text("A new job was made with the same inputs.")
+
+
+def test_a_failed_store_is_restored(page: Page, jobs: Jobs, sessions: Any, stack: Stack) -> None:
+    simulator = SimulatorAdmin(stack.env["WAVESPEED_BASE_URL"])
+    try:
+        simulator.set_faults(output_truncate=1.0)  # the CDN cuts every download short
+        job = jobs.producer.create()
+        jobs.producer.wait(job["id"], "storing")
+        with unit_of_work(sessions) as session:  # its deadline passes while it keeps failing
+            session.execute(
+                update(Job)
+                .where(Job.id == uuid.UUID(job["id"]))
+                .values(store_deadline_at=func.now())
+            )
+        failed = jobs.producer.wait(job["id"], "failed")
+        assert failed["error"]["code"] == "storage_failed"
+    finally:
+        simulator.reset_faults()
+        simulator.close()
+    page.goto(f"/console/jobs/{job['id']}")
+    page.get_by_role("button", name="Restore the failed store").click()
+    expect(page.get_by_role("status")).to_have_text("The store is restarted.")
+    assert jobs.producer.wait(job["id"], "completed")["video"]
