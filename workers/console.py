@@ -108,7 +108,7 @@ def _per_minute(session: Session, now: datetime, hours: int) -> list[tuple[datet
         )
         .group_by(minute)
     ).all()
-    found = {at.replace(tzinfo=since.tzinfo): (int(c), int(f)) for at, c, f in rows}
+    found = {at.astimezone(since.tzinfo): (int(c), int(f)) for at, c, f in rows}
     slots = [since + timedelta(minutes=i) for i in range(hours * 60 + 1)]
     return [(at, *found.get(at, (0, 0))) for at in slots]
 
