@@ -175,11 +175,13 @@ def jobs_page(
     metadata: Annotated[str, Query(max_length=400)] = "",
     created_after: Annotated[str, Query(max_length=40)] = "",
     created_before: Annotated[str, Query(max_length=40)] = "",
+    request_id: Annotated[str, Query(max_length=255)] = "",
     cursor: Annotated[str, Query(max_length=200)] = "",
 ) -> HTMLResponse:
     form = {
         "tenant": tenant, "status": status, "error_code": error_code, "priority": priority,
         "metadata": metadata, "created_after": created_after, "created_before": created_before,
+        "request_id": request_id,
     }  # fmt: skip
     try:
         chosen = listing.JobFilter(
@@ -187,6 +189,7 @@ def jobs_page(
             priorities=(PRIORITIES[priority],) if priority else (),  # type: ignore[index]
             created_after=_when(created_after), created_before=_when(created_before),
             metadata=_pairs(metadata), error_codes=(error_code.strip(),) if error_code else (),
+            request_id=request_id.strip() or None,
         )  # fmt: skip
         after = listing.Cursor.decode(cursor) if cursor else None
     except (ValueError, KeyError):

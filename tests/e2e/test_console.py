@@ -99,7 +99,7 @@ def jobs(stack: Stack, sessions: Any, portrait: bytes) -> Iterator[Jobs]:
     with serve(Receiver()) as receiver, serve(Receiver(lambda _: 410)) as gone:
         try:
             simulator.set_faults(task_fail={1403: 1.0})
-            failed = failing.create(webhook_url=receiver.url)
+            failed = failing.create(webhook_url=receiver.url, metadata={"campaign": "spring"})
             told_gone = failing.create(webhook_url=gone.url)
             failed = failing.wait(failed["id"], "failed")
             failing.wait(told_gone["id"], "failed")
@@ -197,6 +197,8 @@ def test_a_failed_job_is_found_by_its_error_code_and_its_callback_replayed(
     page.get_by_role("link", name="Jobs", exact=True).click()
     page.get_by_label("Error code").fill(code)
     page.get_by_label("Tenant").fill(jobs.producer.tenant_id)
+    page.get_by_label("Metadata").fill("campaign:spring")
+    page.get_by_label("Status").select_option("failed")
     page.get_by_role("button", name="Filter").click()
     link = page.locator(f"a[href='/console/jobs/{jobs.failed['id']}']")
     expect(link).to_have_count(1)
