@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
+from api.cli import DEMO_REAL_HINT
+from config.settings import settings_from
+from sandbox.stack import Stack, real_wavespeed_env
 from workers.models import Job
 from workers.pipeline import history_markers, hosted_name, named_url
 
@@ -53,3 +57,58 @@ def test_an_s3_url_still_matches_its_attempt_whatever_hosting_is_set_now() -> No
     job = a_job()
     url = f"https://s3.test/bucket/inputs/{job.id}/attempt-2.png?X-Amz-Signature=abc"
     assert [m for m in (1, 2, 3) if any(k in url for k in history_markers(job, m))] == [2]
+
+
+# Every other service given, so that deciding WaveSpeed's starts nothing.
+SERVICES = {
+    "DATABASE_URL": "postgresql+psycopg://u@db:5432/kling",
+    "REDIS_URL": "redis://cache:6379/0",
+    "S3_ENDPOINT_URL": "http://s3:9000",
+    "SECRET_KEYS": "[]",
+}
+
+
+def test_a_real_key_alone_sends_the_stack_to_wavespeed_with_inputs_uploaded_there(
+    tmp_path: Path,
+) -> None:
+    stack = Stack(
+        tmp_path, environ={**SERVICES, "WAVESPEED_API_KEY": "ws-real"}, real_wavespeed=True
+    )
+    env = stack._service_env()
+    assert stack.simulator is None and stack.services == []
+    settings = settings_from(env)
+    assert settings.wavespeed_base_url == "https://api.wavespeed.ai"
+    assert settings.wavespeed_api_key.get_secret_value() == "ws-real"
+    assert settings.input_hosting == "wavespeed"
+    # The simulator's pace is not the real service's: its tier and timeouts apply.
+    assert settings.max_in_flight == 2 and settings.submit_time_limit_seconds == 90
+    assert settings.poll_first_delay_seconds == {5: 90.0, 10: 180.0}
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"WAVESPEED_API_KEY": "ws-real"}, "https://api.wavespeed.ai wavespeed"),
+        ({"WAVESPEED_API_KEY": "ws-real", "INPUT_HOSTING": "s3"}, "https://api.wavespeed.ai s3"),
+        ({"WAVESPEED_API_KEY": "ws-real", "WAVESPEED_BASE_URL": "http://sim:1"}, None),
+        ({"WAVESPEED_API_KEY": "sim-key"}, None),
+        ({"WAVESPEED_API_KEY": ""}, None),
+        ({}, None),
+    ],
+)
+def test_only_a_real_key_without_a_base_url_chooses_the_real_service(
+    environ: dict[str, str], expected: str | None
+) -> None:
+    real = real_wavespeed_env(environ)
+    if expected is None:
+        assert real is None
+        return
+    assert real is not None
+    env = {**real, **environ}  # as the stack layers them: what is set wins
+    assert f"{env['WAVESPEED_BASE_URL']} {env['INPUT_HOSTING']}" == expected
+
+
+def test_the_demo_ends_with_how_to_run_it_against_the_real_service() -> None:
+    assert DEMO_REAL_HINT == (
+        "against the real WaveSpeed: WAVESPEED_API_KEY=<your key> INPUT_HOSTING=wavespeed make demo"
+    )
