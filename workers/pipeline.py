@@ -8,6 +8,7 @@ messages therefore change nothing.
 
 from __future__ import annotations
 
+import ipaddress
 import tempfile
 import time
 import uuid
@@ -88,6 +89,23 @@ def history_markers(job: Job, attempt: int) -> tuple[str, str]:
     lookup still finds a submit sent before `INPUT_HOSTING` changed."""
     stem = hosted_name(job, attempt).rpartition(".")[0]
     return attempt_key(job, attempt).rpartition(".")[0] + ".", f"/{stem}."
+
+
+def webhook_for(settings: Settings) -> str | None:
+    """Where a submit asks WaveSpeed to push its completion; none when our address is on
+    loopback and WaveSpeed is not (a laptop against the real service): it could never
+    deliver there, and polling alone settles every job."""
+    if _on_loopback(settings.public_base_url) and not _on_loopback(settings.wavespeed_base_url):
+        return None
+    return settings.wavespeed_webhook_url
+
+
+def _on_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address
+        return False
 
 
 class OutputGone(Exception):
@@ -174,7 +192,7 @@ class Pipeline:
             return
         try:
             prediction = self.wavespeed.submit(
-                self.settings.wavespeed_model, inputs, webhook=self.settings.wavespeed_webhook_url
+                self.settings.wavespeed_model, inputs, webhook=webhook_for(self.settings)
             )
         except WaveSpeedError as exc:
             self._submit_failed(job_id, attempt, exc)

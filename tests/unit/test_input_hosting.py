@@ -11,7 +11,7 @@ from api.cli import DEMO_REAL_HINT
 from config.settings import settings_from
 from sandbox.stack import Stack, real_wavespeed_env
 from workers.models import Job
-from workers.pipeline import history_markers, hosted_name, named_url
+from workers.pipeline import history_markers, hosted_name, named_url, webhook_for
 
 # How WaveSpeed's CDN names an upload: the account, the kind, the time and 8 random letters.
 CDN = "https://d1q70pf5vjeyhc.cloudfront.net/media/92d2d4ca66f84793adcb20742b15d262/images"
@@ -112,3 +112,21 @@ def test_the_demo_ends_with_how_to_run_it_against_the_real_service() -> None:
     assert DEMO_REAL_HINT == (
         "against the real WaveSpeed: WAVESPEED_API_KEY=<your key> INPUT_HOSTING=wavespeed make demo"
     )
+
+
+@pytest.mark.parametrize(
+    ("public", "wavespeed", "asked"),
+    [
+        ("http://127.0.0.1:8000", "http://127.0.0.1:8090", True),  # the simulator
+        ("http://localhost:8000", "http://[::1]:8090", True),
+        ("https://kling.example.com", "https://api.wavespeed.ai", True),  # production
+        ("http://127.0.0.1:8000", "https://api.wavespeed.ai", False),  # a laptop, for real
+        ("http://localhost:8000", "https://api.wavespeed.ai", False),
+    ],
+)
+def test_a_webhook_is_asked_for_only_where_wavespeed_can_deliver_it(
+    public: str, wavespeed: str, asked: bool
+) -> None:
+    settings = settings_from({"PUBLIC_BASE_URL": public, "WAVESPEED_BASE_URL": wavespeed})
+    expected = f"{public}/v1/wavespeed/webhook" if asked else None
+    assert webhook_for(settings) == expected
