@@ -90,8 +90,7 @@ def test_an_upload_500_is_retried_and_the_job_completes_paid_once(
     job = status(hosted, job_id)
     assert job.status == JobState.PROCESSING and job.submit_attempts == 2
     assert [u["filename"] for u in uploads(simulator, job_id)] == [f"{job_id}-2.png"]
-    hosted.poll(job_id)
-    job = poll_until_left_processing(hosted, job_id)
+    assert poll_until_left_processing(hosted, job_id).status == JobState.STORING
     hosted.store(job_id)
     assert status(hosted, job_id).status == JobState.COMPLETED
     assert len(ours(simulator, job_id)) == 1
