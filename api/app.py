@@ -62,7 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             storage=pipeline.storage,
             guard=pipeline.guard,
             pipeline=pipeline,
-            metrics=scrape_registry(BacklogCollector(pipeline.sessions, broker)),
+            metrics=scrape_registry(
+                BacklogCollector(pipeline.sessions, broker, gate=pipeline.gate)
+            ),
             broker=broker,
             rate_limit=KeyRateLimit(
                 settings.redis_url, settings.rate_limit, settings.broker_timeout_seconds

@@ -58,6 +58,9 @@ DEMO_PROMPT = (
     "Portrait in golden hour. Gentle breeze, subtle facial motion, soft lens flare, "
     "handheld micro-sway, realistic skin texture, 5 seconds."
 )
+DEMO_REAL_HINT = (
+    "against the real WaveSpeed: WAVESPEED_API_KEY=<your key> INPUT_HOSTING=wavespeed make demo"
+)
 
 Root = Annotated[Path, typer.Option(help="Where the stack keeps its data, logs and stack.json")]
 
@@ -521,7 +524,7 @@ def stack_up(
         return
     from sandbox.stack import Stack
 
-    stack = Stack(root.resolve(), worker_concurrency=concurrency)
+    stack = Stack(root.resolve(), worker_concurrency=concurrency, real_wavespeed=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         info = stack.up()
@@ -663,7 +666,7 @@ def demo(
     if not running:
         # The demo starts from nothing every time, like a fresh machine.
         shutil.rmtree(root / "demo", ignore_errors=True)
-    stack = None if running else Stack((root / "demo").resolve())
+    stack = None if running else Stack((root / "demo").resolve(), real_wavespeed=True)
     if stack is not None:
         console.print("starting the embedded stack…")
         stack.up()
@@ -679,6 +682,8 @@ def demo(
         if stack is not None:
             stack.down()
     console.print(f"demo done in {time.monotonic() - started:.1f}s")
+    # Plain echo: the console would wrap it at 80 columns when not on a terminal.
+    typer.echo(DEMO_REAL_HINT, err=True)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,10 @@ class Settings(BaseSettings):
     )
     # Presigned input URLs must outlive WaveSpeed's queue and retries.
     input_url_ttl_seconds: int = 24 * 3600
+    # Where WaveSpeed reads a submit's input image: a presigned URL of our S3 bucket (which
+    # WaveSpeed must be able to reach), or a copy uploaded through WaveSpeed's own media
+    # upload, for an S3 it cannot reach (a laptop's embedded stack).
+    input_hosting: Literal["s3", "wavespeed"] = "s3"
 
     s3_part_size: int = 8 * 1024 * 1024
     # Parts of one video uploading at once; a store task holds about (this + 2) parts in memory.

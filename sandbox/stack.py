@@ -2,8 +2,10 @@
 
 Any service URL already set in the environment (DATABASE_URL, REDIS_URL, S3_ENDPOINT_URL,
 WAVESPEED_BASE_URL) replaces its embedded stand-in; so does SECRET_KEYS, which is otherwise a
-key made on the stack's first start and kept in its root. `.stack/stack.json` tells clients
-where everything is once it is healthy.
+key made on the stack's first start and kept in its root. With `real_wavespeed` (the CLI's),
+a real WAVESPEED_API_KEY and no WAVESPEED_BASE_URL replace the simulator with WaveSpeed itself
+(`real_wavespeed_env`). `.stack/stack.json` tells clients where everything is once it is
+healthy.
 
 With `proxied={"redis", "postgres", "s3", "simulator"}` the apps reach those services only
 through fault proxies (`sandbox.faultproxy`, in a process of their own): `env` is what the apps
@@ -52,6 +54,10 @@ SERVICE_URLS = {
     "simulator": "WAVESPEED_BASE_URL",
 }
 
+# WaveSpeed itself, where a stack with a real key and no WAVESPEED_BASE_URL sends its jobs.
+WAVESPEED_URL = "https://api.wavespeed.ai"
+SIMULATOR_API_KEY = Simulator.api_key
+
 # Settings for the sandbox: a simulated clip is done in seconds, so poll on that scale.
 SANDBOX_SETTINGS = {
     "POLL_FIRST_DELAY_SECONDS": '{"5": 1.0, "10": 1.5}',
@@ -74,6 +80,23 @@ SANDBOX_SETTINGS = {
     "RATE_LIMIT": "100000/minute",
     "SUBMITS_PER_MINUTE": "6000",
 }
+# Those of the sandbox's settings that fit only the simulator: the real service takes minutes
+# a clip, and its account tier caps what may run at once.
+SIMULATOR_PACE = (
+    "POLL_FIRST_DELAY_SECONDS", "POLL_MIN_INTERVAL_SECONDS", "POLL_MAX_INTERVAL_SECONDS",
+    "WAVESPEED_READ_TIMEOUT", "SUBMIT_TIME_LIMIT_SECONDS", "MAX_IN_FLIGHT", "SUBMITS_PER_MINUTE",
+)  # fmt: skip
+
+
+def real_wavespeed_env(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The settings that send a stack's jobs to WaveSpeed itself, when `environ` holds a real
+    WAVESPEED_API_KEY (not the simulator's) and no WAVESPEED_BASE_URL; else None (the
+    simulator). Inputs are uploaded to WaveSpeed unless INPUT_HOSTING says otherwise: it
+    cannot reach the stack's loopback S3."""
+    key = environ.get("WAVESPEED_API_KEY", "")
+    if not key or key == SIMULATOR_API_KEY or "WAVESPEED_BASE_URL" in environ:
+        return None
+    return {"WAVESPEED_BASE_URL": WAVESPEED_URL, "INPUT_HOSTING": "wavespeed"}
 
 
 @dataclass
@@ -87,6 +110,10 @@ class Stack:
     worker_queues: Collection[str] = QUEUES
     simulator_args: list[str] = field(default_factory=list)
     proxied: Collection[str] = ()
+    # Whether a real WAVESPEED_API_KEY in `environ` may send jobs to WaveSpeed itself
+    # (`real_wavespeed_env`): the CLI's `stack up` and `demo` allow it; tests and benchmarks,
+    # which inherit a developer's environment, never pay.
+    real_wavespeed: bool = False
     services: list[Any] = field(default_factory=list)
     apps: list[Process] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -125,7 +152,9 @@ class Stack:
         return self.info
 
     def _service_env(self) -> dict[str, str]:
-        env = {**SANDBOX_SETTINGS, **self.environ}
+        real = real_wavespeed_env(self.environ) if self.real_wavespeed else None
+        sandbox = {k: v for k, v in SANDBOX_SETTINGS.items() if not (real and k in SIMULATOR_PACE)}
+        env = {**sandbox, **(real or {}), **self.environ}
         if "DATABASE_URL" not in self.environ:
             self.postgres = EmbeddedPostgres(self.root / "postgres").start()
             self.services.append(self.postgres)
@@ -139,7 +168,7 @@ class Stack:
             self.services.append(s3)
             env.update(S3_ENDPOINT_URL=s3.url, AWS_ACCESS_KEY_ID="sandbox")
             env.update(AWS_SECRET_ACCESS_KEY="sandbox", S3_BUCKET=env.get("S3_BUCKET", "kling"))
-        if "WAVESPEED_BASE_URL" not in self.environ:
+        if "WAVESPEED_BASE_URL" not in env:
             # The simulator allows what the product allows, as WaveSpeed's model would.
             durations = json.loads(env.get("ALLOWED_DURATIONS", "[5, 10]"))
             extra = ["--allowed-durations", ",".join(str(d) for d in durations)]

@@ -117,6 +117,15 @@ UPDATE jobs SET parked_at = :now WHERE id = :id AND status = 'queued' AND admitt
 
 
 @dataclass(frozen=True)
+class Usage:
+    """The gate's two budgets as they stand: predictions in flight, and submits in the last
+    minute (admitted jobs count in both: their submit is on its way)."""
+
+    in_flight: int
+    last_minute: int
+
+
+@dataclass(frozen=True)
 class Admitted:
     job_id: uuid.UUID
     # No submit message is on its way to this job: the caller must send one.
@@ -132,20 +141,12 @@ class Gate:
     recovery_after: timedelta = timedelta(seconds=90)
 
 
-@dataclass(frozen=True)
-class Usage:
-    """What the account's caps count now: jobs in flight, and submits of the last minute."""
-
-    in_flight: int
-    last_minute: int
-
-
-def gate_usage(session: Session, gate: Gate, now: datetime, minute_ago: datetime) -> Usage:
-    """Jobs in flight and submits of the last minute, as the gate counts them."""
+def usage(session: Session, gate: Gate, now: datetime, minute_ago: datetime) -> Usage:
+    """What the gate counts against `gate.max_in_flight` and `gate.per_minute`."""
     row = session.execute(
         _USAGE, {"minute_ago": minute_ago, "recovering_before": now - gate.recovery_after}
     ).one()
-    return Usage(int(row.in_flight), int(row.last_minute))
+    return Usage(in_flight=int(row.in_flight), last_minute=int(row.last_minute))
 
 
 def anyone_waiting(session: Session, now: datetime) -> bool:
@@ -174,10 +175,10 @@ def admit(
     if park is not None:
         session.execute(_PARK, {"now": now, "id": park})
     recovering_before = now - gate.recovery_after
-    usage = gate_usage(session, gate, now, minute_ago)
+    used = usage(session, gate, now, minute_ago)
     # `last_submit_at` keeps only a job's latest attempt, so a job retried within the minute
     # counts once: the rate is a close lower bound, which WaveSpeed's 429 backs up.
-    free = min(gate.max_in_flight - usage.in_flight, gate.per_minute - usage.last_minute)
+    free = min(gate.max_in_flight - used.in_flight, gate.per_minute - used.last_minute)
     if free <= 0:
         return []
     ids = session.scalars(

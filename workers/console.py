@@ -75,7 +75,7 @@ def overview(session: Session, broker: Any, settings: Settings, now: datetime) -
         states=_states(session),
         per_minute=_per_minute(session, now, CHART_HOURS),
         spend=_spend(session, settings, now),
-        gate=admission.gate_usage(session, gate, now, now - timedelta(minutes=1)),
+        gate=admission.usage(session, gate, now, now - timedelta(minutes=1)),
         max_in_flight=settings.max_in_flight,
         submits_per_minute=settings.submits_per_minute,
         queued_by_priority=_queued_by_priority(session),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from workers import admission
 from workers.dispatch import QUEUES
 from workers.models import Job
 
@@ -55,8 +56,9 @@ if multiproc_dir():
 
 WAVESPEED_REQUESTS = Counter(
     "kling_wavespeed_requests",
-    "Calls to WaveSpeed's API, by operation and outcome",
-    ["operation", "outcome"],
+    "Calls to WaveSpeed's API, by operation, outcome and HTTP status (2xx, 429, 4xx, 5xx, or "
+    "none when no answer came)",
+    ["operation", "outcome", "status"],
 )
 SUBMIT_LATENCY = Histogram(
     "kling_submit_latency_seconds",
@@ -110,8 +112,9 @@ RECONCILER_DEFERRED = Counter(
 
 
 def wavespeed_call(operation: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Count each call of the decorated client method by its outcome: `ok`, or the `outcome`
-    of the exception it raised (`rejected`, `unavailable`, `ambiguous`)."""
+    """Count each call of the decorated client method by its outcome, `ok` or the `outcome`
+    of the exception it raised (`rejected`, `unavailable`, `ambiguous`), and by the answer's
+    status: 429s and 5xx kept up are what WaveSpeed's own trouble looks like from here."""
 
     def decorate(method: Callable[P, R]) -> Callable[P, R]:
         @wraps(method)
@@ -120,14 +123,21 @@ def wavespeed_call(operation: str) -> Callable[[Callable[P, R]], Callable[P, R]]
                 result = method(*args, **kwargs)
             except Exception as exc:
                 outcome = getattr(exc, "outcome", "error")
-                WAVESPEED_REQUESTS.labels(operation, outcome).inc()
+                status = _status_class(getattr(exc, "status_code", None))
+                WAVESPEED_REQUESTS.labels(operation, outcome, status).inc()
                 raise
-            WAVESPEED_REQUESTS.labels(operation, "ok").inc()
+            WAVESPEED_REQUESTS.labels(operation, "ok", "2xx").inc()
             return result
 
         return counted
 
     return decorate
+
+
+def _status_class(status_code: int | None) -> str:
+    if status_code is None:
+        return "none"
+    return "429" if status_code == 429 else f"{status_code // 100}xx"
 
 
 def adopted(created_at: datetime, submitted_at: datetime, cost_usd: Decimal | None) -> None:
@@ -149,37 +159,67 @@ def _seconds(start: datetime, end: datetime) -> float:
 
 
 class BacklogCollector(Collector):
-    """Jobs by state and broker queue depth, read when Prometheus scrapes (API process only):
-    one grouped count in Postgres and one `LLEN` per queue in Redis."""
+    """Jobs by state, the admission gate and broker queue depths, read when Prometheus scrapes
+    (API process only): three small queries in one Postgres session and one `LLEN` per queue
+    in Redis. Without `gate`, the gate's gauges are left out."""
 
     def __init__(
-        self, sessions: sessionmaker[Session], redis: Any, queues: Iterable[str] = QUEUES
+        self,
+        sessions: sessionmaker[Session],
+        redis: Any,
+        queues: Iterable[str] = QUEUES,
+        gate: admission.Gate | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._sessions = sessions
         self._redis = redis
         self._queues = tuple(queues)
+        self._gate = gate
+        self._clock = clock
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        jobs = GaugeMetricFamily("kling_jobs", "Jobs in each state", labels=["state"])
+        yield from self._from_postgres()
         depth = GaugeMetricFamily(
             "kling_queue_depth", "Messages waiting in each broker queue", labels=["queue"]
         )
-        for state, count in self._by_state():
-            jobs.add_metric([state], count)
         for queue, length in self._depths():
             depth.add_metric([queue], length)
-        yield jobs
         yield depth
 
-    def _by_state(self) -> list[tuple[str, int]]:
-        status = Job.status
+    def _from_postgres(self) -> list[GaugeMetricFamily]:
+        jobs = GaugeMetricFamily("kling_jobs", "Jobs in each state", labels=["state"])
+        families = [jobs]
         try:
             with self._sessions() as session:
-                rows = session.execute(select(status, func.count()).group_by(status)).all()
+                for state, count in session.execute(_BY_STATE).all():
+                    jobs.add_metric([str(state)], int(count))
+                if self._gate is not None:
+                    families += self._gate_families(session, self._gate)
         except Exception as exc:  # a scrape reports what it can rather than failing whole
             log.warning("metrics.jobs_unavailable", error=type(exc).__name__)
-            return []
-        return [(str(state), int(count)) for state, count in rows]
+            return [GaugeMetricFamily("kling_jobs", "Jobs in each state", labels=["state"])]
+        return families
+
+    def _gate_families(self, session: Session, gate: admission.Gate) -> list[GaugeMetricFamily]:
+        now = self._clock()
+        used = admission.usage(session, gate, now, now - timedelta(minutes=1))
+        waiting = GaugeMetricFamily(
+            "kling_gate_waiting", "Queued jobs the gate has not admitted yet, by priority",
+            labels=["priority"],
+        )  # fmt: skip
+        for rank, count in session.execute(_WAITING_BY_PRIORITY).all():
+            waiting.add_metric([admission.PRIORITY_NAMES.get(rank, str(rank))], int(count))
+        return [
+            GaugeMetricFamily("kling_gate_in_flight", "Predictions the gate counts in flight",
+                              value=used.in_flight),
+            GaugeMetricFamily("kling_gate_max_in_flight", "The gate's MAX_IN_FLIGHT",
+                              value=gate.max_in_flight),
+            GaugeMetricFamily("kling_gate_submits_last_minute",
+                              "Submits the gate counts in the last minute", value=used.last_minute),
+            GaugeMetricFamily("kling_gate_submits_per_minute", "The gate's SUBMITS_PER_MINUTE",
+                              value=gate.per_minute),
+            waiting,
+        ]  # fmt: skip
 
     def _depths(self) -> list[tuple[str, int]]:
         return queue_depths(self._redis, self._queues)
@@ -198,6 +238,14 @@ def queue_depths(redis: Any, queues: Iterable[str] = QUEUES) -> list[tuple[str, 
         log.warning("metrics.queues_unavailable", error=type(exc).__name__)
         return []
     return list(zip(names, (int(n) for n in lengths), strict=True))
+
+
+_BY_STATE = select(Job.status, func.count()).group_by(Job.status)
+_WAITING_BY_PRIORITY = (
+    select(Job.priority, func.count())
+    .where(Job.status == "queued", Job.admitted_at.is_(None))
+    .group_by(Job.priority)
+)
 
 
 class _DefaultRegistry(Collector):

@@ -8,6 +8,7 @@ messages therefore change nothing.
 
 from __future__ import annotations
 
+import ipaddress
 import tempfile
 import time
 import uuid
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import structlog
@@ -63,9 +65,47 @@ def attempt_key(job: Job, attempt: int) -> str:
     return f"inputs/{job.id}/attempt-{attempt}.{extension}"
 
 
-def history_marker(job: Job, attempt: int) -> str:
-    """What the image URL of `attempt`'s prediction contains, and no other attempt's does."""
-    return attempt_key(job, attempt).rpartition(".")[0] + "."
+def hosted_name(job: Job, attempt: int) -> str:
+    """The file name submit `attempt`'s input image is uploaded to WaveSpeed under
+    (`INPUT_HOSTING=wavespeed`): the job and the attempt, as `attempt_key` names them in S3."""
+    extension = job.input_key.rpartition(".")[2]
+    return f"{job.id}-{attempt}.{extension}"
+
+
+def named_url(url: str, name: str) -> str:
+    """`url`, with `name` readable in it by a history lookup. WaveSpeed's download URLs name
+    the stored file after the upload's time, not after `name`, so it goes in a fragment
+    (`#/<name>`): clients never send a fragment when they fetch (RFC 3986), and WaveSpeed
+    keeps the image URL of a prediction's input as it was given."""
+    parts = urlsplit(url)
+    if parts.path.rpartition("/")[2] == name:
+        return url
+    return urlunsplit(parts._replace(fragment="/" + name))
+
+
+def history_markers(job: Job, attempt: int) -> tuple[str, str]:
+    """What the image URL of `attempt`'s prediction contains, and no other attempt's does:
+    its S3 key, or the name it was uploaded to WaveSpeed under. Both are looked for, so a
+    lookup still finds a submit sent before `INPUT_HOSTING` changed."""
+    stem = hosted_name(job, attempt).rpartition(".")[0]
+    return attempt_key(job, attempt).rpartition(".")[0] + ".", f"/{stem}."
+
+
+def webhook_for(settings: Settings) -> str | None:
+    """Where a submit asks WaveSpeed to push its completion; none when our address is on
+    loopback and WaveSpeed is not (a laptop against the real service): it could never
+    deliver there, and polling alone settles every job."""
+    if _on_loopback(settings.public_base_url) and not _on_loopback(settings.wavespeed_base_url):
+        return None
+    return settings.wavespeed_webhook_url
+
+
+def _on_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address
+        return False
 
 
 class OutputGone(Exception):
@@ -138,6 +178,11 @@ class Pipeline:
             # Nothing was sent, so nothing can be charged: a plain retry.
             self._retry_submit(job_id, attempt, None, f"input copy failed: {exc}")
             return
+        except WaveSpeedError as exc:
+            # The input's upload failed: no prediction can exist, so this is never ambiguous;
+            # retried (or refused) as a submit WaveSpeed turned away, within the same caps.
+            self._submit_failed(job_id, attempt, exc)
+            return
         # `recover` takes a miss as proof once the submit's time limit has passed since the
         # claim. Celery's timer cannot be relied on for that (it stops while the worker has
         # lost the broker), so the POST itself is not sent unless it can end within it.
@@ -147,7 +192,7 @@ class Pipeline:
             return
         try:
             prediction = self.wavespeed.submit(
-                self.settings.wavespeed_model, inputs, webhook=self.settings.wavespeed_webhook_url
+                self.settings.wavespeed_model, inputs, webhook=webhook_for(self.settings)
             )
         except WaveSpeedError as exc:
             self._submit_failed(job_id, attempt, exc)
@@ -340,12 +385,9 @@ class Pipeline:
                 work.send(dispatch.RECOVER, job_id, delay, attempt=attempt)
 
     def _inputs(self, job: Job, attempt: int) -> dict[str, Any]:
-        """The body of submit `attempt` (copying the input image for a later attempt)."""
-        key = attempt_key(job, attempt)
-        if key != job.input_key:
-            self.storage.copy(job.input_key, key)
+        """The body of submit `attempt` (hosting its input image where WaveSpeed reads it)."""
         inputs: dict[str, Any] = {
-            "image": self.storage.presign_get(key, self.settings.input_url_ttl_seconds),
+            "image": self._image_url(job, attempt),
             "prompt": job.prompt,
             "guidance_scale": job.guidance_scale,
             "duration": job.duration,
@@ -353,6 +395,21 @@ class Pipeline:
         if job.negative_prompt:
             inputs["negative_prompt"] = job.negative_prompt
         return inputs
+
+    def _image_url(self, job: Job, attempt: int) -> str:
+        """The URL WaveSpeed reads submit `attempt`'s image at; it names the job and the
+        attempt (`history_markers`). In S3, a later attempt gets a copy of its own; uploaded
+        to WaveSpeed, each attempt is an upload of its own name."""
+        if self.settings.input_hosting == "wavespeed":
+            name = hosted_name(job, attempt)
+            content = self.storage.get_bytes(job.input_key)
+            url = self.wavespeed.upload(name, content, job.input_content_type)
+            log.info("submit.input_uploaded", job_id=str(job.id), attempt=attempt, name=name)
+            return named_url(url, name)
+        key = attempt_key(job, attempt)
+        if key != job.input_key:
+            self.storage.copy(job.input_key, key)
+        return self.storage.presign_get(key, self.settings.input_url_ttl_seconds)
 
     def _find_in_history(self, job: Job, attempt: int) -> Prediction | None:
         """The prediction of submit `attempt`, from a bounded window of WaveSpeed's history
@@ -362,7 +419,7 @@ class Pipeline:
         skew = timedelta(seconds=settings.history_clock_skew_seconds)
         since = job.last_submit_at - skew
         until = job.last_submit_at + self._in_flight + skew
-        marker = history_marker(job, attempt)
+        markers = history_markers(job, attempt)
         blind = 0  # predictions of the window that do not show their input
         for page in range(1, settings.history_max_pages + 1):
             batch = self.wavespeed.history(
@@ -370,7 +427,8 @@ class Pipeline:
                 page=page, page_size=HISTORY_PAGE_SIZE,
             )  # fmt: skip
             for prediction in batch:
-                if marker in str(prediction.input.get("image", "")):
+                image = str(prediction.input.get("image", ""))
+                if any(marker in image for marker in markers):
                     return prediction
                 blind += not prediction.input
             if len(batch) < HISTORY_PAGE_SIZE:

@@ -262,7 +262,10 @@ class Storage:
             raise StorageError(f"head {key}: {exc}") from exc
 
     def get_bytes(self, key: str) -> bytes:
-        return bytes(self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        try:
+            return bytes(self._call(f"get {key}", self._s3.get_object, Key=key)["Body"].read())
+        except (BotoCoreError, ClientError) as exc:  # the body's stream broke mid-read
+            raise StorageError(f"get {key}: {exc}") from exc
 
     def presign_get(self, key: str, expires_in: int) -> str:
         return str(

@@ -187,13 +187,26 @@ class WaveSpeedClient:
 
     @metrics.wavespeed_call("upload")
     def upload(self, filename: str, content: bytes, content_type: str) -> str:
-        """Upload media through a ticket and a PUT; answers the URL WaveSpeed can read it at."""
+        """Upload media through a ticket and a PUT; answers the URL WaveSpeed can read it at.
+        Creates nothing billed, so any failure is safe to retry; errors say it was the upload."""
+        try:
+            return self._upload(filename, content, content_type)
+        except WaveSpeedError as exc:
+            raise type(exc)(
+                f"media upload: {exc.message}", status_code=exc.status_code,
+                error_code=exc.error_code, retry_after=exc.retry_after,
+            ) from exc  # fmt: skip
+
+    def _upload(self, filename: str, content: bytes, content_type: str) -> str:
         ticket = self._call(
             "POST",
             "/api/v3/media/uploads",
             json={"filename": filename, "size": len(content), "content_type": content_type},
         )
-        upload = ticket["upload"]
+        upload = ticket.get("upload") if isinstance(ticket, dict) else None
+        if not isinstance(upload, dict) or not upload.get("url") or not ticket.get("download_url"):
+            raise WaveSpeedUnavailable("WaveSpeed answered an upload ticket without its URLs")
+        # The PUT goes to WaveSpeed's storage, with the ticket's headers and not our key.
         response = self._send(
             upload.get("method", "PUT"),
             upload["url"],

@@ -8,9 +8,11 @@ profile and runtime settings.
                       "refunded_usd", "created_at", "started_at", "completed_at", "output_url",
                       "output_sha256", "output_bytes", "webhook_url",
                       "webhook_attempts": [{"at", "status_code", "error"}]}],
+     "uploads": [{"filename", "content_type", "path", "bytes"}],
      "faults_fired": {"submit_429": 2, ...}}
 
-Predictions are listed oldest first; timestamps are ISO 8601 UTC.
+Predictions and uploads (`bytes` null until the PUT came) are listed oldest first; timestamps
+are ISO 8601 UTC.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import math
 import mimetypes
 import time
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
@@ -36,7 +36,7 @@ from sandbox.wavespeed.payloads import (
 )
 from sandbox.wavespeed.responses import CutShortResponse
 from sandbox.wavespeed.simulator import Simulator
-from sandbox.wavespeed.store import Media, Prediction
+from sandbox.wavespeed.store import Media, Prediction, account_id, media_path
 from sandbox.wavespeed.validation import (
     InputError,
     parse_history_query,
@@ -109,6 +109,8 @@ async def delete_one(prediction_id: str, sim: SimDep) -> dict[str, Any]:
 @router.post("/media/uploads")
 async def upload_ticket(request: Request, sim: SimDep) -> dict[str, Any]:
     """Announce an upload; the client then PUTs the bytes to `data.upload.url`."""
+    if sim.faults.hit("upload_500"):
+        raise ApiError(500, "Internal server error")
     body = await json_object(request)
     filename, size = body.get("filename"), body.get("size")
     if not isinstance(filename, str) or not filename.strip():
@@ -118,20 +120,21 @@ async def upload_ticket(request: Request, sim: SimDep) -> dict[str, Any]:
     if size is not None and size > sim.config.max_upload_bytes:
         raise ApiError(400, f"size exceeds the {sim.config.max_upload_bytes} byte limit", 1401)
     content_type = _content_type(filename, body.get("content_type"))
-    media = Media(sim.store.new_id(), filename.strip(), content_type, size)
-    sim.store.media[media.id] = media
+    media = _new_media(sim, filename.strip(), content_type, size)
     root = base_url(request)
     upload = {
         "method": "PUT",
         "url": f"{root}/_sim/uploads/{media.id}?token={media.upload_token}",
         "headers": {"Content-Type": media.content_type},
     }
-    return envelope({"download_url": _download_url(root, media), "upload": upload})
+    return envelope({"download_url": root + media.path, "upload": upload})
 
 
 @router.post("/media/upload/binary")
 async def upload_binary(request: Request, sim: SimDep) -> dict[str, Any]:
     """The older one-step upload: multipart form, field `file`."""
+    if sim.faults.hit("upload_500"):
+        raise ApiError(500, "Internal server error")
     # The form spools files to temporary files; leaving the block closes them.
     async with request.form(max_part_size=sim.config.max_upload_bytes) as form:
         upload = form.get("file")
@@ -142,9 +145,9 @@ async def upload_binary(request: Request, sim: SimDep) -> dict[str, Any]:
     if len(data) > sim.config.max_upload_bytes:
         raise ApiError(400, f"file exceeds the {sim.config.max_upload_bytes} byte limit", 1401)
     content_type = _content_type(filename, declared_type)
-    media = Media(sim.store.new_id(), filename, content_type, len(data), data=data)
-    sim.store.media[media.id] = media
-    url = _download_url(base_url(request), media)
+    media = _new_media(sim, filename, content_type, len(data))
+    media.data = data
+    url = base_url(request) + media.path
     return envelope(
         {"type": content_type, "download_url": url, "filename": filename, "size": len(data)}
     )
@@ -256,5 +259,9 @@ def _content_type(filename: str, declared: object) -> str:
     return mimetypes.guess_type(filename)[0] or "application/octet-stream"
 
 
-def _download_url(root: str, media: Media) -> str:
-    return f"{root}/_sim/media/{media.id}/{quote(media.filename)}"
+def _new_media(sim: Simulator, filename: str, content_type: str, size: int | None) -> Media:
+    media_id = sim.store.new_media_id()
+    path = media_path(account_id(sim.config.api_key), media_id, filename, content_type)
+    media = Media(media_id, filename, content_type, size, path=path)
+    sim.store.media[media.id] = media
+    return media

@@ -2,7 +2,8 @@
 target, uploaded media and finished outputs. No Bearer key, as on the real CDN.
 
 Outputs live at `{base}/_sim/outputs/{prediction_id}.mp4`, where `{base}` is the address the
-submitting client used.
+submitting client used; uploads at `{base}/_sim/media/<account>/images/<time_ns>_<8 letters>.png`
+and the like, the shape of WaveSpeed's `download_url`s, which do not keep the uploaded name.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sandbox.wavespeed.deps import SimDep
 from sandbox.wavespeed.errors import ApiError
 from sandbox.wavespeed.responses import CutShortResponse, parse_range
 from sandbox.wavespeed.simulator import Simulator
-from sandbox.wavespeed.store import Prediction
+from sandbox.wavespeed.store import Prediction, media_id_of
 
 router = APIRouter(prefix="/_sim")
 
@@ -41,11 +42,14 @@ async def put_upload(media_id: str, token: str, request: Request, sim: SimDep) -
     return Response(status_code=200)
 
 
-@router.api_route("/media/{media_id}/{filename:path}", methods=["GET", "HEAD"])
-async def get_media(media_id: str, request: Request, sim: SimDep) -> Response:
-    """An uploaded file, once its bytes arrived."""
-    media = sim.store.media.get(media_id)
-    if media is None or media.data is None:
+@router.api_route("/media/{account}/{folder}/{name}", methods=["GET", "HEAD"])
+async def get_media(
+    account: str, folder: str, name: str, request: Request, sim: SimDep
+) -> Response:
+    """An uploaded file, once its bytes arrived, at the path its `download_url` named."""
+    path = f"/_sim/media/{account}/{folder}/{name}"
+    media = sim.store.media.get(media_id_of(path))
+    if media is None or media.data is None or media.path != path:
         raise ApiError(404, "media not found")
     return _bytes_response(media.data, media.content_type, request.headers.get("range"))
 

@@ -52,6 +52,8 @@ class FaultProfile(BaseModel):
     result_404: Probability = 0.0
     result_404_sticky: bool = False
     history_500: Probability = 0.0
+    # `POST /media/uploads` and `/media/upload/binary` answer 500: nothing is stored.
+    upload_500: Probability = 0.0
     task_fail: dict[int, Probability] = Field(default_factory=dict)
     webhook_drop: Probability = 0.0
     webhook_duplicate: Probability = 0.0

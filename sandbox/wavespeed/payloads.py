@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sandbox.wavespeed.clock import iso, millis_between
-from sandbox.wavespeed.store import Prediction, Store
+from sandbox.wavespeed.store import Media, Prediction, Store
 
 SYNC_TIMEOUT_CODE = 5004
 
@@ -90,6 +90,13 @@ def ledger_entry(prediction: Prediction) -> dict[str, Any]:
     }
 
 
+def upload_entry(media: Media) -> dict[str, Any]:
+    """One upload as `/_sim/ledger` lists it; `bytes` is null until its PUT came."""
+    size = None if media.data is None else len(media.data)
+    kind = {"filename": media.filename, "content_type": media.content_type}
+    return {**kind, "path": media.path, "bytes": size}
+
+
 def ledger(store: Store, faults_fired: Mapping[str, int]) -> dict[str, Any]:
     """The whole account: money, every prediction (oldest first) and the faults fired so far."""
     return {
@@ -97,5 +104,6 @@ def ledger(store: Store, faults_fired: Mapping[str, int]) -> dict[str, Any]:
         "charged_usd": store.charged_usd,
         "refunded_usd": store.refunded_usd,
         "predictions": [ledger_entry(p) for p in store.predictions.values()],
+        "uploads": [upload_entry(m) for m in store.media.values()],
         "faults_fired": dict(faults_fired),
     }

@@ -7,7 +7,11 @@ a restart forgets it all, as a fresh WaveSpeed account would look.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import mimetypes
 import secrets
+import string
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -89,14 +93,42 @@ class Prediction:
 
 @dataclass
 class Media:
-    """An uploaded file: announced by a ticket, filled by the PUT (or at once, for multipart)."""
+    """An uploaded file: announced by a ticket, filled by the PUT (or at once, for multipart).
+    `path` is where the CDN serves it, named as WaveSpeed names it, not after `filename`."""
 
     id: str
     filename: str
     content_type: str
     declared_size: int | None
+    path: str = ""
     upload_token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     data: bytes | None = None
+
+
+# The folder of WaveSpeed's CDN an upload lands in, by the major part of its content type.
+MEDIA_FOLDERS = {"image": "images", "video": "videos", "audio": "audios"}
+
+
+def account_id(api_key: str) -> str:
+    """The account's id in WaveSpeed's media URLs (32 hex characters), stable for a key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:32]
+
+
+def media_path(account: str, media_id: str, filename: str, content_type: str) -> str:
+    """Where the CDN serves an upload, shaped like WaveSpeed's `download_url`s
+    (`/media/<account>/images/<time_ns>_<8 letters>.<ext>`, under `/_sim`): the uploaded
+    file's name is not in it, only its extension."""
+    folder = MEDIA_FOLDERS.get(content_type.partition("/")[0], "files")
+    extension = filename.rpartition(".")[2].lower() if "." in filename else ""
+    if not extension.isalnum():
+        guessed = mimetypes.guess_extension(content_type) or ".bin"
+        extension = guessed.lstrip(".")
+    return f"/_sim/media/{account}/{folder}/{media_id}.{extension}"
+
+
+def media_id_of(path: str) -> str:
+    """The media id a CDN path (`media_path`) names."""
+    return path.rpartition("/")[2].rpartition(".")[0]
 
 
 @dataclass(frozen=True)
@@ -125,6 +157,13 @@ class Store:
     def new_id() -> str:
         """A prediction id shaped like WaveSpeed's: 32 hex characters."""
         return uuid.uuid4().hex
+
+    @staticmethod
+    def new_media_id() -> str:
+        """An uploaded file's id shaped like WaveSpeed's stored names: the upload's time in
+        nanoseconds and eight random letters or digits (`1764761316371833793_r5ZX531Z`)."""
+        alphabet = string.ascii_letters + string.digits
+        return f"{time.time_ns()}_{''.join(secrets.choice(alphabet) for _ in range(8))}"
 
     def add(self, prediction: Prediction) -> None:
         """Record an accepted prediction and bill it."""

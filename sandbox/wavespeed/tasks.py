@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import Executor
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import structlog
@@ -26,7 +27,7 @@ from sandbox.wavespeed.fetch import FetchFailed, fetch_image
 from sandbox.wavespeed.limits import SlotGate
 from sandbox.wavespeed.payloads import webhook_body
 from sandbox.wavespeed.render import Video, full_size_video, placeholder_video, render_video
-from sandbox.wavespeed.store import Prediction, Store
+from sandbox.wavespeed.store import Prediction, Store, media_id_of
 from sandbox.wavespeed.validation import ImageRejected, inspect_image
 from sandbox.wavespeed.webhooks import WebhookSender
 
@@ -155,11 +156,11 @@ class TaskRunner:
     def _own_upload(self, base_url: str, url: str) -> bytes | None:
         """Media uploaded to this simulator, read from its store as WaveSpeed reads its own
         storage; anything else (or a missing upload) goes through a real HTTP fetch."""
-        prefix = f"{base_url}/_sim/media/"
-        if not url.startswith(prefix):
+        if not url.startswith(f"{base_url}/_sim/media/"):
             return None
-        media = self._store.media.get(url[len(prefix) :].partition("/")[0])
-        return media.data if media is not None else None
+        path = urlsplit(url).path  # a fetch would not send the query or fragment either
+        media = self._store.media.get(media_id_of(path))
+        return media.data if media is not None and media.path == path else None
 
     def _inference_seconds(self) -> float:
         bounds = self._faults.profile.inference_seconds

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from config.settings import settings_from
 from sandbox.processes import free_port
 from sandbox.stack import Stack
 from tests.e2e.test_generation import PROMPT, wait_terminal
@@ -65,7 +66,11 @@ def run_job(api: httpx.Client, portrait: bytes, request_id: str) -> dict[str, An
 
 
 def test_metrics_move_when_a_job_completes(
-    api: httpx.Client, stack_info: dict[str, Any], portrait: bytes, simulator: SimulatorAdmin
+    api: httpx.Client,
+    stack: Stack,
+    stack_info: dict[str, Any],
+    portrait: bytes,
+    simulator: SimulatorAdmin,
 ) -> None:
     urls = stack_info["metrics_urls"]
     api_before, worker_before = scrape(urls["api"]), scrape(urls["worker"])
@@ -75,8 +80,16 @@ def test_metrics_move_when_a_job_completes(
     # The worker's pool children did the work; its main process reports all of them. The job
     # reads `completed` a moment before the worker counts it, hence the wait.
     expected = [
-        ("kling_wavespeed_requests_total", {"operation": "submit", "outcome": "ok"}, 1),
-        ("kling_wavespeed_requests_total", {"operation": "result", "outcome": "ok"}, 1),
+        (
+            "kling_wavespeed_requests_total",
+            {"operation": "submit", "outcome": "ok", "status": "2xx"},
+            1,
+        ),
+        (
+            "kling_wavespeed_requests_total",
+            {"operation": "result", "outcome": "ok", "status": "2xx"},
+            1,
+        ),
         ("kling_job_transitions_total", {"state": "completed"}, 1),
         ("kling_s3_store_bytes_total", {}, job["video"]["bytes"]),
         ("kling_s3_store_seconds_count", {}, 1),
@@ -102,6 +115,12 @@ def test_metrics_move_when_a_job_completes(
     assert value(api_after, "kling_jobs", state="completed") >= 1
     for queue in QUEUES:
         assert ("kling_queue_depth", frozenset({("queue", queue)})) in api_after
+    # The gate as the pipeline runs it: its caps, and what it counts against them.
+    gate = settings_from(stack.env)
+    assert value(api_after, "kling_gate_max_in_flight") == gate.max_in_flight
+    assert value(api_after, "kling_gate_submits_per_minute") == gate.submits_per_minute
+    assert ("kling_gate_in_flight", frozenset()) in api_after
+    assert ("kling_gate_submits_last_minute", frozenset()) in api_after
 
 
 def test_metrics_ask_for_the_metrics_token_once_one_is_set(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -390,6 +391,37 @@ def test_ticket_upload_put_and_download(sim: SimulatorClient) -> None:
     assert downloaded.content == data
     assert downloaded.headers["content-type"] == "image/png"
     assert sim.wait(sim.submit_ok(ticket["download_url"])["id"])["status"] == "completed"
+    # A fragment is never sent: the image is read all the same.
+    named = sim.submit_ok(ticket["download_url"] + "#/job-1.png")["id"]
+    assert sim.wait(named)["status"] == "completed"
+
+
+def test_download_urls_are_shaped_like_wavespeeds_and_do_not_keep_the_name(
+    sim: SimulatorClient,
+) -> None:
+    """`.../media/<account>/images/<time_ns>_<8 letters>.<ext>`, as WaveSpeed's CDN names an
+    upload (`https://d1q70pf5vjeyhc.cloudfront.net/media/92d2...62/images/17647...93_r5ZX531Z.jpeg`)."""
+    data = sample_image(320, 320)
+    ticket = sim.http.post(
+        "/api/v3/media/uploads",
+        json={"filename": "job-7.PNG", "size": len(data), "content_type": "image/png"},
+    ).json()["data"]
+    binary = sim.http.post("/api/v3/media/upload/binary", files={"file": ("j.jpg", data)})
+    shape = re.compile(r"/_sim/media/[0-9a-f]{32}/images/[0-9]{19}_[A-Za-z0-9]{8}\.(png|jpg)$")
+    for url in (ticket["download_url"], binary.json()["data"]["download_url"]):
+        assert shape.search(url), url
+        assert "job-7" not in url and "j.jpg" not in url
+    account = {
+        url.split("/")[-3]
+        for url in (ticket["download_url"], binary.json()["data"]["download_url"])
+    }
+    assert len(account) == 1
+    uploads = sim.ledger()["uploads"]
+    assert [(u["filename"], u["bytes"]) for u in uploads] == [
+        ("job-7.PNG", None),
+        ("j.jpg", len(data)),
+    ]
+    assert ticket["download_url"].endswith(uploads[0]["path"])
 
 
 def test_ticket_needs_a_filename(sim: SimulatorClient) -> None:

@@ -286,3 +286,15 @@ def test_fault_profile_admin_round_trip(sim: SimulatorClient) -> None:
     assert bad.status_code == 400
     assert "submit_429" in bad.json()["message"]
     assert sim.anon.delete("/_sim/faults").json()["submit_429"] == 0.0
+
+
+def test_upload_500_stores_nothing_and_the_next_upload_works(sim: SimulatorClient) -> None:
+    sim.set_faults(upload_500=1.0)
+    body = {"filename": "a.png", "size": 3, "content_type": "image/png"}
+    assert sim.http.post("/api/v3/media/uploads", json=body).status_code == 500
+    binary = sim.http.post("/api/v3/media/upload/binary", files={"file": ("a.png", b"abc")})
+    assert binary.status_code == 500
+    assert sim.ledger()["uploads"] == []
+    sim.set_faults()
+    assert sim.http.post("/api/v3/media/uploads", json=body).status_code == 200
+    assert sim.ledger()["faults_fired"] == {"upload_500": 2}

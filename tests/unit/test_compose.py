@@ -28,7 +28,15 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 OUR_IMAGE = "kling-pipeline"
 # Public images the file may pull, by name without the tag.
-KNOWN_IMAGES = {"postgres", "redis", "minio/minio", "minio/mc", "mher/flower"}
+KNOWN_IMAGES = {
+    "postgres",
+    "redis",
+    "minio/minio",
+    "minio/mc",
+    "mher/flower",
+    "prom/prometheus",
+    "grafana/grafana",
+}
 
 
 def ours(service: dict[str, Any]) -> bool:

@@ -17,8 +17,8 @@ from workers.dispatch import QUEUES
 from workers.wavespeed import WaveSpeedError
 
 
-def requests(operation: str, outcome: str) -> float:
-    return metrics.WAVESPEED_REQUESTS.labels(operation, outcome)._value.get()
+def requests(operation: str, outcome: str, status: str) -> float:
+    return metrics.WAVESPEED_REQUESTS.labels(operation, outcome, status)._value.get()
 
 
 def no_answer(request: httpx.Request) -> httpx.Response:
@@ -26,19 +26,22 @@ def no_answer(request: httpx.Request) -> httpx.Response:
 
 
 @pytest.mark.parametrize(
-    ("answer", "outcome"),
+    ("answer", "outcome", "status"),
     [
-        (lambda _: envelope(PREDICTION), "ok"),
-        (lambda _: httpx.Response(503), "unavailable"),
-        (lambda _: httpx.Response(400, json={"message": "bad"}), "rejected"),
-        (no_answer, "ambiguous"),
+        (lambda _: envelope(PREDICTION), "ok", "2xx"),
+        (lambda _: httpx.Response(503), "unavailable", "5xx"),
+        (lambda _: httpx.Response(429), "unavailable", "429"),
+        (lambda _: httpx.Response(400, json={"message": "bad"}), "rejected", "4xx"),
+        (no_answer, "ambiguous", "none"),
     ],
 )
-def test_wavespeed_calls_are_counted_by_outcome(answer: Any, outcome: str) -> None:
-    before = requests("submit", outcome)
+def test_wavespeed_calls_are_counted_by_outcome_and_status(
+    answer: Any, outcome: str, status: str
+) -> None:
+    before = requests("submit", outcome, status)
     with contextlib.suppress(WaveSpeedError):  # the failure itself is the client's own test
         client_for(answer).submit(MODEL, {"prompt": "p", "image": "u"})
-    assert requests("submit", outcome) == before + 1
+    assert requests("submit", outcome, status) == before + 1
 
 
 def test_a_scrape_shows_every_metric_with_its_prefix() -> None:

@@ -56,6 +56,14 @@ def test_invalid_values_are_refused_at_start(monkeypatch: pytest.MonkeyPatch) ->
         Settings()
 
 
+def test_input_hosting_is_s3_or_wavespeed_and_nothing_else() -> None:
+    assert Settings().input_hosting == "s3"
+    assert settings_from({"INPUT_HOSTING": "wavespeed"}).input_hosting == "wavespeed"
+    with pytest.raises(ValidationError, match="input_hosting") as refused:
+        settings_from({"INPUT_HOSTING": "cloudinary"})
+    assert "'s3' or 'wavespeed'" in str(refused.value)
+
+
 # Production settings that follow every rule production mode has.
 PRODUCTION = {
     "ENVIRONMENT": "production",

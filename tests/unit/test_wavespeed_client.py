@@ -194,3 +194,43 @@ def test_upload_puts_bytes_to_the_ticket_url() -> None:
     assert puts[0].method == "PUT" and puts[0].read() == b"\x89PNG"
     assert puts[0].headers["x-a"] == "b"
     assert "authorization" not in puts[0].headers
+
+
+def ticket_then(put: Callable[[httpx.Request], httpx.Response]) -> WaveSpeedClient:
+    """A client whose upload ticket is granted and whose PUT answers as `put` does."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/v3/media/uploads":
+            upload = {"method": "PUT", "url": "https://put/here", "headers": {}}
+            return envelope({"download_url": "https://cdn/u/1.png", "upload": upload})
+        return put(request)
+
+    return client_for(handler)
+
+
+def timeout(request: httpx.Request) -> httpx.Response:
+    raise httpx.ReadTimeout("no answer", request=request)
+
+
+@pytest.mark.parametrize(
+    ("client", "error"),
+    [
+        (client_for(lambda _: httpx.Response(500, json={"message": "boom"})), WaveSpeedUnavailable),
+        (client_for(lambda _: httpx.Response(401, json={"message": "no"})), WaveSpeedRejected),
+        (client_for(timeout), WaveSpeedUnavailable),
+        (client_for(lambda _: envelope({"download_url": "https://c/1"})), WaveSpeedUnavailable),
+        (ticket_then(lambda _: httpx.Response(503)), WaveSpeedUnavailable),
+        (ticket_then(lambda _: httpx.Response(403)), WaveSpeedRejected),
+        (ticket_then(timeout), WaveSpeedUnavailable),
+    ],
+    ids=["ticket-500", "ticket-401", "ticket-timeout", "ticket-without-url", "put-503",
+         "put-403", "put-timeout"],
+)  # fmt: skip
+def test_a_failed_upload_is_never_ambiguous_and_says_it_was_the_upload(
+    client: WaveSpeedClient, error: type[Exception]
+) -> None:
+    """An upload bills nothing: whatever it answers, retrying is safe or pointless, never a
+    question for the history."""
+    with pytest.raises(error, match=r"^media upload: ") as raised:
+        client.upload("job-1.png", b"\x89PNG", "image/png")
+    assert not isinstance(raised.value, WaveSpeedAmbiguous)
