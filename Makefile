@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint format bench chaos faults stack clean
 
-$(VENV): pyproject.toml
+$(VENV): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e clients/python -e '.[dev]'
 	touch $(VENV)
 
 demo: $(VENV)
@@ -17,13 +17,13 @@ demo: $(VENV)
 test: $(VENV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy config api workers sandbox
+	$(BIN)/mypy config api workers sandbox clients/python/kling_client
 	$(BIN)/pytest
 
 lint: $(VENV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy config api workers sandbox
+	$(BIN)/mypy config api workers sandbox clients/python/kling_client
 
 format: $(VENV)
 	$(BIN)/ruff check --fix .
