@@ -12,11 +12,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
+from kling_client import Client, Generation
 from rich.console import Console
-
-from api.client import KlingClient
 
 if TYPE_CHECKING:
     from workers.sealing import Sealer
@@ -593,8 +591,7 @@ def generate(
 ) -> None:
     """Animate IMAGE; prints the job record as JSON."""
     info = _read_stack(root)
-    with httpx.Client(timeout=60) as http:
-        client = KlingClient(http, info["api_url"], info["api_key"])
+    with Client(info["api_url"], info["api_key"]) as client:
         body = {"guidance_scale": guidance_scale, "duration": duration, "priority": priority}
         job = _generate(client, image, prompt, negative_prompt, body)
         if wait or out:
@@ -611,13 +608,13 @@ def retry(
 ) -> None:
     """Make a finished job again, with the same inputs; prints the new job record as JSON."""
     info = _read_stack(root)
-    with httpx.Client(timeout=60) as http:
-        job = KlingClient(http, info["api_url"], info["api_key"]).retry(job_id)
+    with Client(info["api_url"], info["api_key"]) as client:
+        job = client.retry(job_id)
     typer.echo(json.dumps(job, indent=2))
 
 
 def _generate(
-    client: KlingClient,
+    client: Client,
     image: str,
     prompt: str,
     negative: str | None,
@@ -629,16 +626,16 @@ def _generate(
     if image.startswith(("http://", "https://")):
         body["image_url"] = image
     else:
-        body["upload_id"] = client.upload(Path(image))
+        body["upload_id"] = client.upload(Path(image))["upload_id"]
     job = client.create(**body)
     console.print(f"accepted [bold]{job['id']}[/]")
-    return job
+    return dict(job)
 
 
-def _wait(client: KlingClient, job: dict[str, Any], out: Path | None) -> dict[str, Any]:
+def _wait(client: Client, job: Any, out: Path | None) -> Any:
     started = time.monotonic()
 
-    def progress(current: dict[str, Any]) -> None:
+    def progress(current: Generation) -> None:
         console.print(f"  {time.monotonic() - started:6.1f}s  {current['status']}")
 
     job = client.wait(job["id"], on_change=progress)
