@@ -14,6 +14,8 @@ from kling_client.types import StateChange
 
 # The API holds a wait at most this long (LONG_POLL_MAX_SECONDS), whatever is asked.
 LONG_POLL_SECONDS = 60
+# A wait answered sooner than this with nothing new was not held: pause before the next.
+MIN_WAIT_SECONDS = 1.0
 # Read timeout of a waiting call beyond the wait itself.
 WAIT_MARGIN_SECONDS = 30.0
 # A stream carries a comment every 15 s: this long without a byte is a dead connection.

@@ -13,7 +13,7 @@ from typing import Any, cast, overload
 import httpx
 
 from kling_client import _calls
-from kling_client._calls import Call
+from kling_client._calls import MIN_WAIT_SECONDS, Call
 from kling_client.errors import connection_error, error_of, retry_after
 from kling_client.retries import Retries, new_idempotency_key
 from kling_client.types import (
@@ -169,7 +169,11 @@ class Client:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"{job_id} still {job['status']} after {timeout:.0f}s")
+                asked = time.monotonic()
                 changed = self.get(job_id, wait=left, since=job["status"])
+                if changed is None and time.monotonic() - asked < MIN_WAIT_SECONDS:
+                    # A proxy that drops `Prefer` answers at once: do not spin on it.
+                    time.sleep(MIN_WAIT_SECONDS)
             job = changed
 
     def list(
