@@ -841,6 +841,54 @@ def list_generations(
         console.print(f"more: --cursor {page['next_cursor']}", highlight=False)
 
 
+@app.command("batch")
+def batch_run(
+    manifest: Annotated[
+        Path, typer.Argument(help="JSON Lines: one create a line, `image` a path or URL")
+    ],
+    state: Annotated[
+        Path | None, typer.Option(help="Where progress is kept (default: MANIFEST.state.json)")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for every job to end")] = False,
+    out_dir: Annotated[
+        Path | None, typer.Option(help="Write each video here as line-N.mp4 (implies --wait)")
+    ] = None,
+    root: Root = DEFAULT_ROOT,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Create a generation for every line of MANIFEST; run it again to resume where it
+    stopped (nothing is created twice). Prints a table of what each line became; exits 1
+    if a line was refused, failed, or is still to be sent."""
+    from api import manifests
+
+    base = manifest.resolve().parent
+    try:
+        lines, digest = manifests.read(manifest)
+        progress = manifests.State.load(
+            state or manifest.with_name(manifest.name + ".state.json"), digest
+        )
+    except (OSError, manifests.ManifestError) as exc:
+        _fail(str(exc))
+    say = console.print
+    with _api(api_url, api_key, root) as client:
+        manifests.upload_images(client, lines, progress, base, say)
+        later = manifests.create_jobs(client, lines, progress, say)
+        if wait or out_dir:
+            manifests.finish(client, lines, progress, out_dir, base, say)
+    table = Table("line", "job", "status")
+    bad = later
+    for line in lines:
+        item = progress.of(line)
+        problem = item.get("problem")
+        shown = f"refused: {problem.get('code')}" if problem else item.get("status", "to send")
+        bad += bool(problem) or item.get("status") in ENDED_BADLY
+        table.add_row(str(line.number), item.get("job_id", ""), shown)
+    _stdout().print(table)
+    if bad:
+        raise typer.Exit(1)
+
+
 def _stdout() -> Console:
     # Wide enough for whole ids when the output is not a terminal (a pipe, a file).
     return Console(width=None if sys.stdout.isatty() else 160)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -122,3 +123,43 @@ def test_the_installed_command_prints_one_line_and_exits_non_zero(
     )  # fmt: skip
     assert run.returncode == 1 and run.stdout == ""
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: 404 not_found:")
+
+
+def test_a_manifest_runs_again_where_it_stopped_and_makes_nothing_twice(
+    env: dict[str, str], elsewhere: Path
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    shutil.copy(PORTRAIT, elsewhere / "portrait.png")
+    lines = [
+        {"image": str(PORTRAIT), "prompt": "pan left", "metadata": {"suite": tag}},
+        {"image": "portrait.png", "prompt": "tilt up", "metadata": {"suite": tag},
+         "out": "videos/two.mp4"},
+        {"image": "portrait.png", "prompt": "", "metadata": {"suite": tag}},
+    ]  # fmt: skip
+    manifest = elsewhere / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    first = kling(env, "batch", str(manifest))
+    assert first.exit_code == 1 and "refused: validation_error" in first.stdout
+    state_file = elsewhere / "m.jsonl.state.json"
+    state = json.loads(state_file.read_text())
+    made = {n: state["items"][n]["job_id"] for n in ("1", "2")}
+    assert state["items"]["3"]["problem"]["code"] == "validation_error"
+
+    # As if stopped after line 2's create was sent, before its answer was recorded.
+    del state["items"]["2"]["job_id"], state["items"]["2"]["status"]
+    state_file.write_text(json.dumps(state))
+    second = kling(env, "batch", str(manifest), "--out-dir", "vids")
+    assert second.exit_code == 1, second.output  # line 3 stays refused
+    state = json.loads(state_file.read_text())
+    assert {n: state["items"][n]["job_id"] for n in ("1", "2")} == made
+    assert [state["items"][n]["status"] for n in ("1", "2")] == ["completed", "completed"]
+    assert (elsewhere / "vids" / "line-1.mp4").stat().st_size > 0
+    assert (elsewhere / "videos" / "two.mp4").stat().st_size > 0
+    listed = json.loads(ok(kling(env, "list", "--json", "--metadata", f"suite:{tag}")).stdout)
+    assert sorted(g["id"] for g in listed["data"]) == sorted(made.values())
+
+    third = kling(env, "batch", str(manifest), "--out-dir", "vids")
+    assert third.exit_code == 1 and "wrote" not in third.stderr and "uploaded" not in third.stderr
+
+    manifest.write_text(manifest.read_text().replace("pan left", "pan right"))
+    assert "manifest changed" in one_error_line(kling(env, "batch", str(manifest)))
