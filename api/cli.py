@@ -694,7 +694,7 @@ def generate(
         if wait or out:
             job = _wait(client, job["id"], out)
     _print_json(job)
-    if job["status"] in ("failed", "expired"):
+    if job["status"] in ENDED_BADLY:
         raise typer.Exit(1)
 
 

@@ -8,7 +8,7 @@ import io
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,54 @@ class _Cut(httpx.SyncByteStream):
 
     def close(self) -> None:
         self._response.close()
+
+
+class AsyncFaults(httpx.AsyncBaseTransport):
+    """`Faults` for the asyncio client: a lost answer, or a stream cut after one event."""
+
+    def __init__(self, *plan: tuple[str, str, str]) -> None:
+        self.plan = list(plan)
+        self.sent: list[httpx.Request] = []
+        self._inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append(request)
+        fault = next(
+            (p for p in self.plan if request.method == p[0] and request.url.path.endswith(p[1])),
+            None,
+        )
+        response = await self._inner.handle_async_request(request)
+        if fault is None:
+            return response
+        self.plan.remove(fault)
+        if fault[2] == "answer_lost":
+            await response.aread()
+            raise httpx.ReadTimeout("read timed out", request=request)
+        assert fault[2] == "cut_after_first_event"
+        return httpx.Response(
+            response.status_code, headers=response.headers, stream=_AsyncCut(response),
+            request=request,
+        )  # fmt: skip
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _AsyncCut(httpx.AsyncByteStream):
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = b""
+        async for chunk in self._response.aiter_raw():
+            seen += chunk
+            if b"event: state" in seen and b"\n\n" in seen[seen.index(b"event: state") :]:
+                yield seen[: seen.index(b"\n\n", seen.index(b"event: state")) + 2]
+                raise httpx.ReadError("connection reset by peer")
+        yield seen
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
 @pytest.fixture
@@ -276,6 +324,35 @@ def test_the_async_client(stack_info: dict[str, Any], upload_id: str, tmp_path: 
                 await k.cancel(str(uuid.uuid4()))
 
     asyncio.run(scenario())
+
+
+def test_the_async_client_retries_a_lost_create_and_resumes_a_cut_stream(
+    stack_info: dict[str, Any], upload_id: str, kling: Client
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    faults = AsyncFaults(
+        ("POST", "/v1/generations", "answer_lost"),
+        ("GET", "/events/stream", "cut_after_first_event"),
+    )
+
+    async def scenario() -> tuple[Any, list[Any]]:
+        async with (
+            httpx.AsyncClient(transport=faults, timeout=60) as http,
+            AsyncClient(stack_info["api_url"], stack_info["api_key"], http=http,
+                        retries=QUICK) as k,
+        ):  # fmt: skip
+            job = await k.create(upload_id=upload_id, prompt="orbit", metadata={"suite": tag})
+            return job, [change async for change in k.stream(job["id"])]
+
+    job, changes = asyncio.run(scenario())
+    creates = [r for r in faults.sent if r.method == "POST"]
+    assert len(creates) == 2 and len({r.headers["idempotency-key"] for r in creates}) == 1
+    assert [g["id"] for g in kling.list(metadata={"suite": tag})["data"]] == [job["id"]]
+    ids = [change["id"] for change in changes]
+    assert ids == sorted(set(ids)) and changes[-1]["generation"]["status"] == "completed"
+    streams = [r for r in faults.sent if r.url.path.endswith("/events/stream")]
+    assert len(streams) == 2 and streams[1].headers["last-event-id"] == str(ids[0])
+    assert not faults.plan
 
 
 def test_send_request_puts_a_generation_request_on_the_broker(
