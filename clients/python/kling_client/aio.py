@@ -269,6 +269,7 @@ class AsyncClient:
                 size = await self._fetch(location, partial)
             except httpx.TransportError as exc:
                 if not self.retries.after_error(exc, True, attempt):
+                    partial.unlink(missing_ok=True)
                     raise connection_error(exc) from exc
                 await asyncio.sleep(self.retries.pause(attempt))
                 continue
@@ -280,6 +281,7 @@ class AsyncClient:
         async with self._http.stream("GET", url) as video:
             if video.status_code >= 400:
                 await video.aread()
+                into.unlink(missing_ok=True)
                 raise error_of(video)
             size = 0
             with into.open("wb") as file:

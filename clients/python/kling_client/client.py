@@ -264,6 +264,7 @@ class Client:
                 size = self._fetch(location, partial)
             except httpx.TransportError as exc:
                 if not self.retries.after_error(exc, True, attempt):
+                    partial.unlink(missing_ok=True)
                     raise connection_error(exc) from exc
                 time.sleep(self.retries.pause(attempt))
                 continue
@@ -275,6 +276,7 @@ class Client:
         with self._http.stream("GET", url) as video:
             if video.status_code >= 400:
                 video.read()
+                into.unlink(missing_ok=True)
                 raise error_of(video)
             size = 0
             with into.open("wb") as file:
