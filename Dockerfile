@@ -13,7 +13,9 @@ COPY api ./api
 COPY workers ./workers
 COPY migrations ./migrations
 COPY sandbox ./sandbox
-RUN pip install '.[sandbox]' && useradd --system --uid 10001 kling
+COPY clients/python ./clients/python
+# The producers' client (not on any index): the `kling` CLI is built on it.
+RUN pip install ./clients/python '.[sandbox]' && useradd --system --uid 10001 kling
 USER kling
 
 EXPOSE 8000

@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint format bench chaos faults stack clean .browser
 
-$(VENV): pyproject.toml
+$(VENV): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e clients/python -e '.[dev]'
 	touch $(VENV)
 
 demo: $(VENV)
@@ -17,7 +17,7 @@ demo: $(VENV)
 test: $(VENV) .browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy config api workers sandbox
+	$(BIN)/mypy config api workers sandbox clients/python/kling_client
 	$(BIN)/pytest
 
 # The console's browser tests drive Debian's Chromium (never a downloaded browser).
@@ -29,7 +29,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 lint: $(VENV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy config api workers sandbox
+	$(BIN)/mypy config api workers sandbox clients/python/kling_client
 
 format: $(VENV)
 	$(BIN)/ruff check --fix .

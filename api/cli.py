@@ -9,14 +9,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
-import httpx
 import typer
+from kling_client import Client, Generation, KlingError
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
-from api.client import KlingClient
 from api.console.commands import announce, operators_app
 
 if TYPE_CHECKING:
@@ -582,6 +585,81 @@ def _read_stack(root: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
+# -- the API of any deployment, through kling_client ----------------------------------------
+
+ApiUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--api-url", envvar="KLING_API_URL", show_envvar=True,
+        help="The API's base URL (default: the embedded stack's, from ROOT/stack.json)",
+    ),
+]  # fmt: skip
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key", envvar="KLING_API_KEY", show_envvar=True, show_default=False,
+        help="A tenant's API key (default: the embedded stack's)",
+    ),
+]  # fmt: skip
+JobId = Annotated[str, typer.Argument(help="The generation's id")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
+ENDED_BADLY = ("failed", "cancelled", "expired")
+
+
+def _connection(api_url: str | None, api_key: str | None, root: Path) -> tuple[str, str]:
+    """The API to call: the one given (options or environment), else the embedded stack's."""
+    if api_url:
+        if not api_key:
+            _fail("no API key: set KLING_API_KEY or pass --api-key")
+        return api_url, str(api_key)
+    path = root / "stack.json"
+    if not path.exists():
+        _fail(
+            "no API: set KLING_API_URL and KLING_API_KEY (or pass --api-url and --api-key), "
+            "or start the embedded stack with `kling stack up`"
+        )
+    info = json.loads(path.read_text())
+    return str(info["api_url"]), api_key or str(info["api_key"])
+
+
+def _fail(message: str) -> NoReturn:
+    # Soft-wrapped: one line whatever the terminal's width; the message's own brackets are
+    # text, not markup.
+    console.print(Text.assemble(("error: ", "red"), message), soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _api(api_url: str | None, api_key: str | None, root: Path = DEFAULT_ROOT) -> Iterator[Client]:
+    """A client of the chosen API; any refusal or failure ends the command with one line
+    that names the problem's code (the traceback helps nobody who typed a command)."""
+    url, key = _connection(api_url, api_key, root)
+    try:
+        with Client(url, key) as client:
+            yield client
+    except KlingError as exc:
+        status = f"{exc.status} " if exc.status else ""
+        _fail(f"{status}{exc.code}: {exc.detail}")
+    except TimeoutError as exc:
+        _fail(f"timeout: {exc}")
+    except OSError as exc:  # a file to upload or write
+        _fail(f"{type(exc).__name__}: {exc}")
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2))
+
+
+def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
+    pairs = {}
+    for value in values or []:
+        key, sep, rest = value.partition(":")
+        if not sep or not key:
+            raise typer.BadParameter(f"{value!r} is not key:value", param_hint=option)
+        pairs[key] = rest
+    return pairs
+
+
 @app.command()
 def generate(
     image: Annotated[str, typer.Argument(help="A local jpg/png, or an http(s) URL")],
@@ -595,58 +673,240 @@ def generate(
         Path | None, typer.Option(help="Where to write the MP4 (implies --wait)")
     ] = None,
     root: Root = DEFAULT_ROOT,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+    metadata: Annotated[list[str] | None, typer.Option(help="key:value, repeatable")] = None,
+    webhook_url: Annotated[str | None, typer.Option(help="Where to send callbacks")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Running the command again answers the same job")
+    ] = None,
 ) -> None:
     """Animate IMAGE; prints the job record as JSON."""
-    info = _read_stack(root)
-    with httpx.Client(timeout=60) as http:
-        client = KlingClient(http, info["api_url"], info["api_key"])
-        body = {"guidance_scale": guidance_scale, "duration": duration, "priority": priority}
-        job = _generate(client, image, prompt, negative_prompt, body)
+    body: dict[str, Any] = {
+        "prompt": prompt, "guidance_scale": guidance_scale, "duration": duration,
+        "priority": priority, "metadata": _pairs(metadata, "--metadata"),
+    }  # fmt: skip
+    if negative_prompt:
+        body["negative_prompt"] = negative_prompt
+    if webhook_url:
+        body["webhook_url"] = webhook_url
+    with _api(api_url, api_key, root) as client:
+        if image.startswith(("http://", "https://")):
+            body["image_url"] = image
+        else:
+            body["upload_id"] = client.upload(Path(image))["upload_id"]
+        job = client.create(idempotency_key=idempotency_key, **body)
+        console.print(f"accepted [bold]{job['id']}[/]")
         if wait or out:
-            job = _wait(client, job, out)
-    typer.echo(json.dumps(job, indent=2))
-    if job["status"] in ("failed", "expired"):
+            job = _wait(client, job["id"], out)
+    _print_json(job)
+    if job["status"] in ENDED_BADLY:
         raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    job_id: JobId, root: Root = DEFAULT_ROOT, api_url: ApiUrl = None, api_key: ApiKey = None
+) -> None:
+    """Print a generation's record as JSON."""
+    with _api(api_url, api_key, root) as client:
+        _print_json(client.get(job_id))
+
+
+@app.command("wait")
+def wait_for_job(
+    job_id: JobId,
+    out: Annotated[Path | None, typer.Option(help="Also write the MP4 here")] = None,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 1800,
+    root: Root = DEFAULT_ROOT,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Wait until a generation has ended; prints its record as JSON (exit 1 unless it
+    completed) and, on the way, each state it reaches."""
+    with _api(api_url, api_key, root) as client:
+        job = _wait(client, job_id, out, timeout)
+    _print_json(job)
+    if job["status"] in ENDED_BADLY:
+        raise typer.Exit(1)
+
+
+@app.command()
+def download(
+    job_id: JobId,
+    out: Annotated[Path, typer.Option(help="Where to write the MP4")],
+    root: Root = DEFAULT_ROOT,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Write a completed generation's MP4 to OUT."""
+    with _api(api_url, api_key, root) as client:
+        size = client.download(job_id, out)
+    console.print(f"wrote {out} ({size} bytes)")
+
+
+@app.command()
+def cancel(
+    job_id: JobId, root: Root = DEFAULT_ROOT, api_url: ApiUrl = None, api_key: ApiKey = None
+) -> None:
+    """Cancel a generation (one at WaveSpeed has its prediction deleted); prints its record."""
+    with _api(api_url, api_key, root) as client:
+        _print_json(client.cancel(job_id))
 
 
 @app.command()
 def retry(
     job_id: Annotated[str, typer.Argument(help="A finished job's id")],
     root: Root = DEFAULT_ROOT,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Running the command again answers the same job")
+    ] = None,
 ) -> None:
     """Make a finished job again, with the same inputs; prints the new job record as JSON."""
-    info = _read_stack(root)
-    with httpx.Client(timeout=60) as http:
-        job = KlingClient(http, info["api_url"], info["api_key"]).retry(job_id)
-    typer.echo(json.dumps(job, indent=2))
+    with _api(api_url, api_key, root) as client:
+        _print_json(client.retry(job_id, idempotency_key=idempotency_key))
 
 
-def _generate(
-    client: KlingClient,
-    image: str,
-    prompt: str,
-    negative: str | None,
-    options: dict[str, Any],
-) -> dict[str, Any]:
-    body: dict[str, Any] = {"prompt": prompt, **options}
-    if negative:
-        body["negative_prompt"] = negative
-    if image.startswith(("http://", "https://")):
-        body["image_url"] = image
-    else:
-        body["upload_id"] = client.upload(Path(image))
-    job = client.create(**body)
-    console.print(f"accepted [bold]{job['id']}[/]")
-    return job
+@app.command()
+def events(
+    job_id: JobId,
+    follow: Annotated[
+        bool, typer.Option(help="Print each state change as it happens, until the job ends")
+    ] = False,
+    as_json: AsJson = False,
+    root: Root = DEFAULT_ROOT,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """A generation's state history and callback attempts, as a table."""
+    with _api(api_url, api_key, root) as client:
+        if follow:
+            for change in client.stream(job_id):
+                line = {k: v for k, v in change.items() if k != "generation"}
+                typer.echo(json.dumps(line) if as_json else _change_line(line))
+            return
+        history = client.history(job_id)
+    if as_json:
+        _print_json(history)
+        return
+    table = Table("at", "from", "to", "reason", title=f"generation {job_id}")
+    for event in history["events"]:
+        table.add_row(event["at"], event["from_state"] or "", event["to_state"],
+                      event["reason"] or "")  # fmt: skip
+    _stdout().print(table)
+    if history["deliveries"]:
+        deliveries = Table("event", "url", "status", "attempts", title="callbacks")
+        for d in history["deliveries"]:
+            deliveries.add_row(d["event"], d["url"], d["status"], str(len(d["attempts"])))
+        _stdout().print(deliveries)
 
 
-def _wait(client: KlingClient, job: dict[str, Any], out: Path | None) -> dict[str, Any]:
+def _change_line(change: dict[str, Any]) -> str:
+    reason = f"  ({change['reason']})" if change.get("reason") else ""
+    return f"{change['at']}  {change['from'] or '-'} -> {change['to']}{reason}"
+
+
+@app.command("list")
+def list_generations(
+    status: Annotated[
+        str | None, typer.Option(help="queued, processing, completed, failed, ...")
+    ] = None,
+    created_after: Since = None,
+    created_before: Since = None,
+    metadata: Annotated[list[str] | None, typer.Option(help="key:value, repeatable")] = None,
+    request_id: Annotated[str | None, typer.Option(help="The broker request that made it")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first (1 to 100)")] = 20,
+    cursor: Annotated[str | None, typer.Option(help="Where the previous page ended")] = None,
+    as_json: AsJson = False,
+    root: Root = DEFAULT_ROOT,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Your generations, newest first, with the API's filters."""
+    with _api(api_url, api_key, root) as client:
+        page = client.list(
+            status=status, created_after=created_after, created_before=created_before,
+            metadata=_pairs(metadata, "--metadata"), request_id=request_id, limit=limit,
+            cursor=cursor,
+        )  # fmt: skip
+    if as_json:
+        _print_json(page)
+        return
+    table = Table("id", "status", "created", "duration", "cost", "prompt / error")
+    for job in page["data"]:
+        error, inputs = job.get("error"), job.get("input") or {}
+        table.add_row(
+            job["id"], job["status"], job["created_at"][:19], f"{inputs.get('duration', '?')}s",
+            "" if job.get("cost_usd") is None else f"${job['cost_usd']}",
+            error["code"] if error else inputs.get("prompt") or "",
+        )  # fmt: skip
+    _stdout().print(table)
+    if page["next_cursor"]:
+        console.print(f"more: --cursor {page['next_cursor']}", highlight=False)
+
+
+@app.command("batch")
+def batch_run(
+    manifest: Annotated[
+        Path, typer.Argument(help="JSON Lines: one create a line, `image` a path or URL")
+    ],
+    state: Annotated[
+        Path | None, typer.Option(help="Where progress is kept (default: MANIFEST.state.json)")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for every job to end")] = False,
+    out_dir: Annotated[
+        Path | None, typer.Option(help="Write each video here as line-N.mp4 (implies --wait)")
+    ] = None,
+    root: Root = DEFAULT_ROOT,
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Create a generation for every line of MANIFEST; run it again to resume where it
+    stopped (nothing is created twice). Prints a table of what each line became; exits 1
+    if a line was refused, failed, or is still to be sent."""
+    from api import manifests
+
+    base = manifest.resolve().parent
+    try:
+        lines, digest = manifests.read(manifest)
+        progress = manifests.State.load(
+            state or manifest.with_name(manifest.name + ".state.json"), digest
+        )
+    except (OSError, manifests.ManifestError) as exc:
+        _fail(str(exc))
+    say = console.print
+    with _api(api_url, api_key, root) as client:
+        manifests.upload_images(client, lines, progress, base, say)
+        later = manifests.create_jobs(client, lines, progress, say)
+        if wait or out_dir:
+            manifests.finish(client, lines, progress, out_dir, base, say)
+    table = Table("line", "job", "status")
+    bad = later
+    for line in lines:
+        item = progress.of(line)
+        problem = item.get("problem")
+        shown = f"refused: {problem.get('code')}" if problem else item.get("status", "to send")
+        bad += bool(problem) or item.get("status") in ENDED_BADLY
+        table.add_row(str(line.number), item.get("job_id", ""), shown)
+    _stdout().print(table)
+    if bad:
+        raise typer.Exit(1)
+
+
+def _stdout() -> Console:
+    # Wide enough for whole ids when the output is not a terminal (a pipe, a file).
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _wait(client: Client, job_id: str, out: Path | None, timeout: float = 1800) -> Any:
     started = time.monotonic()
 
-    def progress(current: dict[str, Any]) -> None:
+    def progress(current: Generation) -> None:
         console.print(f"  {time.monotonic() - started:6.1f}s  {current['status']}")
 
-    job = client.wait(job["id"], on_change=progress)
+    job = client.wait(job_id, timeout=timeout, on_change=progress)
     if out and job["status"] == "completed":
         size = client.download(job["id"], out)
         console.print(f"wrote {out} ({size} bytes)")

@@ -1,5 +1,6 @@
-"""A product service using the client library: create a generation with a callback URL,
-receive and verify the signed callback, download the video.
+"""A product service using the client library (`pip install clients/python`: httpx and
+standardwebhooks only): create a generation with a callback URL, receive and verify the
+signed callback, download the video.
 
     .venv/bin/kling stack up --detach
     .venv/bin/python examples/producer.py [--stack .stack/stack.json] [--out out/producer.mp4]
@@ -14,9 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from api.client import KlingClient, verify_webhook
+from kling_client import Client, verify_webhook
 
 IMAGE = Path(__file__).with_name("portrait.png")
 
@@ -50,15 +49,13 @@ def main() -> None:
     stack = json.loads(args.stack.read_text())
 
     url, done, events = receive_one_callback(stack["webhook_secret"])
-    with httpx.Client(timeout=60) as http:
-        kling = KlingClient(http, stack["api_url"], stack["api_key"])
+    with Client(stack["api_url"], stack["api_key"]) as kling:
         job = kling.create(
-            upload_id=kling.upload(IMAGE),
+            upload_id=kling.upload(IMAGE)["upload_id"],
             prompt="Moody night street scene, light rain, camera slow orbit, 5 seconds.",
             duration=5,
             webhook_url=url,
             metadata={"example": "producer"},
-            idempotency_key="example-producer-1",
         )
         print("created", job["id"], job["status"])
         if not done.wait(120):
