@@ -71,10 +71,21 @@ def _instrument_libraries() -> None:
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 
-    HTTPXClientInstrumentor().instrument()
+    HTTPXClientInstrumentor().instrument(request_hook=_scrubbed_url)
     BotocoreInstrumentor().instrument()
     RedisInstrumentor().instrument()
     _instrument_celery()
+
+
+def _scrubbed_url(span: trace.Span, request: Any) -> None:
+    """The URL a span records, scrubbed as log lines are: presigned S3 queries (the
+    instrumentation redacts only v2 signatures) and callback URLs whose path is a token."""
+    from config.logging import scrub
+
+    recorded = getattr(span, "attributes", None) or {}
+    for key in ("http.url", "url.full"):
+        if key in recorded:
+            span.set_attribute(key, scrub(str(request.url)))
 
 
 def _instrument_celery() -> None:
@@ -123,11 +134,20 @@ def current_traceparent() -> str | None:
 
 @contextmanager
 def within(traceparent: str | None) -> Iterator[None]:
-    """Make the span `traceparent` names the current one for the block (nothing if None)."""
+    """Make the span `traceparent` names the current one for the block, unless it is None
+    or the current span is in its trace already (a task of the job's chain keeps its own)."""
     if not (_enabled and traceparent):
         yield
         return
-    token = context.attach(propagate.extract({TRACEPARENT: traceparent}))
+    wanted = propagate.extract({TRACEPARENT: traceparent})
+    here = trace.get_current_span().get_span_context()
+    if (
+        here.is_valid
+        and here.trace_id == trace.get_current_span(wanted).get_span_context().trace_id
+    ):
+        yield
+        return
+    token = context.attach(wanted)
     try:
         yield
     finally:
@@ -151,13 +171,14 @@ def publishing(task: str, headers: MutableMapping[str, Any]) -> Iterator[None]:
 
 
 @contextmanager
-def span(name: str, **attributes: Any) -> Iterator[None]:
-    """A span of our own around a step (`outbox.relay`, `s3.copy_output`); none when off."""
+def span(name: str, **attributes: Any) -> Iterator[trace.Span]:
+    """A span of our own around a step (`outbox.relay`, `s3.copy_output`); off, a span that
+    records nothing."""
     if not _enabled:
-        yield
+        yield trace.INVALID_SPAN
         return
-    with tracer.start_as_current_span(name, attributes=attributes):
-        yield
+    with tracer.start_as_current_span(name, attributes=attributes) as current:
+        yield current
 
 
 def log_ids(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
