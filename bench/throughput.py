@@ -147,7 +147,7 @@ def tracing_overhead(stack: Stack, upload_id: str, jobs: int) -> dict[str, Any]:
         "tracing_off_cpu_ms_per_job": cpu["off"],
         "tracing_on_cpu_ms_per_job": cpu["on"],
         "tracing_cpu_ms_per_job_added": round(cpu["on"] - cpu["off"], 2),
-        "tracing_exports": sink.exports,
+        "tracing_spans_per_job": round(sink.received / jobs, 1),
     }
 
 

@@ -1,6 +1,6 @@
 """A tiny OTLP/HTTP trace sink: the stand-in for a collector that the stack's processes export
 to when `OTEL_EXPORTER_OTLP_ENDPOINT` names it. Tests keep the spans it receives and read them
-back by trace; benchmarks only count them (`keep=False`: each export is answered unread)."""
+back by trace; benchmarks only count them (`keep=False`)."""
 
 from __future__ import annotations
 
@@ -40,19 +40,19 @@ class Sink:
     keep: bool = True
     spans: list[Span] = field(default_factory=list)
     exports: int = 0
+    received: int = 0
     url: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take(self, body: bytes) -> None:
-        with self._lock:
-            self.exports += 1
-        if not self.keep:
-            return
         request = ExportTraceServiceRequest()
         request.ParseFromString(body)
         spans = list(_spans(request))
         with self._lock:
-            self.spans.extend(spans)
+            self.exports += 1
+            self.received += len(spans)
+            if self.keep:
+                self.spans.extend(spans)
 
     def trace(self, trace_id: str) -> list[Span]:
         with self._lock:
