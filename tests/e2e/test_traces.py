@@ -1,8 +1,9 @@
 """One job is one trace, from the producer's create to our callback: an API and a worker of
 their own, exporting over OTLP/HTTP to a sink (`sandbox.otlp`) as a deployment would to its
 collector, on a database and a Redis database of their own so the stack's own worker takes
-none of their messages. The submit message is lost on the way (Redis flushed), so the job
-reaches the worker only through the outbox relay."""
+none of their messages. In the first test the submit message is lost on the way (Redis
+flushed), so the job reaches the worker only through the outbox relay; in the second the job
+comes over the broker (`generation.request`) in the trace its message's headers name."""
 
 from __future__ import annotations
 
@@ -143,6 +144,38 @@ def test_one_job_is_one_trace_from_the_producers_create_to_our_callback(
     # (httpx's instrumentation puts its client span's id there, a child of the POST's.)
     sent_from = callback.headers["traceparent"].split("-")[2]
     assert sent_from == post.span_id or by_id[sent_from].parent_id == post.span_id
+
+
+def test_a_broker_request_joins_the_trace_its_message_headers_name(
+    stack: Stack, traced: dict[str, Any], sink: Sink, portrait: bytes
+) -> None:
+    env = traced["env"]
+    producer = {"Authorization": f"Bearer {traced['token']}"}
+    with httpx.Client(base_url=traced["api_url"], headers=producer, timeout=60) as api:
+        upload = api.post("/v1/uploads", files={"file": ("p.png", portrait, "image/png")})
+    assert upload.status_code == 201, upload.text
+    stack.start_worker("worker-traced", concurrency=1, env=env)
+    trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    request = {
+        "api_key": traced["token"],
+        "request_id": f"order-{uuid.uuid4().hex[:8]}",
+        "upload_id": upload.json()["upload_id"],
+        "prompt": "slow pan right",
+    }
+    # What a producer's own OpenTelemetry Celery instrumentation puts in the headers.
+    create_celery(Settings(redis_url=env["REDIS_URL"])).send_task(
+        "generation.request", kwargs=request, queue="requests",
+        headers={"traceparent": f"00-{trace_id}-{span_id}-01"},
+    )  # fmt: skip
+
+    def submitted() -> list[Span] | None:
+        spans = sink.trace(trace_id)
+        return spans if any(s.name == "run/generation.submit" for s in spans) else None
+
+    spans = wait_for(submitted, timeout=90, interval=0.5)
+    (taken,) = [s for s in spans if s.name == "run/generation.request"]
+    assert taken.parent_id == span_id
+    assert any(s.name == "publish generation.submit" for s in spans)
 
 
 def relay_until_taken(env: dict[str, str], api: httpx.Client, job_id: str) -> None:
