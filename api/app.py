@@ -19,7 +19,7 @@ from api.deps import Resources
 from api.routes import hooks, router, v1
 from api.throttle import KeyRateLimit, TenantSlots
 from api.waiters import JobWatch, WaiterSlots
-from config import Settings
+from config import Settings, tracing
 from config.logging import configure_logging
 from workers.celery_app import create_celery
 from workers.estimates import Estimator
@@ -36,6 +36,7 @@ WEBHOOK_THREADS = 4
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_format, settings.log_level)
+    tracing.setup("api")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -113,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # Added last, so it runs first: refusals at the edge carry the request id too.
     app.middleware("http")(_request_context)
+    tracing.instrument_app(app)
     return app
 
 

@@ -16,6 +16,11 @@ Intake: requests a second taken in over HTTP creates and over the broker's
    Inference times scatter uniformly over `--inference 4 12` seconds while the poll schedule
    expects 6 s, as real ones scatter around what a deployment expects.
 
+Tracing: the throughput run again with the API and the worker restarted with tracing off,
+then on (`OTEL_EXPORTER_OTLP_ENDPOINT` naming a sink that takes every export and drops it,
+`sandbox.otlp`), in the same run: jobs a second and CPU ms per job each way, and their ratio
+(`--tracing-jobs 0` skips it).
+
 `--profile DIR` samples the worker (pool children included) and the API with py-spy during
 the throughput phase and prints where their Python CPU went (`--profile-wall`: where their
 time went, waiting included) (`bench.pyspy`).
@@ -51,6 +56,8 @@ from bench.harness import (
     tree_cpu_seconds,
 )
 from config import Settings
+from sandbox.otlp import Sink
+from sandbox.otlp import serve as serve_sink
 from sandbox.receiver import Receiver, serve
 from sandbox.stack import Stack
 from workers.celery_app import create_celery
@@ -118,6 +125,51 @@ def throughput(
         "jobs": jobs, "seconds": round(elapsed, 2), "jobs_per_s": round(jobs / elapsed, 2),
         **costs,
     }  # fmt: skip
+
+
+def tracing_overhead(stack: Stack, upload_id: str, jobs: int) -> dict[str, Any]:
+    """`throughput` with tracing off, then on, the API and the worker restarted for each
+    (fresh processes both ways); the spans go to a sink that drops them."""
+    runs: dict[str, dict[str, Any]] = {}
+    with serve_sink(Sink(keep=False)) as sink:
+        # Empty is off, whatever the caller's environment says.
+        for label, endpoint in (("off", ""), ("on", sink.url)):
+            _restart_apps(stack, {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+            with _api(stack) as api:
+                runs[label] = throughput(stack, api, upload_id, jobs, None, False)
+    off, on = runs["off"], runs["on"]
+    cpu = {label: _app_cpu_ms(run) for label, run in runs.items()}
+    return {
+        "tracing_jobs": jobs,
+        "tracing_off_jobs_per_s": off["jobs_per_s"],
+        "tracing_on_jobs_per_s": on["jobs_per_s"],
+        "ratio_tracing_on_to_off": round(on["jobs_per_s"] / off["jobs_per_s"], 3),
+        "tracing_off_cpu_ms_per_job": cpu["off"],
+        "tracing_on_cpu_ms_per_job": cpu["on"],
+        "tracing_cpu_ms_per_job_added": round(cpu["on"] - cpu["off"], 2),
+        "tracing_spans_per_job": round(sink.received / jobs, 1),
+    }
+
+
+def _app_cpu_ms(run: dict[str, Any]) -> float:
+    """CPU ms per job of the processes tracing runs in: the API and the worker."""
+    return round(run.get("api_cpu_ms_per_job", 0.0) + run.get("worker_cpu_ms_per_job", 0.0), 2)
+
+
+def _restart_apps(stack: Stack, env: dict[str, str]) -> None:
+    for process in [p for p in stack.apps if p.name in ("api", "worker")]:
+        process.stop()
+        stack.apps.remove(process)
+    stack.start_api("api", int(stack.env["API_PORT"]), env)
+    stack.start_worker(
+        "worker", concurrency=stack.worker_concurrency, queues=stack.worker_queues, env=env
+    )
+
+
+def _api(stack: Stack) -> httpx.Client:
+    # A client of its own: the restarted API dropped the connections of the last one.
+    key = {"Authorization": f"Bearer {stack.info['api_key']}"}
+    return httpx.Client(base_url=stack.info["api_url"], timeout=120, headers=key)
 
 
 def intake(stack: Stack, api: httpx.Client, upload_id: str, count: int) -> dict[str, Any]:
@@ -212,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-jobs", type=int, default=20)
     parser.add_argument("--intake", type=int, default=200, help="requests per intake path")
     parser.add_argument("--noop", type=int, default=2000)
+    parser.add_argument("--tracing-jobs", type=int, default=100, help="jobs each way; 0: skip")
     parser.add_argument("--inference", type=float, nargs=2, default=(4.0, 12.0))
     parser.add_argument("--render-mode", default=OUTPUT_RENDER_MODE)
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR")
@@ -249,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                 latencies(stack, api, upload_id, args.latency_jobs, hooks, args.inference)
                 for hooks in (True, False)
             )
+        # Last: it restarts the API and the worker.
+        traced = tracing_overhead(stack, upload_id, args.tracing_jobs) if args.tracing_jobs else {}
     finally:
         stack.down()
         shutil.rmtree(root, ignore_errors=True)
@@ -263,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "callback_latency_webhooks_on_p99_s": round(percentile(on, 0.99), 2),
         "callback_latency_polling_p50_s": round(percentile(off, 0.5), 2),
         "callback_latency_polling_p99_s": round(percentile(off, 0.99), 2),
+        **traced,
     }
     on_p = f"{percentile(on, 0.5):.2f}/{percentile(on, 0.99):.2f}"
     off_p = f"{percentile(off, 0.5):.2f}/{percentile(off, 0.99):.2f}"
@@ -281,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
         f"({taken['intake_broker_worker_cpu_ms_per_request']} worker CPU ms each), "
         f"x{taken['ratio_broker_to_http_intake']} |"
     )
+    if traced:
+        row += (
+            f" tracing on/off: {traced['tracing_on_jobs_per_s']}/"
+            f"{traced['tracing_off_jobs_per_s']} jobs/s (x{traced['ratio_tracing_on_to_off']}), "
+            f"{traced['tracing_on_cpu_ms_per_job']}/{traced['tracing_off_cpu_ms_per_job']} "
+            f"API+worker CPU ms per job |"
+        )
     emit(result, row)
     if args.profile:
         for name in ("worker", "api"):

@@ -14,6 +14,8 @@ from typing import Any
 
 import structlog
 
+from config.tracing import log_ids
+
 # Keys whose values must never reach a log line, whatever code bound them: any key whose
 # name (in lower case, at any depth of nested dicts) contains one of these.
 _SECRET_KEY_PARTS = (
@@ -96,6 +98,7 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     """Route structlog and stdlib logging through one handler; safe to call more than once."""
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        log_ids,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

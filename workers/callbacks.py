@@ -29,10 +29,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
-from config import Settings
+from config import Settings, tracing
 from workers import feed, jobs, metrics
 from workers.dispatch import NOTIFY
-from workers.models import CallbackAttempt, CallbackDelivery, CallbackHost, Tenant
+from workers.models import CallbackAttempt, CallbackDelivery, CallbackHost, Job, Tenant
 from workers.retry import parse_retry_after
 from workers.sealing import Sealer
 from workers.tenants import signing_secrets
@@ -115,6 +115,8 @@ class Attempt:
     body: bytes
     headers: dict[str, str]
     lease: datetime
+    # The job's trace, which the POST joins and whose `traceparent` it sends.
+    traceparent: str | None = None
 
 
 def host_of(url: str) -> str:
@@ -177,7 +179,9 @@ class Callbacks:
                 _again(work, delivery_id, claimed)
                 return claimed
         started = time.monotonic()
-        status_code, error, retry_after = _attempt(self.post, claimed)
+        with tracing.within(claimed.traceparent), tracing.span("callback.post") as span:
+            status_code, error, retry_after = _attempt(self.post, claimed)
+            span.set_attribute("http.response.status_code", status_code or 0)
         duration_ms = int((time.monotonic() - started) * 1000)
         retry_after = min(retry_after, self.policy.retry_after_max) if retry_after else None
         with self.work() as work:
@@ -229,9 +233,12 @@ def _claim(
     body = json.dumps(feed.payload(session, delivery.id), separators=(",", ":")).encode()
     headers = sign(signing_secrets(tenant, sealer, now), feed.event_id(delivery.id), now, body)
     delivery.sending_until = now + policy.lease
+    traceparent = None
+    if tracing.enabled() and delivery.job_id is not None:
+        traceparent = session.scalar(select(Job.traceparent).where(Job.id == delivery.job_id))
     return Attempt(
         delivery.id, delivery.job_id, delivery.url, delivery.host, body, headers,
-        delivery.sending_until,
+        delivery.sending_until, traceparent,
     )  # fmt: skip
 
 
@@ -316,8 +323,11 @@ def sign(secrets: Sequence[str], msg_id: str, now: datetime, body: bytes) -> dic
 
 
 def _attempt(post: Post, attempt: Attempt) -> tuple[int | None, str | None, float | None]:
+    # The receiver may join the job's trace; the signature does not cover this header.
+    traceparent = tracing.current_traceparent()
+    headers = {**attempt.headers, "traceparent": traceparent} if traceparent else attempt.headers
     try:
-        response = post(attempt.url, attempt.body, attempt.headers)
+        response = post(attempt.url, attempt.body, headers)
     except Exception as exc:  # any failure to get an answer is one failed attempt
         return None, f"{type(exc).__name__}: {exc}"[:500], None
     retry_after = None

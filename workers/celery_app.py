@@ -12,7 +12,7 @@ import structlog
 from celery import Celery, signals
 from kombu import Exchange, Queue
 
-from config import Settings
+from config import Settings, tracing
 from config.logging import configure_logging
 from workers import metrics, migrate
 from workers.dispatch import NOTIFY, QUEUES, RECONCILE, ROUTES, STORE, SUBMIT
@@ -144,9 +144,17 @@ def _serve_metrics(**_: Any) -> None:
         metrics.serve(settings.metrics_port, settings.metrics_host)
 
 
+@signals.worker_process_init.connect
+def _setup_tracing(**_: Any) -> None:
+    # In each pool process, after the fork: the exporter's thread and sockets must be its own.
+    # Connected here, before `workers.tasks` builds the runtime, so its engines are traced.
+    tracing.setup("worker")
+
+
 @signals.worker_process_shutdown.connect
 def _forget_process(pid: int | None = None, **_: Any) -> None:
     metrics.process_dead(pid or os.getpid())
+    tracing.flush()
 
 
 app = create_celery(Settings())

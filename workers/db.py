@@ -11,6 +11,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.orm import Session, sessionmaker
 
+from config import tracing
+
 if TYPE_CHECKING:
     from config import Settings
 
@@ -44,6 +46,7 @@ def make_engine(
         pool_use_lifo=True, connect_args=connect_args,
     )  # fmt: skip
     _ping_when_idle(engine, ping_after)
+    tracing.instrument_engine(engine)
     return engine
 
 

@@ -12,6 +12,8 @@ import kombu.exceptions
 import redis
 import structlog
 
+from config import tracing
+
 log = structlog.get_logger(__name__)
 
 SUBMIT = "generation.submit"
@@ -72,6 +74,9 @@ class Message:
     subject: uuid.UUID
     countdown: float | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # The trace the message belongs to: its subject's, which need not be the one current
+    # when it is published (the outbox relay and the reconciler work for many jobs at once).
+    traceparent: str | None = None
 
 
 def publish(dispatch: Dispatcher, messages: Sequence[Message]) -> tuple[int, Exception | None]:
@@ -79,7 +84,10 @@ def publish(dispatch: Dispatcher, messages: Sequence[Message]) -> tuple[int, Exc
     that fails stops the rest (the broker is away): each is left to the row that backs it."""
     for sent, message in enumerate(messages):
         try:
-            dispatch(message.task, message.subject, countdown=message.countdown, **message.kwargs)
+            with tracing.within(message.traceparent):
+                dispatch(
+                    message.task, message.subject, countdown=message.countdown, **message.kwargs
+                )
         except PUBLISH_ERRORS as exc:
             log.warning(
                 "dispatch.publish_failed", task=message.task, subject=str(message.subject),
@@ -107,16 +115,21 @@ class CeleryDispatcher:
     ) -> None:
         if countdown is not None:
             countdown = min(max(0.0, countdown), self._max_countdown)
-        self._celery.send_task(
-            task, args=[str(job_id)], kwargs=kwargs, countdown=countdown, queue=ROUTES[task],
-            retry=self._retry,
-        )  # fmt: skip
+        headers: dict[str, Any] = {}
+        with tracing.publishing(task, headers):
+            self._celery.send_task(
+                task, args=[str(job_id)], kwargs=kwargs, countdown=countdown,
+                queue=ROUTES[task], retry=self._retry, headers=headers,
+            )  # fmt: skip
 
     def reply(self, task: str, queue: str, body: dict[str, Any], message_id: str) -> None:
-        self._celery.send_task(
-            task, kwargs=body, queue=queue, task_id=message_id,
-            headers={"webhook-id": message_id}, retry=self._retry,
-        )  # fmt: skip
+        # The producer's own task: it carries our trace, for a producer that traces too.
+        headers: dict[str, Any] = {"webhook-id": message_id}
+        with tracing.publishing(task, headers):
+            self._celery.send_task(
+                task, kwargs=body, queue=queue, task_id=message_id, headers=headers,
+                retry=self._retry,
+            )  # fmt: skip
 
     def waiting(self, queue: str) -> int:
         # A non-passive declare answers the message count on any kombu transport (on Redis:

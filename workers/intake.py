@@ -19,7 +19,7 @@ import structlog
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from config import Settings
+from config import Settings, tracing
 from config.settings import Priority
 from workers import admission, callbacks, dispatch, jobs
 from workers.media import IMAGE_TYPES, ImageInfo, InvalidMedia, inspect_image
@@ -363,6 +363,8 @@ def accept(
         retry_of=request.retry_of,
         request_id=request.request_id,
         reply=request.reply,
+        # The create request's span, whose parent is the producer's traceparent if one came.
+        traceparent=tracing.current_traceparent(),
     )
     jobs.create(work.session, job)
     if request.retry_of is not None:  # the original's history lists its retries

@@ -230,13 +230,13 @@ def by_prediction(session: Session, prediction_id: str) -> Job | None:
 
 def overdue(
     session: Session, state: JobState, column: Any, grace_seconds: float, limit: int = 500
-) -> Sequence[Row[uuid.UUID, int, int]]:
+) -> Sequence[Row[uuid.UUID, int, int, str | None]]:
     """Jobs in `state` whose `column` and last touch are both more than `grace_seconds` in
     the past (by the database's clock), skipping rows another reconciler holds and jobs put
-    aside for an operator: their id, submit attempt and resends so far."""
+    aside for an operator: their id, submit attempt, resends so far and traceparent."""
     before = func.now() - timedelta(seconds=grace_seconds)
     return session.execute(
-        select(Job.id, Job.submit_attempts, Job.resends)
+        select(Job.id, Job.submit_attempts, Job.resends, Job.traceparent)
         .where(
             Job.status == state,
             column < before,

@@ -137,6 +137,9 @@ class Job(Base):
     # of `events` to (`{"task", "queue", "events"}`; `workers.replies`).
     request_id: Mapped[str | None] = mapped_column(String(255))
     reply: Mapped[dict[str, Any] | None]
+    # The trace of the request that created the job (W3C traceparent, version 00: 55
+    # characters); the spans of its later steps join it (`config.tracing`). None: untraced.
+    traceparent: Mapped[str | None] = mapped_column(String(55))
     # The job this one was made again from (`POST /v1/generations/{id}/retry`).
     retry_of: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="SET NULL"), index=True

@@ -11,10 +11,11 @@ from sqlalchemy import Row, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
+from config import tracing
 from workers.db import unit_of_work
 from workers.dispatch import Dispatcher, Message, publish
 from workers.jobs import db_in
-from workers.models import OutboxMessage
+from workers.models import Job, OutboxMessage
 
 # A relay that took rows and died leaves them to another relay after this long.
 LEASE_SECONDS = 30.0
@@ -39,11 +40,16 @@ def relay(
     tasks are idempotent). A publish that fails (the broker is away) stops the relay; its rows
     wait for the lease to end and the reconciler's next relay.
     """
-    with unit_of_work(sessions) as session:
-        rows = claim_unpublished(session, lease_seconds=LEASE_SECONDS, older_than=older_than)
-    sent, _ = publish(dispatch, [Message(row.task, row.job_id) for row in rows])
-    with unit_of_work(sessions) as session:
-        mark_published(session, [row.id for row in rows[:sent]])
+    with tracing.span("outbox.relay") as span:
+        with unit_of_work(sessions) as session:
+            rows = claim_unpublished(session, lease_seconds=LEASE_SECONDS, older_than=older_than)
+        # Each message is published in its job's trace, not the relay's.
+        messages = [Message(row.task, row.job_id, traceparent=row.traceparent) for row in rows]
+        sent, _ = publish(dispatch, messages)
+        with unit_of_work(sessions) as session:
+            mark_published(session, [row.id for row in rows[:sent]])
+        span.set_attribute("outbox.claimed", len(rows))
+        span.set_attribute("outbox.published", sent)
     return sent
 
 
@@ -59,10 +65,11 @@ def claim_unpublished(
     lease_seconds: float,
     older_than: float | None = None,
     limit: int = 500,
-) -> Sequence[Row[int, str, uuid.UUID]]:
+) -> Sequence[Row[int, str, uuid.UUID, str | None]]:
     """Outbox rows nobody published (those `older_than` seconds old, or all)
     and no other relay holds: taken for `lease_seconds`, their attempts counted. Answers
-    their id, task and job; the caller publishes them after this commits."""
+    their id, task, job and the job's traceparent; the caller publishes them after this
+    commits."""
     conditions: list[ColumnElement[bool]] = [
         OutboxMessage.published_at.is_(None),
         OutboxMessage.claimed_until.is_(None) | (OutboxMessage.claimed_until < func.now()),
@@ -80,7 +87,15 @@ def claim_unpublished(
         update(OutboxMessage)
         .where(OutboxMessage.id.in_(free.scalar_subquery()))
         .values(claimed_until=db_in(lease_seconds), attempts=OutboxMessage.attempts + 1)
-        .returning(OutboxMessage.id, OutboxMessage.task, OutboxMessage.job_id)
+        .returning(
+            OutboxMessage.id,
+            OutboxMessage.task,
+            OutboxMessage.job_id,
+            select(Job.traceparent)
+            .where(Job.id == OutboxMessage.job_id)
+            .scalar_subquery()
+            .label("traceparent"),
+        )
     ).all()
 
 

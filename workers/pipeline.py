@@ -24,7 +24,7 @@ import structlog
 from sqlalchemy import ColumnElement, case, func
 from sqlalchemy.orm import Session, sessionmaker
 
-from config import Settings
+from config import Settings, tracing
 from workers import admission, announce, callbacks, charges, dispatch, jobs, metrics, webhook_in
 from workers.db import unit_of_work
 from workers.errors import ErrorCode, classify
@@ -622,6 +622,7 @@ class Pipeline:
             job = jobs.by_prediction(work.session, prediction_id)
             if job is None or job.status != JobState.PROCESSING:
                 return False
+            work.trace = job.traceparent  # what the webhook sets off is the job's work
             if not webhook_in.first_seen(work.session, prediction_id):
                 log.info("wavespeed.webhook.duplicate", prediction_id=prediction_id)
                 return False
@@ -743,7 +744,8 @@ class Pipeline:
         with tempfile.TemporaryDirectory(prefix="kling-store-") as workdir:
             copy = Path(workdir) / "output.mp4"
             try:
-                stored = self._copy_output(str(job.output_url), key, copy)
+                with tracing.span("s3.copy_output", **{"s3.key": key}):
+                    stored = self._copy_output(str(job.output_url), key, copy)
                 video = probe_video(copy)
             except InvalidMedia as exc:
                 self.fail(job_id, JobState.STORING, ErrorCode.OUTPUT_INVALID, exc.message)

@@ -140,7 +140,7 @@ def _sweep(pipeline: Pipeline, sweep: Sweep, grace: float) -> int:
         for row in resend:
             # A recover message names the attempt it is for, so a late one finds itself stale.
             extra = {"attempt": row.submit_attempts} if sweep.task == RECOVER else {}
-            work.send(sweep.task, row.id, **extra)
+            work.send(sweep.task, row.id, trace=row.traceparent, **extra)
     _stop_if_unsent(work)
     return len(resend)
 

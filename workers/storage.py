@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextvars
 import hashlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
@@ -114,7 +115,9 @@ class _PartWindow:
         # the reader at the next part rather than once the window fills.
         full = len(self._pending) >= self._limit
         self._harvest(None if full else 0, FIRST_COMPLETED)
-        self._pending.add(self._pool.submit(self._upload, number, body))
+        # In the reader's context, so each part's S3 call is traced under the store's span.
+        run = contextvars.copy_context().run
+        self._pending.add(self._pool.submit(run, self._upload, number, body))
 
     def finish(self) -> list[dict[str, Any]]:
         """Wait for every part; answer them in part-number order, as S3 requires."""

@@ -25,6 +25,7 @@ import sqlalchemy.exc
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
+from config import tracing
 from workers import admission, outbox
 from workers.db import unit_of_work
 from workers.dispatch import Dispatcher, Message, publish
@@ -45,15 +46,26 @@ class Work:
     freed: bool = False
     # After the commit: why some of the messages did not go, if they did not.
     unsent: Exception | None = None
+    # The trace this unit's messages belong to when it is not the current one (a WaveSpeed
+    # webhook arrives in a trace of its own, but what it sets off belongs to the job's).
+    trace: str | None = None
 
     def send(
-        self, task: str, subject: uuid.UUID, countdown: float | None = None, **kw: Any
+        self,
+        task: str,
+        subject: uuid.UUID,
+        countdown: float | None = None,
+        *,
+        trace: str | None = None,
+        **kw: Any,
     ) -> None:
-        """Send `task` for `subject` after the commit. A wait longer than the broker should
-        hold (`max_countdown`: Celery on Redis keeps ETA messages in worker memory) is not
-        sent: the row's due time brings the task when it comes."""
+        """Send `task` for `subject` after the commit, in trace `trace` (or the unit's, or
+        the current one). A wait longer than the broker should hold (`max_countdown`: Celery on
+        Redis keeps ETA messages in worker memory) is not sent: the row's due time brings the
+        task when it comes."""
         if countdown is None or self.holds(countdown):
-            self.messages.append(Message(task, subject, countdown, kw))
+            trace = trace or self.trace or tracing.current_traceparent()
+            self.messages.append(Message(task, subject, countdown, kw, trace))
 
     def holds(self, countdown: float) -> bool:
         """Whether a wait of `countdown` seconds is sent as a countdown (see `send`)."""
@@ -63,7 +75,8 @@ class Work:
         """Send `task` after the commit, backed by an outbox row committed with this unit: the
         reconciler publishes it again until the task runs and settles it."""
         row = outbox.add(self.session, task, subject)
-        self.messages.append(Message(task, subject, kwargs={OUTBOX: row}))
+        trace = self.trace or tracing.current_traceparent()
+        self.messages.append(Message(task, subject, kwargs={OUTBOX: row}, traceparent=trace))
 
     def free_slot(self) -> None:
         """This unit moved a job out of the gate's count of jobs in flight."""
