@@ -143,6 +143,13 @@ def test_every_app_service_takes_secret_keys_from_the_environment_and_requires_i
         assert re.fullmatch(r"\$\{SECRET_KEYS:\?.+\}", service["environment"]["SECRET_KEYS"]), name
 
 
+def test_every_app_service_passes_the_trace_endpoint_through_and_is_off_without_it() -> None:
+    # One variable turns traces on across the fleet; empty (the default) leaves them off.
+    for name, service in APP_SERVICES.items():
+        endpoint = service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        assert endpoint == "${OTEL_EXPORTER_OTLP_ENDPOINT:-}", name
+
+
 WORKERS = {name: s for name, s in APP_SERVICES.items() if s["command"][3:4] == ["worker"]}
 
 
