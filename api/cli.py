@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from api import manifests
 from api.console.commands import announce, operators_app
 
 if TYPE_CHECKING:
@@ -850,23 +851,40 @@ def list_generations(
 @app.command("batch")
 def batch_run(
     manifest: Annotated[
-        Path, typer.Argument(help="JSON Lines: one create a line, `image` a path or URL")
+        Path,
+        typer.Argument(
+            help="One create a line: JSON Lines, or CSV (.csv) with a header; `image` a path "
+            "or URL, `out` where its video goes"
+        ),
     ],
     state: Annotated[
         Path | None, typer.Option(help="Where progress is kept (default: MANIFEST.state.json)")
     ] = None,
     wait: Annotated[bool, typer.Option(help="Wait for every job to end")] = False,
     out_dir: Annotated[
-        Path | None, typer.Option(help="Write each video here as line-N.mp4 (implies --wait)")
+        Path | None,
+        typer.Option(
+            "--out",
+            "--out-dir",
+            help="Write each video here as line-N.mp4 as it finishes (implies --wait)",
+        ),
     ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(help="One JSON line per manifest line (default: MANIFEST.report.jsonl)"),
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=32, help="Uploads (and reads) under way at once")
+    ] = 4,
     root: Root = DEFAULT_ROOT,
     api_url: ApiUrl = None,
     api_key: ApiKey = None,
 ) -> None:
     """Create a generation for every line of MANIFEST; run it again to resume where it
-    stopped (nothing is created twice). Prints a table of what each line became; exits 1
-    if a line was refused, failed, or is still to be sent."""
-    from api import manifests
+    stopped (nothing is created twice). Shows progress and spend, ends with a table of what
+    each line became and a JSON Lines report; exits 1 if a line was refused, failed, or is
+    still to be sent."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     base = manifest.resolve().parent
     try:
@@ -876,21 +894,55 @@ def batch_run(
         )
     except (OSError, manifests.ManifestError) as exc:
         _fail(str(exc))
-    say = console.print
-    with _api(api_url, api_key, root) as client:
-        manifests.upload_images(client, lines, progress, base, say)
-        later = manifests.create_jobs(client, lines, progress, say)
-        if wait or out_dir:
-            manifests.finish(client, lines, progress, out_dir, base, say)
-    table = Table("line", "job", "status")
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[figures]}"), console=console,
+    )  # fmt: skip
+    task = bar.add_task("batch", total=len(lines), figures="")
+
+    def shown(phase: str) -> Callable[[], None]:
+        def update() -> None:
+            now = manifests.tally(lines, progress)
+            figures = (
+                f"queued {now.queued} · processing {now.processing} · completed "
+                f"{now.completed} · failed {now.failed} · spent ${now.spent}"
+            )
+            bar.update(task, description=phase, completed=now.ended, figures=figures)
+
+        return update
+
+    try:
+        with bar, _api(api_url, api_key, root) as client:
+            say = bar.console.print
+            manifests.upload_images(client, lines, progress, base, say, concurrency)
+            later = manifests.create_jobs(client, lines, progress, shown("creating"))
+            if wait or out_dir:
+                manifests.follow(
+                    client, lines, progress, out_dir, base, say, shown("waiting"), concurrency
+                )
+            shown("done")()
+    finally:
+        manifests.write_report(
+            lines, progress, report or manifest.with_name(manifest.name + ".report.jsonl")
+        )
+    _summary(lines, progress, later)
+
+
+def _summary(lines: list[manifests.Line], progress: manifests.State, later: int) -> None:
+    """The table of what each line became, and the exit status it makes."""
+    table = Table("line", "job", "status", "cost")
     bad = later
     for line in lines:
         item = progress.of(line)
         problem = item.get("problem")
         shown = f"refused: {problem.get('code')}" if problem else item.get("status", "to send")
+        if item.get("error"):
+            shown += f": {item['error']}"
         bad += bool(problem) or item.get("status") in ENDED_BADLY
-        table.add_row(str(line.number), item.get("job_id", ""), shown)
+        cost = "" if item.get("cost_usd") is None else f"${item['cost_usd']}"
+        table.add_row(str(line.number), item.get("job_id", ""), shown, cost)
     _stdout().print(table)
+    console.print(f"spent ${manifests.tally(lines, progress).spent}", highlight=False)
     if bad:
         raise typer.Exit(1)
 

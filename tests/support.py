@@ -77,6 +77,18 @@ class SimulatorAdmin:
     def ledger(self) -> dict[str, Any]:
         return dict(self._http.get("/_sim/ledger").raise_for_status().json())
 
+    @contextmanager
+    def configured(self, **changes: Any) -> Iterator[None]:
+        """The simulator's runtime config changed (`render_mode`, `inference_seconds`, ...)
+        for the block, then put back as it was."""
+        before = self._http.get("/_sim/config").raise_for_status().json()
+        self._http.put("/_sim/config", json=changes).raise_for_status()
+        try:
+            yield
+        finally:
+            restore = {name: before[name] for name in changes}
+            self._http.put("/_sim/config", json=restore).raise_for_status()
+
     def prediction(self, prediction_id: str) -> dict[str, Any]:
         for entry in self.ledger()["predictions"]:
             if entry["id"] == prediction_id:

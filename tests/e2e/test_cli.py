@@ -3,13 +3,16 @@ KLING_API_KEY alone (no stack.json where it runs)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from api.cli import app
+from tests.support import SimulatorAdmin, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -163,3 +167,84 @@ def test_a_manifest_runs_again_where_it_stopped_and_makes_nothing_twice(
 
     manifest.write_text(manifest.read_text().replace("pan left", "pan right"))
     assert "manifest changed" in one_error_line(kling(env, "batch", str(manifest)))
+
+
+@pytest.fixture
+def quick_clips(simulator: SimulatorAdmin) -> Iterator[None]:
+    """Placeholder clips in half a second: what is tested is the CLI, and 200 real renders
+    would cost the simulator minutes of CPU."""
+    with simulator.configured(render_mode="placeholder", inference_seconds=0.5):
+        yield
+
+
+@pytest.mark.usefixtures("quick_clips")
+def test_two_hundred_lines_killed_halfway_resume_and_make_each_job_once(
+    env: dict[str, str], elsewhere: Path
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    shutil.copy(PORTRAIT, elsewhere / "portrait.png")
+    manifest = elsewhere / "m.csv"
+    with manifest.open("w", newline="") as out:
+        rows = csv.writer(out)
+        rows.writerow(["image", "prompt", "duration", "metadata"])
+        for n in range(1, 201):
+            rows.writerow(
+                ["portrait.png", f"shot {n}", "5", json.dumps({"suite": tag, "n": str(n)})]
+            )
+    state_file = elsewhere / "m.csv.state.json"
+    command = [sys.executable, "-m", "api.cli", "batch", "m.csv", "--out", "vids"]
+    run_env = {**os.environ, **env}
+
+    first = subprocess.Popen(
+        [*command, "--concurrency", "8"], env=run_env, cwd=elsewhere,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: len(created(state_file)) >= 100, timeout=120, interval=0.05)
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    at_kill = json.loads(state_file.read_text())["items"]
+    assert first.returncode == -signal.SIGKILL
+    assert sum("written" in item for item in at_kill.values()) < 200
+
+    second = subprocess.run(
+        command, env=run_env, cwd=elsewhere, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+
+    # Every line made exactly one job: what the API holds for this run, line by line.
+    listed = json.loads(
+        ok(kling(env, "list", "--json", "--limit", "100", "--metadata", f"suite:{tag}")).stdout
+    )
+    jobs = list(iterate_all(env, tag, listed))
+    assert sorted(int(job["metadata"]["n"]) for job in jobs) == list(range(1, 201))
+    assert {job["id"] for job in jobs} == set(created(state_file).values())
+    assert all(job["status"] == "completed" for job in jobs)
+    videos = sorted((elsewhere / "vids").iterdir())
+    assert len(videos) == 200 and all(v.stat().st_size > 0 for v in videos)
+
+    report = [
+        json.loads(row) for row in (elsewhere / "m.csv.report.jsonl").read_text().splitlines()
+    ]
+    assert [r["line"] for r in report] == list(range(2, 202))  # the header is line 1
+    assert {r["status"] for r in report} == {"completed"}
+    spent = sum(Decimal(str(r["cost_usd"])) for r in report if r["charged"] == "true")
+    assert f"spent ${spent}" in second.stderr
+
+
+def created(state_file: Path) -> dict[str, str]:
+    """Line -> job id, as the state file records them (nothing before it exists)."""
+    if not state_file.exists():
+        return {}
+    items = json.loads(state_file.read_text())["items"]
+    return {line: item["job_id"] for line, item in items.items() if "job_id" in item}
+
+
+def iterate_all(env: dict[str, str], tag: str, page: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    while True:
+        yield from page["data"]
+        if not page["next_cursor"]:
+            return
+        args = ["list", "--json", "--limit", "100", "--metadata", f"suite:{tag}"]
+        page = json.loads(ok(kling(env, *args, "--cursor", page["next_cursor"])).stdout)
