@@ -892,6 +892,9 @@ def batch_run(
         progress = manifests.State.load(
             state or manifest.with_name(manifest.name + ".state.json"), digest
         )
+        # Before anything is sent: the run's id is in every line's Idempotency-Key, so a run
+        # stopped during its first call must find the same id when it is run again.
+        progress.save()
     except (OSError, manifests.ManifestError) as exc:
         _fail(str(exc))
     bar = Progress(

@@ -84,8 +84,9 @@ class State:
         saved = json.loads(path.read_text())
         if saved["manifest_sha256"] != manifest_sha256:
             raise ManifestError(
-                f"the manifest changed since {path} was written: move that file away to "
-                "start a new run"
+                f"the manifest changed since {path} was written: restore it to resume, or "
+                "move that file away to start a new run (which creates every line again, "
+                "those already created included)"
             )
         return cls(path, manifest_sha256, saved["run"], saved["items"])
 

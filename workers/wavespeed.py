@@ -188,11 +188,13 @@ class WaveSpeedClient:
     @metrics.wavespeed_call("upload")
     def upload(self, filename: str, content: bytes, content_type: str) -> str:
         """Upload media through a ticket and a PUT; answers the URL WaveSpeed can read it at.
-        Creates nothing billed, so any failure is safe to retry; errors say it was the upload."""
+        Creates nothing billed, and the image passed our checks at intake, so every failure is
+        `WaveSpeedUnavailable` (an expired or refused PUT to WaveSpeed's storage says nothing
+        about the job's input): the submit tries again within its attempts cap."""
         try:
             return self._upload(filename, content, content_type)
         except WaveSpeedError as exc:
-            raise type(exc)(
+            raise WaveSpeedUnavailable(
                 f"media upload: {exc.message}", status_code=exc.status_code,
                 error_code=exc.error_code, retry_after=exc.retry_after,
             ) from exc  # fmt: skip

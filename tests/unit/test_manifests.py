@@ -7,8 +7,11 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from api import manifests
+from api.cli import app
+from sandbox.processes import free_port
 
 
 def test_a_csv_line_becomes_the_create_a_json_line_would(tmp_path: Path) -> None:
@@ -71,3 +74,19 @@ def test_the_tally_counts_each_line_once_and_spend_only_where_charged(tmp_path: 
         "queued", "storing", "completed", "failed", "refused", "expired", "not_sent",
     ]  # fmt: skip
     assert rows[4]["error"] == "validation_error"
+
+
+def test_a_run_stopped_in_its_first_call_keeps_its_keys_for_the_next(tmp_path: Path) -> None:
+    # URLs only, so nothing is uploaded: the first thing sent is the batch create, and an
+    # API that never answers stops the run there.
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"image": "https://example.com/a.png", "prompt": "p"}) + "\n")
+    closed = f"http://127.0.0.1:{free_port()}"
+    runs = []
+    for _ in range(2):
+        result = CliRunner().invoke(
+            app, ["batch", str(manifest), "--api-url", closed, "--api-key", "k"]
+        )
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        runs.append(json.loads((tmp_path / "m.jsonl.state.json").read_text())["run"])
+    assert runs[0] == runs[1]

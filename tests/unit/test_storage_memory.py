@@ -28,7 +28,7 @@ class ForgetfulS3:
 
     def upload_part(self, *, PartNumber: int, Body: bytes, **_: Any) -> dict[str, str]:
         time.sleep(0.02)
-        return {"ETag": f'"{PartNumber}-{len(Body)}"', "ChecksumCRC32": "AAAAAA=="}
+        return {"ETag": f'"{PartNumber}-{len(Body)}"'}  # no checksum, as some stores answer
 
     def complete_multipart_upload(self, **_: Any) -> dict[str, Any]:
         return {}
