@@ -604,7 +604,7 @@ ApiKey = Annotated[
 ]  # fmt: skip
 JobId = Annotated[str, typer.Argument(help="The generation's id")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
-ENDED_BADLY = ("failed", "cancelled", "expired")
+ENDED_BADLY = manifests.ENDED_BADLY
 
 
 def _connection(api_url: str | None, api_key: str | None, root: Path) -> tuple[str, str]:
@@ -649,6 +649,13 @@ def _api(api_url: str | None, api_key: str | None, root: Path = DEFAULT_ROOT) ->
 
 def _print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2))
+
+
+def _print_ended(job: Generation) -> None:
+    """The job's record; exit 1 unless it completed (or has not ended)."""
+    _print_json(job)
+    if job["status"] in ENDED_BADLY:
+        raise typer.Exit(1)
 
 
 def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
@@ -700,9 +707,7 @@ def generate(
         console.print(f"accepted [bold]{job['id']}[/]")
         if wait or out:
             job = _wait(client, job["id"], out)
-    _print_json(job)
-    if job["status"] in ENDED_BADLY:
-        raise typer.Exit(1)
+    _print_ended(job)
 
 
 @app.command()
@@ -727,9 +732,7 @@ def wait_for_job(
     completed) and, on the way, each state it reaches."""
     with _api(api_url, api_key, root) as client:
         job = _wait(client, job_id, out, timeout)
-    _print_json(job)
-    if job["status"] in ENDED_BADLY:
-        raise typer.Exit(1)
+    _print_ended(job)
 
 
 @app.command()

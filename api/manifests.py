@@ -37,7 +37,8 @@ from kling_client import Client, KlingError
 # Items of one batch call (the API takes up to 500; smaller calls record progress sooner).
 CHUNK = 50
 OWN_KEYS = ("image", "out")
-ENDED = ("completed", "failed", "cancelled", "expired")
+ENDED_BADLY = ("failed", "cancelled", "expired")
+ENDED = ("completed", *ENDED_BADLY)
 # CSV cells are text: these columns are read as the API's types.
 CSV_TYPES: dict[str, Callable[[str], Any]] = {
     "guidance_scale": float,
@@ -338,7 +339,7 @@ def tally(lines: list[Line], state: State) -> Tally:
     for line in lines:
         item = state.of(line)
         status = item.get("status")
-        if "problem" in item or status in ("failed", "cancelled", "expired"):
+        if "problem" in item or status in ENDED_BADLY:
             counts["failed"] += 1
         elif status in ("completed", "queued"):
             counts[status] += 1
