@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,13 +14,12 @@ import psycopg
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import event, select, text, update
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.integration.flow import new_job, status
 from tests.support import RecordingDispatcher, SimulatorAdmin, wait_for
 from workers import dispatch
-from workers.db import make_engine, make_session_factory, unit_of_work
+from workers.db import PING_AFTER_SECONDS, make_engine, make_session_factory, unit_of_work
 from workers.intake import GenerationInput, accept, commit_staged, create_job, stage
 from workers.models import Job, OutboxMessage, Tenant
 from workers.outbox import relay
@@ -186,36 +186,42 @@ def _finished(pipeline: Pipeline, prediction_id: str) -> dict[str, Any] | None:
     return {"id": prediction.id, "status": "completed", "outputs": prediction.outputs}
 
 
-def _xact_commit(database_url: str, name: str) -> int:
-    # Read from another database, so that the reads are not counted in the figure they read.
-    server = make_url(database_url).set(drivername="postgresql", database="postgres")
-    with psycopg.connect(server.render_as_string(hide_password=False), autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (name,)
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def test_a_unit_of_work_is_one_transaction_for_postgres(database_url: str) -> None:
-    """The pool tests a connection only after it sat idle: a busy process pays no ping,
-    and so no extra round trip and no extra commit, per transaction."""
-    name = database_url.rpartition("/")[2]
+def test_a_unit_of_work_is_one_transaction_for_postgres(database_url: str, tmp_path: Path) -> None:
+    """The pool tests a connection only after it sat idle: a busy process pays no ping, and
+    so no extra round trip and no extra transaction, per unit of work. Read from libpq's trace
+    of this engine's own connection, which no other backend of the server can add to."""
     engine = make_engine(database_url, pool_size=1, max_overflow=0)
     sessions = make_session_factory(engine)
-    before = _xact_commit(database_url, name)
-    for _ in range(50):
-        with unit_of_work(sessions) as session:
-            session.execute(text("SELECT 1"))
-    engine.dispose()  # a backend's statistics are flushed when it exits
+    wire = tmp_path / "wire.log"
+    with wire.open("w") as trace:
 
-    def settled() -> int | None:
-        first = _xact_commit(database_url, name)
-        time.sleep(0.5)
-        return first if _xact_commit(database_url, name) == first else None
+        @event.listens_for(engine, "connect")
+        def _trace(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.pgconn.trace(trace.fileno())
+            dbapi_connection.pgconn.set_trace_flags(
+                psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE
+            )
 
-    # One more for the engine's first connect; every checkout pinged would be 100 or more.
-    assert 50 <= wait_for(settled, timeout=30, interval=0.5) - before <= 51
+        idle: list[float] = []  # from one unit's end to the next one's start
+        ended = None
+        for _ in range(50):
+            started = time.monotonic()
+            if ended is not None:
+                idle.append(started - ended)
+            with unit_of_work(sessions) as session:
+                session.execute(text("SELECT 1"))
+            ended = time.monotonic()
+        engine.dispose()
+    # A statement is a simple Query, or an Execute once psycopg has prepared it.
+    messages = [line.split("\t") for line in wire.read_text().splitlines() if line[:2] == "F\t"]
+    sent = [m[3].strip(' "') if m[2] == "Query" else m[2] for m in messages
+            if m[2] in ("Query", "Execute")]  # fmt: skip
+
+    assert sent.count("COMMIT") == 50, sent
+    # A ping is a SELECT 1 rolled back; only a gap a loaded machine stretched past the
+    # threshold may earn one, where SQLAlchemy's pre-ping would send one per checkout.
+    assert sent.count("ROLLBACK") <= sum(gap >= PING_AFTER_SECONDS for gap in idle), sent
+    assert len(sent) == 150 + 2 * sent.count("ROLLBACK"), sent
 
 
 def test_a_connection_that_died_while_idle_is_replaced_before_use(database_url: str) -> None:
