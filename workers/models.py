@@ -118,6 +118,10 @@ class Job(Base):
     # Inputs, as the producer sent them, plus the copy of the image WaveSpeed is given.
     image_url: Mapped[str | None] = mapped_column(Text)
     input_key: Mapped[str] = mapped_column(Text)
+    # INPUT_HOSTING=wavespeed: the download URL WaveSpeed gave the current submit attempt's
+    # upload, recorded before its POST, so a history lookup knows the prediction by it
+    # whatever WaveSpeed does with the name we put in its fragment (`pipeline.named_url`).
+    hosted_input_url: Mapped[str | None] = mapped_column(Text)
     input_content_type: Mapped[str] = mapped_column(String(32))
     prompt: Mapped[str] = mapped_column(Text)
     negative_prompt: Mapped[str | None] = mapped_column(Text)

@@ -83,12 +83,17 @@ def named_url(url: str, name: str) -> str:
     return urlunsplit(parts._replace(fragment="/" + name))
 
 
-def history_markers(job: Job, attempt: int) -> tuple[str, str]:
+def history_markers(job: Job, attempt: int) -> tuple[str, ...]:
     """What the image URL of `attempt`'s prediction contains, and no other attempt's does:
-    its S3 key, or the name it was uploaded to WaveSpeed under. Both are looked for, so a
+    its S3 key, or the name it was uploaded to WaveSpeed under, or (for the job's current
+    attempt) the download URL WaveSpeed gave that upload, which holds even if WaveSpeed
+    keeps the URL without the fragment that carries the name. All are looked for, so a
     lookup still finds a submit sent before `INPUT_HOSTING` changed."""
     stem = hosted_name(job, attempt).rpartition(".")[0]
-    return attempt_key(job, attempt).rpartition(".")[0] + ".", f"/{stem}."
+    markers = (attempt_key(job, attempt).rpartition(".")[0] + ".", f"/{stem}.")
+    if job.hosted_input_url and job.submit_attempts == attempt:
+        return (*markers, job.hosted_input_url)
+    return markers
 
 
 def webhook_for(settings: Settings) -> str | None:
@@ -174,6 +179,8 @@ class Pipeline:
         attempt = job.submit_attempts + 1
         try:
             inputs = self._inputs(job, attempt)
+            if inputs is None:
+                return
         except StorageError as exc:
             # Nothing was sent, so nothing can be charged: a plain retry.
             self._retry_submit(job_id, attempt, None, f"input copy failed: {exc}")
@@ -224,6 +231,7 @@ class Pipeline:
             due_at=func.clock_timestamp() + self._in_flight,
             recover_misses=0,
             last_miss_at=None,
+            hosted_input_url=None,  # the earlier attempt's: this one records its own
         )
         return job, claimed
 
@@ -384,10 +392,14 @@ class Pipeline:
             ):  # fmt: skip
                 work.send(dispatch.RECOVER, job_id, delay, attempt=attempt)
 
-    def _inputs(self, job: Job, attempt: int) -> dict[str, Any]:
-        """The body of submit `attempt` (hosting its input image where WaveSpeed reads it)."""
+    def _inputs(self, job: Job, attempt: int) -> dict[str, Any] | None:
+        """The body of submit `attempt` (hosting its input image where WaveSpeed reads it);
+        None when the job moved on while its image was uploaded: nothing is to be sent."""
+        image = self._image_url(job, attempt)
+        if image is None:
+            return None
         inputs: dict[str, Any] = {
-            "image": self._image_url(job, attempt),
+            "image": image,
             "prompt": job.prompt,
             "guidance_scale": job.guidance_scale,
             "duration": job.duration,
@@ -396,20 +408,36 @@ class Pipeline:
             inputs["negative_prompt"] = job.negative_prompt
         return inputs
 
-    def _image_url(self, job: Job, attempt: int) -> str:
+    def _image_url(self, job: Job, attempt: int) -> str | None:
         """The URL WaveSpeed reads submit `attempt`'s image at; it names the job and the
         attempt (`history_markers`). In S3, a later attempt gets a copy of its own; uploaded
-        to WaveSpeed, each attempt is an upload of its own name."""
+        to WaveSpeed, each attempt is an upload of its own name, and the URL WaveSpeed gave
+        it is recorded before the POST (None if the job moved on meanwhile)."""
         if self.settings.input_hosting == "wavespeed":
             name = hosted_name(job, attempt)
             content = self.storage.get_bytes(job.input_key)
             url = self.wavespeed.upload(name, content, job.input_content_type)
             log.info("submit.input_uploaded", job_id=str(job.id), attempt=attempt, name=name)
-            return named_url(url, name)
+            return named_url(url, name) if self._hosted_at(job.id, attempt, url) else None
         key = attempt_key(job, attempt)
         if key != job.input_key:
             self.storage.copy(job.input_key, key)
         return self.storage.presign_get(key, self.settings.input_url_ttl_seconds)
+
+    def _hosted_at(self, job_id: uuid.UUID, attempt: int, url: str) -> bool:
+        """Record, before its POST, the URL WaveSpeed stored submit `attempt`'s image under:
+        a history lookup then knows the prediction by it. False if the job moved on since
+        its claim (stopped from outside, or its attempt settled by `recover`): nothing is
+        sent, so a stopped job is settled as having made nothing."""
+        with unit_of_work(self.sessions) as session:
+            if jobs.update_fields(
+                session, job_id, JobState.SUBMITTING, when=Job.submit_attempts == attempt,
+                hosted_input_url=url,
+            ):  # fmt: skip
+                return True
+            _nothing_created(session, job_id, attempt)
+        log.info("submit.not_sent", job_id=str(job_id), attempt=attempt, why="moved on")
+        return False
 
     def _find_in_history(self, job: Job, attempt: int) -> Prediction | None:
         """The prediction of submit `attempt`, from a bounded window of WaveSpeed's history

@@ -21,7 +21,7 @@ import math
 import mimetypes
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
@@ -177,6 +177,9 @@ async def submit(model: str, request: Request, sim: SimDep) -> dict[str, Any] | 
         model_input = validate_input(body, sim.config.allowed_durations)
     except InputError as exc:
         raise ApiError(400, exc.message, exc.code) from exc
+    if sim.faults.profile.input_fragment_dropped:
+        image = urlsplit(str(model_input["image"]))
+        model_input = {**model_input, "image": urlunsplit(image._replace(fragment=""))}
     prediction = _accept(sim, request, model_input)
     if sim.faults.hit("submit_drop_after_create"):
         answer = envelope(prediction_payload(prediction))

@@ -52,6 +52,9 @@ class FaultProfile(BaseModel):
     result_404: Probability = 0.0
     result_404_sticky: bool = False
     history_500: Probability = 0.0
+    # WaveSpeed keeps (and echoes in history, results and webhooks) a prediction's image URL
+    # without its fragment: its docs say nothing either way.
+    input_fragment_dropped: bool = False
     # `POST /media/uploads` and `/media/upload/binary` answer 500: nothing is stored.
     upload_500: Probability = 0.0
     task_fail: dict[int, Probability] = Field(default_factory=dict)

@@ -108,6 +108,31 @@ def test_uploads_that_keep_failing_end_the_job_uncharged_at_the_attempts_cap(
     assert job.charged is False and ours(simulator, job_id) == []
 
 
+def test_an_unanswered_submit_is_adopted_by_its_upload_url_when_wavespeed_drops_the_name(
+    hosted: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    """WaveSpeed's docs do not say whether a prediction keeps the fragment of its image URL,
+    where the uploaded name travels. If it drops it, the URL WaveSpeed gave the upload,
+    recorded before the POST, still finds the prediction: adopted, not paid for again."""
+    job_id = new_job(hosted, portrait)
+    simulator.set_faults(input_fragment_dropped=True, submit_drop_after_create=1.0)
+    submit(hosted, job_id)
+    assert status(hosted, job_id).status == JobState.SUBMITTING
+    simulator.set_faults(input_fragment_dropped=True)
+
+    def made() -> list[dict[str, Any]]:
+        paths = [upload["path"] for upload in uploads(simulator, job_id)]
+        predictions = simulator.ledger()["predictions"]
+        return [p for p in predictions if any(path in p["input"]["image"] for path in paths)]
+
+    (prediction,) = made()
+    assert "#" not in prediction["input"]["image"]
+    hosted.recover(job_id, 1)
+    job = status(hosted, job_id)
+    assert job.status == JobState.PROCESSING and job.prediction_id == prediction["id"]
+    assert made() == [prediction]
+
+
 def test_an_unanswered_submit_is_adopted_from_history_by_its_uploaded_name(
     hosted: Pipeline, pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
 ) -> None:

@@ -53,6 +53,17 @@ def test_each_attempts_uploaded_url_matches_its_own_markers_only(keeps_name: boo
         assert not any(k in url for k in history_markers(other, n))
 
 
+def test_the_recorded_upload_url_finds_only_the_current_attempt_even_without_its_name() -> None:
+    """WaveSpeed may keep a prediction's image URL without the fragment that names it."""
+    job = a_job()
+    stored = f"{CDN}/1764761316371833793_r5ZX531Z.png"
+    job.hosted_input_url, job.submit_attempts = stored, 2
+    assert [m for m in (1, 2, 3) if any(k in stored for k in history_markers(job, m))] == [2]
+    other = a_job()
+    other.hosted_input_url, other.submit_attempts = f"{CDN}/1764761316371833793_Q0aLk2Tt.png", 2
+    assert not any(k in stored for k in history_markers(other, 2))
+
+
 def test_an_s3_url_still_matches_its_attempt_whatever_hosting_is_set_now() -> None:
     job = a_job()
     url = f"https://s3.test/bucket/inputs/{job.id}/attempt-2.png?X-Amz-Signature=abc"
