@@ -4,18 +4,22 @@ tenant keys are; a tenant's key is never looked up here, so it never opens the c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
+from workers.db import unit_of_work
 from workers.models import AuditEntry, Operator, OperatorSession
 
 SESSION_TTL = timedelta(hours=12)
@@ -114,6 +118,35 @@ def audit(session: Session, operator: str, action: str, subject: str | None, **d
     """Record what an operator did, in the caller's transaction: with the change itself
     when the caller makes it."""
     session.add(AuditEntry(operator=operator, action=action, subject=subject, detail=detail))
+
+
+@contextmanager
+def audited(
+    sessions: sessionmaker[Session], operator: str, action: str, subject: str
+) -> Iterator[dict[str, Any]]:
+    """Audit an action that commits on its own (the pipeline's cancel, restore, retry): the
+    entry is committed before the block runs, so nothing is done that is not on record, then
+    completed with what the block put in the dict it is given (how it turned out), or with
+    the error that stopped it."""
+    with unit_of_work(sessions) as session:
+        entry = AuditEntry(operator=operator, action=action, subject=subject, detail={})
+        session.add(entry)
+        session.flush()
+        entry_id = entry.id
+    outcome: dict[str, Any] = {}
+    try:
+        yield outcome
+    except Exception as exc:
+        outcome["failed"] = type(exc).__name__
+        with contextlib.suppress(SQLAlchemyError):  # the block's own error is the one to see
+            _complete(sessions, entry_id, outcome)
+        raise
+    _complete(sessions, entry_id, outcome)
+
+
+def _complete(sessions: sessionmaker[Session], entry_id: int, outcome: dict[str, Any]) -> None:
+    with unit_of_work(sessions) as session:
+        session.execute(update(AuditEntry).where(AuditEntry.id == entry_id).values(detail=outcome))
 
 
 def recent_audit(session: Session, limit: int = 50) -> Sequence[AuditEntry]:

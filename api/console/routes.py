@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -106,12 +107,11 @@ def _page(request: Request, name: str, who: SignedIn | None, **context: Any) -> 
     )
 
 
-def _audit(res: Resources, who: SignedIn, action: str, subject: str, **detail: Any) -> None:
-    # For the pipeline's own actions (cancel, restore, retry), which commit on their own: the
-    # entry follows the change, and records how it turned out.
-    with unit_of_work(res.sessions) as db:
-        operators.audit(db, who.operator, action, subject, **detail)
+def _audited(
+    res: Resources, who: SignedIn, action: str, subject: str
+) -> AbstractContextManager[dict[str, Any]]:
     log.info("console.action", operator=who.operator, action=action, subject=subject)
+    return operators.audited(res.sessions, who.operator, action, subject)
 
 
 # -- signing in ---------------------------------------------------------------------------
@@ -321,8 +321,9 @@ def _exists(res: Resources, model: type[Job] | type[Tenant], key: Any) -> None:
 def cancel(job_id: uuid.UUID, res: Res, who: Operator, csrf: Csrf) -> Response:
     _checked(who, csrf)
     _exists(res, Job, job_id)
-    job = res.pipeline.cancel(job_id)  # a job already ended is answered as it is
-    _audit(res, who, "job.cancel", str(job_id), status=job.status)
+    with _audited(res, who, "job.cancel", str(job_id)) as outcome:
+        # A job already ended is answered as it is.
+        outcome["status"] = res.pipeline.cancel(job_id).status
     return _back(f"/console/jobs/{job_id}", "cancelled")
 
 
@@ -330,8 +331,8 @@ def cancel(job_id: uuid.UUID, res: Res, who: Operator, csrf: Csrf) -> Response:
 def restore(job_id: uuid.UUID, res: Res, who: Operator, csrf: Csrf) -> Response:
     _checked(who, csrf)
     _exists(res, Job, job_id)
-    restored = res.pipeline.restore(job_id)
-    _audit(res, who, "job.restore", str(job_id), restored=restored)
+    with _audited(res, who, "job.restore", str(job_id)) as outcome:
+        restored = outcome["restored"] = res.pipeline.restore(job_id)
     return _back(f"/console/jobs/{job_id}", "restored" if restored else "not_restorable")
 
 
@@ -348,16 +349,17 @@ def retry(
         owner = db.get(Tenant, original.tenant_id) if original is not None else None
     if original is None or owner is None:
         raise HTTPException(404, "no job with this id")
-    try:
-        request, image = again(original, res.storage)
-        made, _ = _once(
-            res, owner, f"retry:{job_id}", f"console:{nonce}",
-            lambda keyed: creates.accepted(res.pipeline, owner, request, image, keyed),
-        )  # fmt: skip
-    except Refusal as exc:
-        _audit(res, who, "job.retry", str(job_id), refused=exc.code)
-        return _back(f"/console/jobs/{job_id}", "not_retryable")
-    _audit(res, who, "job.retry", str(job_id), new_job=str(made.id))
+    with _audited(res, who, "job.retry", str(job_id)) as outcome:
+        try:
+            request, image = again(original, res.storage)
+            made, _ = _once(
+                res, owner, f"retry:{job_id}", f"console:{nonce}",
+                lambda keyed: creates.accepted(res.pipeline, owner, request, image, keyed),
+            )  # fmt: skip
+        except Refusal as exc:
+            outcome["refused"] = exc.code
+            return _back(f"/console/jobs/{job_id}", "not_retryable")
+        outcome["new_job"] = str(made.id)
     return _back(f"/console/jobs/{made.id}", "retried")
 
 

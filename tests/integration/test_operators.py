@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -50,6 +51,27 @@ def test_an_operator_signs_in_with_its_token_only_while_enabled(
         assert (entry.operator, entry.action, entry.detail) == (
             "alice", "job.cancel", {"status": "cancelled"},
         )  # fmt: skip
+
+
+def test_an_action_that_commits_on_its_own_is_on_record_before_it_runs(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Cancel, restore and retry commit on their own: their entry is written first, so no
+    action is ever done without one, then completed with how it turned out, or why not."""
+
+    def entries() -> list[tuple[str, dict[str, Any]]]:
+        with sessions() as db:
+            found = db.scalars(select(AuditEntry).order_by(AuditEntry.id))
+            return [(entry.action, entry.detail) for entry in found]
+
+    with operators.audited(sessions, "alice", "job.cancel", "job-1") as outcome:
+        assert entries() == [("job.cancel", {})]
+        outcome["status"] = "cancelled"
+    with pytest.raises(RuntimeError), operators.audited(sessions, "alice", "job.retry", "job-2"):
+        raise RuntimeError("Postgres went away mid-retry")
+    assert entries() == [
+        ("job.cancel", {"status": "cancelled"}), ("job.retry", {"failed": "RuntimeError"}),
+    ]  # fmt: skip
 
 
 def test_names_are_checked_and_unique(sessions: sessionmaker[Session]) -> None:
