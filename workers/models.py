@@ -214,6 +214,9 @@ class Job(Base):
         Index("ix_jobs_last_submit_at", "last_submit_at"),
         Index("ix_jobs_tenant_id_status", "tenant_id", "status"),
         Index("ix_jobs_tenant_id_request_id", "tenant_id", "request_id"),
+        # Spend since a date: a tenant's budget check, and every tenant's in the console.
+        Index("ix_jobs_tenant_id_created_at", "tenant_id", "created_at"),
+        Index("ix_jobs_created_at", "created_at"),
     )
 
 

@@ -1,0 +1,34 @@
+"""Jobs indexed by creation time, for spend since a date: a tenant's budget check at every
+create (tenant, then time) and the console's spend of every tenant (time alone)
+
+Revision ID: 0020
+Revises: 0019
+Create Date: 2026-12-09 10:00:00.000000
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0020"
+down_revision: str | None = "0019"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+INDEXES = {
+    "ix_jobs_created_at": ["created_at"],
+    "ix_jobs_tenant_id_created_at": ["tenant_id", "created_at"],
+}
+
+
+def upgrade() -> None:
+    # Built concurrently, outside the migration's transaction: creates go on meanwhile.
+    with op.get_context().autocommit_block():
+        for name, columns in INDEXES.items():
+            op.create_index(name, "jobs", columns, postgresql_concurrently=True, if_not_exists=True)
+
+
+def downgrade() -> None:
+    with op.get_context().autocommit_block():
+        for name in INDEXES:
+            op.drop_index(name, "jobs", postgresql_concurrently=True, if_exists=True)
