@@ -127,9 +127,10 @@ def audited(
     """Audit an action that commits on its own (the pipeline's cancel, restore, retry): the
     entry is committed before the block runs, so nothing is done that is not on record, then
     completed with what the block put in the dict it is given (how it turned out), or with
-    the error that stopped it."""
+    the error that stopped it. An entry still `pending` is an action whose process died."""
     with unit_of_work(sessions) as session:
-        entry = AuditEntry(operator=operator, action=action, subject=subject, detail={})
+        detail = {"pending": True}
+        entry = AuditEntry(operator=operator, action=action, subject=subject, detail=detail)
         session.add(entry)
         session.flush()
         entry_id = entry.id

@@ -83,7 +83,8 @@ def _tombstone(session: Session, job: Job) -> bool:
         .where(Job.id == job.id, Job.deleted_at.is_(None), Job.status == job.status)
         .values(
             deleted_at=func.now(), prompt="", negative_prompt=None, image_url=None,
-            metadata_={}, s3_key=None, s3_bucket=None, output_url=None, updated_at=func.now(),
+            metadata_={}, s3_key=None, s3_bucket=None, output_url=None, hosted_input_url=None,
+            updated_at=func.now(),
             # Its prediction is deleted at WaveSpeed next (`Pipeline.withdraw`).
             due_at=case((Job.prediction_id.is_not(None), func.now()), else_=None),
         )

@@ -8,6 +8,7 @@ Create Date: 2026-12-09 10:00:00.000000
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0020"
@@ -20,11 +21,21 @@ INDEXES = {
     "ix_jobs_tenant_id_created_at": ["tenant_id", "created_at"],
 }
 
+INVALID = sa.text(
+    "SELECT 1 FROM pg_index JOIN pg_class ON pg_class.oid = pg_index.indexrelid "
+    "WHERE pg_class.relname = :name AND NOT pg_index.indisvalid"
+)
+
 
 def upgrade() -> None:
-    # Built concurrently, outside the migration's transaction: creates go on meanwhile.
+    # Built concurrently, outside the migration's transaction, so creates go on meanwhile
+    # (the revisions before this one are committed first). A build that was interrupted
+    # leaves an invalid index of the name behind: it is dropped and built again.
+    bind = op.get_bind()
     with op.get_context().autocommit_block():
         for name, columns in INDEXES.items():
+            if bind.execute(INVALID, {"name": name}).first():
+                op.drop_index(name, "jobs", postgresql_concurrently=True)
             op.create_index(name, "jobs", columns, postgresql_concurrently=True, if_not_exists=True)
 
 

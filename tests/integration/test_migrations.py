@@ -32,6 +32,32 @@ def test_migrations_downgrade_and_upgrade_cleanly(database_url: str) -> None:
     check(database_url)
 
 
+def test_an_index_build_left_invalid_by_an_interrupted_migration_is_built_again(
+    database_url: str,
+) -> None:
+    """0020 builds its indexes concurrently: a build that was stopped leaves an invalid index
+    of the name, which `IF NOT EXISTS` alone would take for done."""
+    config = alembic_config(database_url)
+    command.downgrade(config, "0019")
+    engine = create_engine(database_url)
+    valid = text(
+        "SELECT indisvalid FROM pg_index JOIN pg_class ON pg_class.oid = indexrelid "
+        "WHERE relname = 'ix_jobs_created_at'"
+    )
+    with engine.begin() as conn:  # as an interrupted build leaves it
+        conn.execute(text("CREATE INDEX ix_jobs_created_at ON jobs (created_at)"))
+        conn.execute(
+            text("UPDATE pg_index SET indisvalid = false FROM pg_class "
+                 "WHERE pg_class.oid = indexrelid AND relname = 'ix_jobs_created_at'")
+        )  # fmt: skip
+        assert conn.execute(valid).scalar_one() is False
+    command.upgrade(config, "head")
+    with engine.connect() as conn:
+        assert conn.execute(valid).scalar_one() is True
+    engine.dispose()
+    check(database_url)
+
+
 PLAIN = ("whsec_Y3VycmVudC1zZWNyZXQtZm9yLXRoZS10ZXN0", "whsec_cHJldmlvdXMtc2VjcmV0LWZvci10ZXN0")
 
 

@@ -65,7 +65,7 @@ def test_an_action_that_commits_on_its_own_is_on_record_before_it_runs(
             return [(entry.action, entry.detail) for entry in found]
 
     with operators.audited(sessions, "alice", "job.cancel", "job-1") as outcome:
-        assert entries() == [("job.cancel", {})]
+        assert entries() == [("job.cancel", {"pending": True})]
         outcome["status"] = "cancelled"
     with pytest.raises(RuntimeError), operators.audited(sessions, "alice", "job.retry", "job-2"):
         raise RuntimeError("Postgres went away mid-retry")

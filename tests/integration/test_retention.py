@@ -42,11 +42,15 @@ def test_a_deleted_job_leaves_a_tombstone_and_its_prediction_is_deleted_upstream
     pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, dispatcher: RecordingDispatcher
 ) -> None:
     job_id = completed(pipeline, portrait, simulator)
+    with unit_of_work(pipeline.sessions) as session:  # as INPUT_HOSTING=wavespeed leaves it
+        hosted = "https://cdn.example/media/images/1764761316371833793_r5ZX531Z.png"
+        session.execute(update(Job).where(Job.id == job_id).values(hosted_input_url=hosted))
     before = status(pipeline, job_id)
     assert pipeline.storage.head(video_key(job_id)) and pipeline.storage.head(before.input_key)
     tomb = retention.delete_job(pipeline, job_id)
     assert tomb.deleted_at is not None and tomb.status == JobState.COMPLETED
     assert (tomb.prompt, tomb.image_url, tomb.metadata_, tomb.s3_key) == ("", None, {}, None)
+    assert tomb.hosted_input_url is None  # a public URL of the tenant's image
     assert (tomb.cost_usd, tomb.charged, tomb.sha256) == (before.cost_usd, True, before.sha256)
     assert pipeline.storage.head(video_key(job_id)) is None
     assert pipeline.storage.head(before.input_key) is None
