@@ -294,17 +294,28 @@ class TenantRow:
     spent_month: Decimal
 
 
-def tenant_rows(session: Session, settings: Settings, now: datetime) -> list[TenantRow]:
-    found = session.scalars(select(Tenant).order_by(Tenant.name).limit(MAX_TENANTS)).all()
+def tenant_rows(
+    session: Session, settings: Settings, now: datetime, after: str | None = None,
+    limit: int = MAX_TENANTS,
+) -> tuple[list[TenantRow], str | None]:  # fmt: skip
+    """A page of tenants by name, those after `after`; and the name the next page starts
+    after, if there is one."""
+    query = select(Tenant).order_by(Tenant.name)
+    if after is not None:
+        query = query.where(Tenant.name > after)
+    found = session.scalars(query.limit(limit + 1)).all()
+    more = found[limit - 1].name if len(found) > limit else None
+    found = found[:limit]
     keys = dict(
         session.execute(
             select(ApiKey.tenant_id, func.count())
-            .where(ApiKey.revoked_at.is_(None))
+            .where(ApiKey.revoked_at.is_(None), ApiKey.tenant_id.in_([t.id for t in found]))
             .group_by(ApiKey.tenant_id)
         ).all()
     )
     spent = intake.spend_by_tenant(session, _month(now), settings)
-    return [TenantRow(t, int(keys.get(t.id, 0)), spent.get(t.id, Decimal(0))) for t in found]
+    rows = [TenantRow(t, int(keys.get(t.id, 0)), spent.get(t.id, Decimal(0))) for t in found]
+    return rows, more
 
 
 @dataclass(frozen=True)

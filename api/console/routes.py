@@ -276,10 +276,14 @@ def failures_page(request: Request, res: Res, who: Operator) -> HTMLResponse:
 
 
 @router.get("/tenants", response_class=HTMLResponse)
-def tenants_page(request: Request, res: Res, who: Operator) -> HTMLResponse:
+def tenants_page(
+    request: Request, res: Res, who: Operator,
+    after: Annotated[str | None, Query(max_length=200)] = None,
+) -> HTMLResponse:  # fmt: skip
     with res.sessions() as db:
-        rows = views.tenant_rows(db, res.settings, utcnow())
-    return _page(request, "tenants.html", who, rows=rows)
+        rows, last = views.tenant_rows(db, res.settings, utcnow(), after)
+    more = urlencode({"after": last}) if last is not None else None
+    return _page(request, "tenants.html", who, rows=rows, more=more)
 
 
 @router.get("/tenants/{tenant_id}", response_class=HTMLResponse)

@@ -8,7 +8,8 @@ from decimal import Decimal
 import pytest
 
 from tests.integration.flow import new_job
-from workers import console, listing
+from workers import console, listing, tenants
+from workers.db import unit_of_work
 from workers.errors import ErrorCode
 from workers.pipeline import Pipeline, utcnow
 from workers.states import JobState
@@ -48,3 +49,17 @@ def test_the_overview_and_the_failures_count_what_happened(
     assert view is not None
     assert [stay.state for stay in view.stays] == ["queued", "failed"]
     assert view.stays[0].seconds is not None and view.stays[-1].seconds is None
+
+
+def test_tenants_are_paged_by_name_however_many_there_are(pipeline: Pipeline) -> None:
+    with unit_of_work(pipeline.sessions) as session:
+        for name in ("delta", "alpha", "echo", "charlie", "bravo"):
+            tenants.create_tenant(session, name, pipeline.sealer)
+    pages, after = [], None
+    with pipeline.sessions() as session:
+        while True:
+            rows, after = console.tenant_rows(session, pipeline.settings, utcnow(), after, 2)
+            pages.append([row.tenant.name for row in rows])
+            if after is None:
+                break
+    assert pages == [["alpha", "bravo"], ["charlie", "delta"], ["echo"]]
