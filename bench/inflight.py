@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from bench.harness import (
     cpu_by_process,
     emit,
     mib,
+    noop_rate,
     percentile,
     poll_schedule,
     redis_messages,
@@ -72,6 +74,7 @@ class Options:
     inference_seconds: float = 120.0
     concurrency: int = 2
     baseline_jobs: int = 2
+    noop: int = 2000
     timeout: float = 2400.0
     render_mode: str = OUTPUT_RENDER_MODE
     root: Path | None = None
@@ -249,11 +252,12 @@ def measure(
     create_seconds = time.monotonic() - began
     baseline = SdkBaseline(baseline_sim, options.concurrency, options.baseline_jobs)
     job_store.warm_up(settings)
+    named = stack_pids(stack, *(s.process for s in (simulator, baseline_sim) if s.process))
+    noop_ms = noop_cpu_ms(stack, named, options.noop)
     # Beat starts only now: its reconciler would publish the outbox rows of jobs being created.
     stack.start_beat()
     time.sleep(3)
     idle = probe(stack, worker_pid, simulator)
-    named = stack_pids(stack, *(s.process for s in (simulator, baseline_sim) if s.process))
     cpu_before = cpu_by_process(named)
     profile = pyspy.record({"worker": worker_pid}, options.profile_dir)
     with Sampler(lambda: probe(stack, worker_pid, simulator), interval=1.0) as sampler, profile:
@@ -268,7 +272,24 @@ def measure(
     result = report(
         options, create_seconds, idle, sampler.values(), final, elapsed, cpu, simulator, base, dsn
     )
-    return {**result, **worker_log_summary(stack.logs / "worker.log")}
+    per_job = result["worker_cpu_ms_per_job"]
+    normalised = {
+        "worker_cpu_ms_per_noop_task": round(noop_ms, 3),
+        "worker_cpu_per_job_in_noop_tasks": round(per_job / noop_ms, 1) if noop_ms else None,
+    }
+    return {**result, **normalised, **worker_log_summary(stack.logs / "worker.log")}
+
+
+def noop_cpu_ms(stack: Stack, named: Mapping[str, int | None], count: int) -> float:
+    """The worker's CPU for one Celery no-op task, measured just before the run on the same
+    worker: the unit a job's CPU is also given in, because a shared machine's speed moves by
+    a fifth from one run to the next, and a figure in no-op tasks moves with it."""
+    if count <= 0:
+        return 0.0
+    before = cpu_by_process(named)["worker"]
+    noop_rate(stack, count)
+    time.sleep(1)  # the last tasks the worker had prefetched finish
+    return (cpu_by_process(named)["worker"] - before) * 1000 / count
 
 
 def report(
@@ -377,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| SDK run(): {base['peak_in_flight']} in flight, {base['jobs_per_minute']} jobs/min, "
         f"{base['wavespeed_calls_per_job']} calls/job "
         f"| x{result['ratio_in_flight']} in flight, x{result['ratio_jobs_per_minute']} jobs/min "
+        f"| worker CPU {result['worker_cpu_ms_per_job']} ms/job = "
+        f"{result['worker_cpu_per_job_in_noop_tasks']} no-op tasks "
         f"| {options.jobs} jobs, {options.inference_seconds:g} s inference, "
         f"run {result['run_seconds']} s |",
     )

@@ -114,10 +114,14 @@ def end_session(session: Session, sid: str) -> None:
     session.execute(delete(OperatorSession).where(OperatorSession.id_hash == _hash(sid)))
 
 
-def audit(session: Session, operator: str, action: str, subject: str | None, **detail: Any) -> None:
+def audit(
+    session: Session, operator: str, action: str, subject: str | None, **detail: Any
+) -> AuditEntry:
     """Record what an operator did, in the caller's transaction: with the change itself
     when the caller makes it."""
-    session.add(AuditEntry(operator=operator, action=action, subject=subject, detail=detail))
+    entry = AuditEntry(operator=operator, action=action, subject=subject, detail=detail)
+    session.add(entry)
+    return entry
 
 
 @contextmanager
@@ -129,9 +133,7 @@ def audited(
     completed with what the block put in the dict it is given (how it turned out), or with
     the error that stopped it. An entry still `pending` is an action whose process died."""
     with unit_of_work(sessions) as session:
-        detail = {"pending": True}
-        entry = AuditEntry(operator=operator, action=action, subject=subject, detail=detail)
-        session.add(entry)
+        entry = audit(session, operator, action, subject, pending=True)
         session.flush()
         entry_id = entry.id
     outcome: dict[str, Any] = {}
