@@ -14,11 +14,13 @@ $(VENV): pyproject.toml clients/python/pyproject.toml
 demo: $(VENV)
 	$(BIN)/kling demo --out out/demo.mp4
 
+# Two pytest workers, each with an embedded stack of its own: the tests mostly wait on their
+# stack, so two share the two cores; a module's tests stay together (module fixtures).
 test: $(VENV) .browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy config api workers sandbox clients/python/kling_client
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 # The console's browser tests drive Debian's Chromium (never a downloaded browser).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

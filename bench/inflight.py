@@ -3,7 +3,7 @@ prefork processes keeps in flight at WaveSpeed at once, what that costs in memor
 Redis) and in WaveSpeed calls, against the official SDK's `Client.run()` on two processes.
 
     python -m bench.inflight [--jobs 10000] [--inference-seconds 120] [--baseline-jobs 2]
-        [--timeout 2400] [--set KEY=VALUE ...] [--profile-dir DIR]
+        [--noop 2000] [--timeout 2400] [--set KEY=VALUE ...] [--profile-dir DIR]
 
 The stack is the embedded one with a counting simulator (`bench.counting_simulator`, 1080p
 outputs (`--render-mode`), every inference exactly `--inference-seconds`, no concurrency cap)
@@ -16,6 +16,10 @@ published at once with `workers.outbox.relay`; the admission gate is opened to `
 The baseline runs at the same time against its own counting simulator (same inference time):
 two processes, each calling `wavespeed.Client.run()` (submit, then `GET /result` every second
 until done) for `--baseline-jobs` jobs between them.
+
+The worker's CPU a job is also given in Celery no-op tasks (`--noop` of them, run on the same
+worker just before the jobs): a shared machine's speed moves by a fifth from run to run, and
+that figure moves with it less than milliseconds do.
 
 `--set KEY=VALUE` passes a setting to every process of the stack (a what-if);
 `--profile-dir DIR` samples the worker host (pool children included) with py-spy during the run
