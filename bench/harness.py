@@ -18,10 +18,8 @@ import psutil
 import psycopg
 import redis
 
-from config import Settings
 from sandbox.processes import Process
 from sandbox.stack import Stack
-from workers.celery_app import create_celery
 
 # The product's own defaults for the background machinery (config/settings.py), not the
 # sandbox's seconds-scale ones, so a benchmark sees the cadence a deployment would.
@@ -231,19 +229,3 @@ def worker_log_summary(log_path: Path) -> dict[str, dict[str, int]]:
                 else:
                     tasks[record["event"].split()[1].split("[")[0]] += 1
     return {"tasks": dict(tasks), "reconciler_resent": dict(resent)}
-
-
-def noop_rate(stack: Stack, count: int) -> float:
-    """Celery's ceiling here: no-op tasks a second through the same broker and worker."""
-    celery = create_celery(Settings(redis_url=stack.env["REDIS_URL"]))
-    queue = redis.Redis.from_url(stack.env["REDIS_URL"])
-    started = time.monotonic()
-    for _ in range(count):
-        # `celery.accumulate` is a built-in that returns its argument: as close to no work
-        # as a registered task gets.
-        celery.send_task("celery.accumulate", args=[1], queue="maintenance")
-    while queue.llen("maintenance") > 0:
-        time.sleep(0.01)
-    elapsed = time.monotonic() - started
-    queue.close()
-    return count / elapsed

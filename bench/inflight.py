@@ -3,7 +3,7 @@ prefork processes keeps in flight at WaveSpeed at once, what that costs in memor
 Redis) and in WaveSpeed calls, against the official SDK's `Client.run()` on two processes.
 
     python -m bench.inflight [--jobs 10000] [--inference-seconds 120] [--baseline-jobs 2]
-        [--noop 2000] [--timeout 2400] [--set KEY=VALUE ...] [--profile-dir DIR]
+        [--timeout 2400] [--set KEY=VALUE ...] [--profile-dir DIR]
 
 The stack is the embedded one with a counting simulator (`bench.counting_simulator`, 1080p
 outputs (`--render-mode`), every inference exactly `--inference-seconds`, no concurrency cap)
@@ -16,10 +16,6 @@ published at once with `workers.outbox.relay`; the admission gate is opened to `
 The baseline runs at the same time against its own counting simulator (same inference time):
 two processes, each calling `wavespeed.Client.run()` (submit, then `GET /result` every second
 until done) for `--baseline-jobs` jobs between them.
-
-The worker's CPU a job is also given in Celery no-op tasks (`--noop` of them, run on the same
-worker just before the jobs): a shared machine's speed moves by a fifth from run to run, and
-that figure moves with it less than milliseconds do.
 
 `--set KEY=VALUE` passes a setting to every process of the stack (a what-if);
 `--profile-dir DIR` samples the worker host (pool children included) with py-spy during the run
@@ -38,7 +34,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +50,6 @@ from bench.harness import (
     cpu_by_process,
     emit,
     mib,
-    noop_rate,
     percentile,
     poll_schedule,
     redis_messages,
@@ -78,7 +72,6 @@ class Options:
     inference_seconds: float = 120.0
     concurrency: int = 2
     baseline_jobs: int = 2
-    noop: int = 2000
     timeout: float = 2400.0
     render_mode: str = OUTPUT_RENDER_MODE
     root: Path | None = None
@@ -256,12 +249,11 @@ def measure(
     create_seconds = time.monotonic() - began
     baseline = SdkBaseline(baseline_sim, options.concurrency, options.baseline_jobs)
     job_store.warm_up(settings)
-    named = stack_pids(stack, *(s.process for s in (simulator, baseline_sim) if s.process))
-    noop_ms = noop_cpu_ms(stack, named, options.noop)
     # Beat starts only now: its reconciler would publish the outbox rows of jobs being created.
     stack.start_beat()
     time.sleep(3)
     idle = probe(stack, worker_pid, simulator)
+    named = stack_pids(stack, *(s.process for s in (simulator, baseline_sim) if s.process))
     cpu_before = cpu_by_process(named)
     profile = pyspy.record({"worker": worker_pid}, options.profile_dir)
     with Sampler(lambda: probe(stack, worker_pid, simulator), interval=1.0) as sampler, profile:
@@ -276,24 +268,7 @@ def measure(
     result = report(
         options, create_seconds, idle, sampler.values(), final, elapsed, cpu, simulator, base, dsn
     )
-    per_job = result["worker_cpu_ms_per_job"]
-    normalised = {
-        "worker_cpu_ms_per_noop_task": round(noop_ms, 3),
-        "worker_cpu_per_job_in_noop_tasks": round(per_job / noop_ms, 1) if noop_ms else None,
-    }
-    return {**result, **normalised, **worker_log_summary(stack.logs / "worker.log")}
-
-
-def noop_cpu_ms(stack: Stack, named: Mapping[str, int | None], count: int) -> float:
-    """The worker's CPU for one Celery no-op task, measured just before the run on the same
-    worker: the unit a job's CPU is also given in, because a shared machine's speed moves by
-    a fifth from one run to the next, and a figure in no-op tasks moves with it."""
-    if count <= 0:
-        return 0.0
-    before = cpu_by_process(named)["worker"]
-    noop_rate(stack, count)
-    time.sleep(1)  # the last tasks the worker had prefetched finish
-    return (cpu_by_process(named)["worker"] - before) * 1000 / count
+    return {**result, **worker_log_summary(stack.logs / "worker.log")}
 
 
 def report(
@@ -402,8 +377,6 @@ def main(argv: list[str] | None = None) -> int:
         f"| SDK run(): {base['peak_in_flight']} in flight, {base['jobs_per_minute']} jobs/min, "
         f"{base['wavespeed_calls_per_job']} calls/job "
         f"| x{result['ratio_in_flight']} in flight, x{result['ratio_jobs_per_minute']} jobs/min "
-        f"| worker CPU {result['worker_cpu_ms_per_job']} ms/job = "
-        f"{result['worker_cpu_per_job_in_noop_tasks']} no-op tasks "
         f"| {options.jobs} jobs, {options.inference_seconds:g} s inference, "
         f"run {result['run_seconds']} s |",
     )
