@@ -604,7 +604,6 @@ ApiKey = Annotated[
 ]  # fmt: skip
 JobId = Annotated[str, typer.Argument(help="The generation's id")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
-ENDED_BADLY = manifests.ENDED_BADLY
 
 
 def _connection(api_url: str | None, api_key: str | None, root: Path) -> tuple[str, str]:
@@ -654,7 +653,7 @@ def _print_json(value: Any) -> None:
 def _print_ended(job: Generation) -> None:
     """The job's record; exit 1 unless it completed (or has not ended)."""
     _print_json(job)
-    if job["status"] in ENDED_BADLY:
+    if job["status"] in manifests.ENDED_BADLY:
         raise typer.Exit(1)
 
 
@@ -944,7 +943,7 @@ def _summary(lines: list[manifests.Line], progress: manifests.State, later: int)
         shown = f"refused: {problem.get('code')}" if problem else item.get("status", "to send")
         if item.get("error"):
             shown += f": {item['error']}"
-        bad += bool(problem) or item.get("status") in ENDED_BADLY
+        bad += bool(problem) or item.get("status") in manifests.ENDED_BADLY
         cost = "" if item.get("cost_usd") is None else f"${item['cost_usd']}"
         table.add_row(str(line.number), item.get("job_id", ""), shown, cost)
     _stdout().print(table)
