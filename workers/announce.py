@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from workers import callbacks, dispatch, feed, jobs, replies
+from workers import callbacks, dispatch, feed, replies
 from workers.models import Job
 from workers.representation import Generation
 from workers.work import Work
@@ -63,7 +63,7 @@ def announce(
     return Announced(recorded, delivery, reply)
 
 
-def job_event(work: Work, job_id: uuid.UUID, event: str, now: datetime) -> Announced:
-    """`event` of the job, carrying its record as it is now."""
-    job = jobs.get(work.session, job_id)
+def job_event(work: Work, job: Job, event: str, now: datetime) -> Announced:
+    """`event` of the job, carrying its record as it is now (`job`, read in this unit after
+    its change)."""
     return announce(work, Audience.of(job), event, Generation.of(job).model_dump(mode="json"), now)

@@ -8,7 +8,18 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, exists, func, insert, literal, select, update
+from sqlalchemy import (
+    Interval,
+    Row,
+    Table,
+    bindparam,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -23,11 +34,15 @@ from workers.states import JobState, can_transition
 # The hot statements run as Core on the session's connection: the ORM's bulk-update layer
 # over them cost about a quarter of each transition's CPU and gave nothing back (no object
 # is synchronised: `synchronize_session=False` everywhere). Values are given by attribute
-# name and mapped to columns here (`metadata_` is column `metadata`).
+# name and mapped to columns here (`metadata_` is column `metadata`). The ones every job
+# runs are built once, with bound parameters (`Transition`, `_GET`, the claims).
 _JOBS = cast(Table, Job.__table__)
 _COLUMN = {attr.key: attr.columns[0].key for attr in Job.__mapper__.column_attrs}
-# Built once, so neither the statement nor its cache key is made again for every event.
-_NEW_EVENT = insert(cast(Table, JobEvent.__table__))
+_EVENTS = cast(Table, JobEvent.__table__)
+_EVENT_COLUMNS = ["job_id", "from_state", "to_state", "reason"]
+# The bound parameters every statement built once for one job takes.
+_JOB_ID = bindparam("job_id", type_=_JOBS.c.id.type)
+_REASON = bindparam("reason", type_=_EVENTS.c.reason.type)
 
 
 def _columns(values: dict[str, Any]) -> dict[str, Any]:
@@ -41,9 +56,14 @@ def _execute(session: Session, statement: Any, params: dict[str, Any] | None = N
     return session.connection().execute(statement, params)
 
 
-def _add_event(session: Session, job_id: uuid.UUID, src: str, dst: str, reason: str | None) -> None:
-    params = {"job_id": job_id, "from_state": src, "to_state": dst, "reason": reason}
-    _execute(session, _NEW_EVENT, params)
+def _recorded(change: Any, left: ColumnElement[Any], dst: JobState) -> Any:
+    """The conditional UPDATE `change` of one job that also adds to its history, when it
+    matches, that it went from `left` (read from the row as it was) to `dst` for the bound
+    `reason`: one statement, and one round trip, instead of two. It answers a row if it
+    matched."""
+    moved = change.returning(_JOBS.c.id, left.label("from_state")).cte("moved")
+    event = select(moved.c.id, moved.c.from_state, literal(dst.value), _REASON)
+    return insert(_EVENTS).from_select(_EVENT_COLUMNS, event).returning(_EVENTS.c.id)
 
 
 class JobNotFound(LookupError):
@@ -56,8 +76,12 @@ def db_in(seconds: float) -> ColumnElement[datetime]:
     return func.now() + timedelta(seconds=seconds)
 
 
+_GET = select(Job).where(Job.id == _JOB_ID).execution_options(populate_existing=True)
+
+
 def get(session: Session, job_id: uuid.UUID) -> Job:
-    job = session.get(Job, job_id, populate_existing=True)
+    """The job as it is in the database now (what the session held of it is refreshed)."""
+    job = session.execute(_GET, {"job_id": job_id}).scalar_one_or_none()
     if job is None:
         raise JobNotFound(str(job_id))
     return job
@@ -77,6 +101,62 @@ def create(session: Session, job: Job) -> Job:
     return job
 
 
+class Transition:
+    """A conditional move of one job from `src` to `dst` (while `when` holds), setting
+    `values` and adding the event to its history, as one statement built once.
+
+    What differs from call to call is a bound parameter: the job and the reason always,
+    and any `bindparam(name)` in `when` or `values`, given by name when it runs. The steps
+    every job takes keep theirs in a module constant, so a job pays for executing it, not
+    for building it and its cache key again (about half of a statement's CPU here);
+    `transition` builds one for a single use.
+
+    One conditional UPDATE: of two workers racing on the same job exactly one wins, and a
+    duplicate or late message finds the row elsewhere and changes nothing.
+    """
+
+    def __init__(
+        self,
+        src: JobState | Sequence[JobState],
+        dst: JobState,
+        *,
+        when: ColumnElement[bool] | None = None,
+        **values: Any,
+    ) -> None:
+        sources = [src] if isinstance(src, JobState) else list(src)
+        assert all(can_transition(s, dst) for s in sources), (sources, dst)
+        self.dst = dst
+        # A new step starts with no failures and no resends of its own.
+        values = {"step_failures": 0, "resends": 0, **values}
+        change = update(_JOBS).values(status=dst, updated_at=func.now(), **_columns(values))
+        left: ColumnElement[Any]
+        if len(sources) == 1:
+            # Matched, the job can only have left this state: nothing to read back.
+            change = change.where(_JOBS.c.id == _JOB_ID, _JOBS.c.status == sources[0])
+            left = literal(sources[0].value)
+            if when is not None:
+                change = change.where(when)
+        else:
+            # Lock the row and read its current state in the same statement, so the event
+            # records the state the job really left.
+            locked = select(_JOBS.c.id, _JOBS.c.status).where(_JOBS.c.id == _JOB_ID)
+            if when is not None:
+                locked = locked.where(when)
+            old = locked.with_for_update().subquery()
+            change = change.where(_JOBS.c.id == old.c.id, old.c.status.in_(sources))
+            left = old.c.status
+        self.statement = _recorded(change, left, dst)
+
+    def __call__(self, session: Session, job_id: uuid.UUID, *, reason: str, **params: Any) -> bool:
+        """Whether the job moved; `params` are the values of the statement's own
+        `bindparam`s."""
+        params = {"job_id": job_id, "reason": reason, **params}
+        if _execute(session, self.statement, params).first() is None:
+            return False
+        metrics.TRANSITIONS.labels(self.dst).inc()
+        return True
+
+
 def transition(
     session: Session,
     job_id: uuid.UUID,
@@ -87,33 +167,9 @@ def transition(
     when: ColumnElement[bool] | None = None,
     **values: Any,
 ) -> bool:
-    """Move a job from `src` to `dst` if, and only if, it is still in `src` (and `when` holds).
-
-    One conditional UPDATE: of two workers racing on the same job exactly one wins, and a
-    duplicate or late message finds the row elsewhere and changes nothing.
-    """
-    sources = [src] if isinstance(src, JobState) else list(src)
-    assert all(can_transition(s, dst) for s in sources), (sources, dst)
-    # A new step starts with no failures and no resends of its own.
-    values = {"step_failures": 0, "resends": 0, **values}
-    # Lock the row and read its current state in the same statement, so the event records
-    # the state the job really left.
-    locked = select(_JOBS.c.id, _JOBS.c.status).where(_JOBS.c.id == job_id)
-    if when is not None:
-        locked = locked.where(when)
-    old = locked.with_for_update().subquery()
-    row = _execute(
-        session,
-        update(_JOBS)
-        .where(_JOBS.c.id == old.c.id, old.c.status.in_(sources))
-        .values(status=dst, updated_at=func.now(), **_columns(values))
-        .returning(old.c.status),
-    ).first()
-    if row is None:
-        return False
-    _add_event(session, job_id, row[0], dst, reason)
-    metrics.TRANSITIONS.labels(dst).inc()
-    return True
+    """Move a job from `src` to `dst` if, and only if, it is still in `src` (and `when` holds),
+    with a statement built for this call (`Transition`)."""
+    return Transition(src, dst, when=when, **values)(session, job_id, reason=reason)
 
 
 def update_fields(
@@ -134,11 +190,11 @@ def update_fields(
     query = update(_JOBS).where(_JOBS.c.id == job_id, _JOBS.c.status == state)
     if when is not None:
         query = query.where(when)
-    query = query.values(updated_at=func.now(), **_columns(values)).returning(_JOBS.c.id)
-    result = _execute(session, query).first()
-    if result is not None and note:
-        _add_event(session, job_id, state, state, note)
-    return result is not None
+    query = query.values(updated_at=func.now(), **_columns(values))
+    if note:
+        recorded = _recorded(query, literal(state.value), state)
+        return _execute(session, recorded, {"reason": note}).first() is not None
+    return _execute(session, query.returning(_JOBS.c.id)).first() is not None
 
 
 def note(session: Session, job_id: uuid.UUID, reason: str) -> None:
@@ -171,14 +227,36 @@ def state_changes(session: Session, job_id: uuid.UUID, after: int) -> Sequence[J
     ).all()
 
 
+def _claim_statement(condition: ColumnElement[bool], **values: Any) -> Any:
+    """A claim of one job (`_JOB_ID`) that answers its row and the database's time."""
+    return (
+        update(Job)
+        .where(Job.id == _JOB_ID, condition)
+        .values(updated_at=func.now(), **values)
+        .returning(Job, func.now())
+        .execution_options(synchronize_session=False, populate_existing=True)
+    )
+
+
+_POLL_SEQ = bindparam("seq", type_=_JOBS.c.poll_seq.type)
+_PROCESSING = Job.status == JobState.PROCESSING
+# The chain `seq` goes on; a chain with no `seq` takes over from any other.
+_CONTINUE_CHAIN = _claim_statement(
+    _PROCESSING & (Job.poll_seq == _POLL_SEQ), poll_seq=Job.poll_seq + 1
+)
+_TAKE_CHAIN = _claim_statement(_PROCESSING, poll_seq=Job.poll_seq + 1)
+_CLAIM_STORE = _claim_statement(
+    (Job.status == JobState.STORING) & (Job.due_at <= func.now()),
+    due_at=func.now() + bindparam("lease", type_=Interval()),
+)
+
+
 def claim_poll(session: Session, job_id: uuid.UUID, seq: int | None) -> tuple[Job, datetime] | None:
     """Take the poll chain of a processing job: bump `poll_seq` if the caller's `seq` is
     current (or `None`, which takes over from any chain). Answers the row and the database's
     time, or None when the job moved on or another chain owns it."""
-    condition: list[ColumnElement[bool]] = [Job.id == job_id, Job.status == JobState.PROCESSING]
-    if seq is not None:
-        condition.append(Job.poll_seq == seq)
-    return _claimed(session, update(Job).where(*condition).values(poll_seq=Job.poll_seq + 1))
+    claim = _TAKE_CHAIN if seq is None else _CONTINUE_CHAIN
+    return _claimed(session, claim, {"job_id": job_id, "seq": seq})
 
 
 def claim_store(
@@ -187,20 +265,12 @@ def claim_store(
     """Take a storing job whose try is due, for `lease_seconds`: a duplicate message, or one
     that comes before a retry is due, finds nothing to do. Answers the row and the
     database's time."""
-    claim = (
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobState.STORING, Job.due_at <= func.now())
-        .values(due_at=db_in(lease_seconds))
-    )
-    return _claimed(session, claim)
+    lease = timedelta(seconds=lease_seconds)
+    return _claimed(session, _CLAIM_STORE, {"job_id": job_id, "lease": lease})
 
 
-def _claimed(session: Session, claim: Any) -> tuple[Job, datetime] | None:
-    row = session.execute(
-        claim.values(updated_at=func.now())
-        .returning(Job, func.now())
-        .execution_options(synchronize_session=False, populate_existing=True)
-    ).first()
+def _claimed(session: Session, claim: Any, params: dict[str, Any]) -> tuple[Job, datetime] | None:
+    row = session.execute(claim, params).first()
     return (row[0], row[1]) if row is not None else None
 
 
@@ -274,20 +344,27 @@ def quarantined(subject: Any) -> ColumnElement[bool]:
     )
 
 
+_SET_NEXT_POLL = (
+    update(_JOBS)
+    .where(_JOBS.c.id == _JOB_ID, _JOBS.c.status == JobState.PROCESSING)
+    .where(_JOBS.c.poll_seq == _POLL_SEQ)
+    .values(
+        due_at=func.now() + bindparam("delay", type_=Interval()),
+        step_failures=bindparam("failures", type_=_JOBS.c.step_failures.type),
+        resends=0,
+        updated_at=func.now(),
+    )
+    .returning(_JOBS.c.id)
+)
+
+
 def set_next_poll(
     session: Session, job_id: uuid.UUID, seq: int, delay: float, failures: int = 0
 ) -> bool:
     """Record when the chain `seq` checks next, and the refusals in a row so far (the poll
     ran: resends start again from zero); False if the job moved on or the chain died."""
-    row = _execute(
-        session,
-        update(_JOBS)
-        .where(_JOBS.c.id == job_id, _JOBS.c.status == JobState.PROCESSING)
-        .where(_JOBS.c.poll_seq == seq)
-        .values(due_at=db_in(delay), step_failures=failures, resends=0, updated_at=func.now())
-        .returning(_JOBS.c.id),
-    ).first()
-    return row is not None
+    params = {"job_id": job_id, "seq": seq, "delay": timedelta(seconds=delay), "failures": failures}
+    return _execute(session, _SET_NEXT_POLL, params).first() is not None
 
 
 def touch(session: Session, job_ids: Sequence[uuid.UUID]) -> None:

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import structlog
-from sqlalchemy import ColumnElement, case, func
+from sqlalchemy import ColumnElement, Interval, bindparam, case, func
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings, tracing
@@ -213,25 +213,12 @@ class Pipeline:
         return timedelta(seconds=self.settings.submit_time_limit_seconds)
 
     def _claim(self, session: Session, job_id: uuid.UUID) -> tuple[Job, bool]:
-        """`queued -> submitting` if the gate admitted the job; answers the job as it was
-        before, and whether it was claimed. The claim's due time is when the POST must have
-        answered: past it (plus the sweep's grace) the reconciler sends `recover`."""
+        """`queued -> submitting` if the gate admitted the job (`_CLAIM`); answers the job as
+        it was before, and whether it was claimed. Past the claim's due time (plus the
+        sweep's grace) the reconciler sends `recover`."""
         job = _bind(jobs.get(session, job_id))
-        claimed = jobs.transition(
-            session,
-            job_id,
-            JobState.QUEUED,
-            JobState.SUBMITTING,
-            reason=f"attempt {job.submit_attempts + 1}",
-            when=Job.admitted_at.is_not(None) & ~_past_start_deadline() & ~_past_deadline(),
-            submit_attempts=Job.submit_attempts + 1,
-            # The claim's own time, not its transaction's start: the gate's lock may have
-            # been waited for in between, and `recover` dates the POST's window from this.
-            last_submit_at=func.clock_timestamp(),
-            due_at=func.clock_timestamp() + self._in_flight,
-            recover_misses=0,
-            last_miss_at=None,
-            hosted_input_url=None,  # the earlier attempt's: this one records its own
+        claimed = _CLAIM(
+            session, job_id, reason=f"attempt {job.submit_attempts + 1}", in_flight=self._in_flight
         )
         return job, claimed
 
@@ -480,18 +467,11 @@ class Pipeline:
         first = self.settings.poll_first_delay_seconds.get(duration, 60.0)
         with self.work() as work:
             session = work.session
-            moved = jobs.transition(
-                session,
-                job_id,
-                JobState.SUBMITTING,
-                JobState.PROCESSING,
-                reason=f"{reason}: prediction {prediction.id}",
-                when=Job.submit_attempts == attempt,
-                prediction_id=prediction.id,
-                submitted_at=now,
-                due_at=jobs.db_in(first),
-                cost_usd=self.settings.price_usd.get(duration),
-            )
+            moved = _ADOPT(
+                session, job_id, reason=f"{reason}: prediction {prediction.id}", attempt=attempt,
+                prediction=prediction.id, at=now, first_check=timedelta(seconds=first),
+                cost=self.settings.price_usd.get(duration),
+            )  # fmt: skip
             # Stopped while the POST was in flight: keep the id of what may be charged, and
             # delete it at WaveSpeed.
             kept = moved or _settle_stopped(
@@ -499,7 +479,7 @@ class Pipeline:
             )
             job = jobs.get(session, job_id)
             if moved:
-                self._event(work, job_id, callbacks.PROCESSING)
+                self._event(work, job_id, callbacks.PROCESSING, job)
                 work.send(dispatch.POLL, job_id, first, seq=job.poll_seq)
             elif kept:
                 work.send(dispatch.WITHDRAW, job_id)
@@ -878,10 +858,11 @@ class Pipeline:
 
     # -- shared ---------------------------------------------------------------------------
 
-    def _event(self, work: Work, job_id: uuid.UUID, event: str) -> None:
+    def _event(self, work: Work, job_id: uuid.UUID, event: str, job: Job | None = None) -> None:
         """Add `event` to the tenant's feed, with the job's callback and reply of it if it
-        asked for them, sent after the commit (`workers.announce`)."""
-        announce.job_event(work, job_id, event, self.clock())
+        asked for them, sent after the commit (`workers.announce`). `job`: the row as it is
+        now, when the caller has just read it."""
+        announce.job_event(work, job or jobs.get(work.session, job_id), event, self.clock())
 
     def fail(
         self,
@@ -1147,3 +1128,32 @@ def poll_delay(settings: Settings, polls: int) -> float:
         max(0, polls - 1), 64
     )
     return min(settings.poll_max_interval_seconds, grown)
+
+
+# The steps every job takes, built once (`jobs.Transition`).
+# `queued -> submitting` once the gate admitted the job: the claim's due time is when the
+# POST must have answered (`in_flight` after it). The claim's own time, not its
+# transaction's start: the gate's lock may have been waited for in between, and `recover`
+# dates the POST's window from this.
+_CLAIM = jobs.Transition(
+    JobState.QUEUED,
+    JobState.SUBMITTING,
+    when=Job.admitted_at.is_not(None) & ~_past_start_deadline() & ~_past_deadline(),
+    submit_attempts=Job.submit_attempts + 1,
+    last_submit_at=func.clock_timestamp(),
+    due_at=func.clock_timestamp() + bindparam("in_flight", type_=Interval()),
+    recover_misses=0,
+    last_miss_at=None,
+    hosted_input_url=None,  # the earlier attempt's: this one records its own
+)
+# `submitting -> processing`: submit `attempt` made `prediction`, first checked after
+# `first_check`.
+_ADOPT = jobs.Transition(
+    JobState.SUBMITTING,
+    JobState.PROCESSING,
+    when=Job.submit_attempts == bindparam("attempt"),
+    prediction_id=bindparam("prediction"),
+    submitted_at=bindparam("at"),
+    due_at=func.now() + bindparam("first_check", type_=Interval()),
+    cost_usd=bindparam("cost"),
+)

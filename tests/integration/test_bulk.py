@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 
 from tests.integration.flow import new_job, status
 from tests.support import RecordingDispatcher
-from workers import bulk, callbacks, dispatch, tenants
+from workers import bulk, callbacks, dispatch, jobs, tenants
 from workers.announce import job_event
 from workers.callbacks import DeliveryStatus
 from workers.db import unit_of_work
@@ -154,7 +154,9 @@ def deliveries(
     for _ in range(count):
         job_id = new_job(pipeline, portrait, webhook_url=HOOK)
         with pipeline.work() as work:
-            delivery = job_event(work, job_id, event, datetime.now(UTC)).delivery
+            delivery = job_event(
+                work, jobs.get(work.session, job_id), event, datetime.now(UTC)
+            ).delivery
         assert delivery is not None
         made.append(delivery)
     with unit_of_work(pipeline.sessions) as session:
@@ -206,10 +208,20 @@ def test_enabling_a_url_that_answered_410_lets_callbacks_go_to_it_again(
     )
     job_id = new_job(pipeline, portrait, webhook_url=HOOK)
     with pipeline.work() as work:  # while the URL is gone, a new event is not sent
-        assert job_event(work, job_id, callbacks.FAILED, datetime.now(UTC)).delivery is None
+        assert (
+            job_event(
+                work, jobs.get(work.session, job_id), callbacks.FAILED, datetime.now(UTC)
+            ).delivery
+            is None
+        )
     action = act(pipeline, flow_tenant(pipeline), bulk.ENABLE, url=HOOK)
     bulk.run(pipeline, action.id)
     assert reread(pipeline, action).done == 3  # the one recorded while gone, too
     assert delivery_status(pipeline, stopped) == ["exhausted"] * 2  # replayable now
     with pipeline.work() as work:
-        assert job_event(work, job_id, callbacks.COMPLETED, datetime.now(UTC)).delivery is not None
+        assert (
+            job_event(
+                work, jobs.get(work.session, job_id), callbacks.COMPLETED, datetime.now(UTC)
+            ).delivery
+            is not None
+        )

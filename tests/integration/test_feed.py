@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.integration.flow import new_job, status
-from workers import callbacks, feed
+from workers import callbacks, feed, jobs
 from workers.announce import job_event
 from workers.models import CallbackDelivery, TenantEvent
 from workers.pipeline import Pipeline
@@ -68,9 +68,11 @@ def test_an_event_that_commits_late_is_not_skipped_by_a_cursor(
     tenant_id = status(pipeline, first).tenant_id
     (mark,) = _page(pipeline, tenant_id)
     with silent(pipeline.sessions) as slow:
-        job_event(slow, first, callbacks.PROCESSING, pipeline.clock())
+        job_event(slow, jobs.get(slow.session, first), callbacks.PROCESSING, pipeline.clock())
         with silent(pipeline.sessions) as quick:
-            job_event(quick, second, callbacks.PROCESSING, pipeline.clock())
+            job_event(
+                quick, jobs.get(quick.session, second), callbacks.PROCESSING, pipeline.clock()
+            )
         # `second` is committed, but an older transaction is still open: held back.
         assert _page(pipeline, tenant_id, after=mark.id) == []
     after_mark = _page(pipeline, tenant_id, after=mark.id)

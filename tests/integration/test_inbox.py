@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import inbox
 from tests.support import RecordingDispatcher, image_bytes, serving
-from workers import dispatch, tenants
+from workers import dispatch, jobs, tenants
 from workers.announce import job_event
 from workers.callbacks import COMPLETED, REFUSED
 from workers.db import unit_of_work
@@ -201,7 +201,7 @@ def test_a_reply_is_published_once_sent_and_retried_while_the_broker_is_away(
     assert inbox.take(pipeline, message(key, picture, reply=REPLY)) == inbox.ACCEPTED
     (job,) = jobs_of(sessions, tenant_id)
     with pipeline.work() as work:
-        announced = job_event(work, job.id, COMPLETED, datetime.now(UTC))
+        announced = job_event(work, jobs.get(work.session, job.id), COMPLETED, datetime.now(UTC))
     assert announced.reply == announced.event
     broker = FlakyBroker(failures=2)
     replies = Replies(pipeline.work, broker, pipeline.clock, 5, 0.01, 0.02)
@@ -224,7 +224,7 @@ def test_a_reply_that_cannot_be_published_fails_at_its_cap(
     inbox.take(pipeline, message(key, picture, reply=REPLY))
     (job,) = jobs_of(sessions, tenant_id)
     with pipeline.work() as work:
-        event = job_event(work, job.id, COMPLETED, datetime.now(UTC)).event
+        event = job_event(work, jobs.get(work.session, job.id), COMPLETED, datetime.now(UTC)).event
     replies = Replies(pipeline.work, FlakyBroker(failures=99), pipeline.clock, 3, 0.01, 0.02)
     for _ in range(4):
         replies.send(event)

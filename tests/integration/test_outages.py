@@ -147,7 +147,9 @@ def delivery(pipeline: Pipeline, portrait: bytes) -> Any:
     def make(url: str = "https://hooks.example.com/kling") -> uuid.UUID:
         job_id = new_job(pipeline, portrait, webhook_url=url)
         with silent(pipeline.sessions) as work:
-            delivery_id = job_event(work, job_id, callbacks.CANCELLED, pipeline.clock()).delivery
+            delivery_id = job_event(
+                work, jobs.get(work.session, job_id), callbacks.CANCELLED, pipeline.clock()
+            ).delivery
         assert delivery_id is not None
         return delivery_id
 

@@ -17,7 +17,7 @@ from config import Settings
 from sandbox.receiver import Receiver, serve
 from tests.integration.flow import new_job
 from tests.support import kling
-from workers import callbacks, tenants
+from workers import callbacks, jobs, tenants
 from workers.announce import job_event
 from workers.db import unit_of_work
 from workers.models import CallbackDelivery, Tenant
@@ -61,7 +61,9 @@ def test_a_callback_signed_from_the_sealed_secret_verifies_and_no_key_means_no_c
     with serve(Receiver()) as receiver:
         job_id = new_job(pipeline, portrait, webhook_url=receiver.url)
         with silent(pipeline.sessions) as work:
-            delivery_id = job_event(work, job_id, callbacks.COMPLETED, pipeline.clock()).delivery
+            delivery_id = job_event(
+                work, jobs.get(work.session, job_id), callbacks.COMPLETED, pipeline.clock()
+            ).delivery
             flow = tenants.find_tenant(work.session, "flow")
             secret = tenants.webhook_secret(flow, pipeline.sealer)
         assert delivery_id is not None

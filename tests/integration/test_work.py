@@ -146,11 +146,13 @@ def test_a_job_from_accept_to_its_callback_is_eight_transactions(
     tenant: Tenant,
 ) -> None:
     """Accepted, submitted, settled by WaveSpeed's webhook, stored, called back: the path of
-    nearly every job, and what each one costs Postgres in commits."""
+    nearly every job, and what each one costs Postgres in commits and statements."""
     simulator.set_faults(inference_seconds=[0, 0])
     commits: list[int] = []
     engine = pipeline.sessions.kw["bind"]
     event.listen(engine, "commit", lambda _: commits.append(1))
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
     received: list[int] = []
     service = replace(build_callbacks(pipeline), post=lambda *_: _answered(received))
 
@@ -172,6 +174,8 @@ def test_a_job_from_accept_to_its_callback_is_eight_transactions(
     service.deliver(delivery)
     assert status(pipeline, job_id).status == JobState.COMPLETED and received == [204]
     assert len(commits) <= 8, len(commits)
+    # Statements too: each costs the worker CPU (a transition and its event are one).
+    assert len(statements) <= 42, len(statements)
 
 
 def _answered(received: list[int]) -> httpx.Response:
