@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import psycopg
 import redis
+from celery import Celery
 
 from sandbox.processes import Process
 from sandbox.stack import Stack
@@ -214,18 +215,27 @@ class Sampler:
         return [value for _, value in self.samples if value is not None]
 
 
-def worker_log_summary(log_path: Path) -> dict[str, dict[str, int]]:
-    """From a worker's JSON log: tasks run, by name, and what the reconciler re-sent, by kind."""
-    tasks: Counter[str] = Counter()
+def tasks_run(broker_url: str) -> dict[str, int]:
+    """Tasks the stack's workers have run since they started, by name, as the workers count
+    them themselves (Celery's remote control `stats`; its per-task log lines are off)."""
+    app = Celery(broker=broker_url)
+    try:
+        replies = app.control.inspect(timeout=5).stats() or {}
+    finally:
+        app.close()
+    total: Counter[str] = Counter()
+    for reply in replies.values():
+        total.update(reply.get("total", {}))
+    return dict(total)
+
+
+def reconciler_resent(log_path: Path) -> dict[str, int]:
+    """From a worker's JSON log: what the reconciler re-sent, by kind."""
     resent: Counter[str] = Counter()
     with log_path.open(errors="replace") as log:
         for line in log:
-            if not line.startswith("{"):
-                continue
-            if " succeeded in " in line or "reconcile.resent" in line:
+            if line.startswith("{") and "reconcile.resent" in line:
                 record = json.loads(line)
                 if record["event"] == "reconcile.resent":
                     resent.update({k: v for k, v in record.items() if isinstance(v, int)})
-                else:
-                    tasks[record["event"].split()[1].split("[")[0]] += 1
-    return {"tasks": dict(tasks), "reconciler_resent": dict(resent)}
+    return dict(resent)

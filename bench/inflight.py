@@ -52,11 +52,12 @@ from bench.harness import (
     mib,
     percentile,
     poll_schedule,
+    reconciler_resent,
     redis_messages,
     redis_used_memory,
     stack_pids,
+    tasks_run,
     tree_memory,
-    worker_log_summary,
 )
 from config.settings import settings_from
 from sandbox.stack import Stack
@@ -268,7 +269,11 @@ def measure(
     result = report(
         options, create_seconds, idle, sampler.values(), final, elapsed, cpu, simulator, base, dsn
     )
-    return {**result, **worker_log_summary(stack.logs / "worker.log")}
+    return {
+        **result,
+        "tasks": tasks_run(stack.env["REDIS_URL"]),
+        "reconciler_resent": reconciler_resent(stack.logs / "worker.log"),
+    }
 
 
 def report(

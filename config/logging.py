@@ -102,12 +102,12 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _redact,
     ]
     # The console renderer prints tracebacks itself; JSON needs them turned into a field.
-    # Tracebacks become text only here, so they are scrubbed again once they are.
+    # Either way a line is scrubbed once, just before it is rendered: for JSON after its
+    # traceback became text.
     renderer: list[Any] = (
-        [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+        [_redact, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
         if log_format == "console"
         else [structlog.processors.format_exc_info, _redact, structlog.processors.JSONRenderer()]
     )
@@ -133,3 +133,10 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     # botocore and httpx are chatty at INFO and may echo presigned query strings.
     for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Celery logs two lines for every task it runs (received, succeeded), hundreds a second
+    # at volume, and they cost the worker about a twentieth of its CPU; the job's own
+    # events say what happened. Failures still come at WARNING and ERROR; DEBUG brings
+    # them back.
+    per_task_level = logging.WARNING if root.level > logging.DEBUG else logging.NOTSET
+    for per_task in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(per_task).setLevel(per_task_level)

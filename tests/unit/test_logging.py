@@ -183,3 +183,33 @@ def test_a_callback_url_with_a_token_leaks_nothing_through_the_log_pipeline(line
     records = lines()
     assert_clean(records, token, "hunter2")
     assert records[0]["url"] == "https://[redacted]@hooks.example.com/services/T000/B000/[redacted]"
+
+
+def test_console_lines_are_scrubbed_too(settings: Settings) -> None:
+    configure_logging("console", "INFO")
+    captured = io.StringIO()
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(captured)
+    structlog.get_logger("t").info("settings", settings=settings.model_dump())
+    logging.getLogger("t").warning("calling %s", f"Bearer {TENANT_KEY}")
+    text = captured.getvalue()
+    assert "settings" in text and "calling" in text
+    assert WAVESPEED_KEY not in text and AWS_SECRET not in text and TENANT_KEY not in text
+
+
+def test_celery_lines_for_every_task_are_left_out_unless_debugging(lines: Any) -> None:
+    """Two lines a task (received, succeeded) at hundreds of tasks a second cost the worker
+    CPU and say nothing the job's own events do not; a task's failure is still logged."""
+    trace = logging.getLogger("celery.app.trace")
+    trace.info("Task generation.poll[1] succeeded in 0.01s: None")
+    logging.getLogger("celery.worker.strategy").info("Task generation.poll[1] received")
+    trace.error("Task generation.poll[2] raised unexpected: RuntimeError()")
+    assert [r["event"] for r in lines()] == [
+        "Task generation.poll[2] raised unexpected: RuntimeError()"
+    ]
+    configure_logging("json", "DEBUG")
+    try:
+        assert trace.isEnabledFor(logging.INFO)
+    finally:
+        configure_logging("json", "INFO")
