@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import structlog
 from sqlalchemy import ColumnElement, Interval, bindparam, case, func
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import Settings, tracing
@@ -684,20 +685,12 @@ class Pipeline:
                 charged=True, nsfw=prediction.nsfw,  # made, and billed, all the same
             )  # fmt: skip
             return
-        if jobs.transition(
-            work.session,
-            job.id,
-            JobState.PROCESSING,
-            JobState.STORING,
-            reason="completed upstream",
-            when=_tracks(job),
-            output_url=prediction.outputs[0],
-            nsfw=prediction.nsfw or None,
-            inference_ms=prediction.inference_ms,
-            output_at=func.now(),
-            store_deadline_at=jobs.db_in(self.settings.store_deadline_seconds),
-            due_at=func.now(),
-        ):
+        if _OUTPUT_READY(
+            work.session, job.id, reason="completed upstream", prediction=job.prediction_id,
+            output=prediction.outputs[0], flags=prediction.nsfw or None,
+            inference=prediction.inference_ms,
+            store_within=timedelta(seconds=self.settings.store_deadline_seconds),
+        ):  # fmt: skip
             work.send(dispatch.STORE, job.id)
             work.free_slot()
 
@@ -1156,4 +1149,16 @@ _ADOPT = jobs.Transition(
     submitted_at=bindparam("at"),
     due_at=func.now() + bindparam("first_check", type_=Interval()),
     cost_usd=bindparam("cost"),
+)
+# `processing -> storing`: the prediction the job still waits on (`_tracks`) made `output`.
+_OUTPUT_READY = jobs.Transition(
+    JobState.PROCESSING,
+    JobState.STORING,
+    when=Job.prediction_id == bindparam("prediction"),
+    output_url=bindparam("output"),
+    nsfw=bindparam("flags", type_=JSONB(none_as_null=True)),  # no flags: SQL NULL
+    inference_ms=bindparam("inference"),
+    output_at=func.now(),
+    store_deadline_at=func.now() + bindparam("store_within", type_=Interval()),
+    due_at=func.now(),
 )
