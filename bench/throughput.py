@@ -55,6 +55,7 @@ from bench.harness import (
     stack_pids,
     tree_cpu_seconds,
 )
+from bench.jobs import plain_dsn
 from config import Settings
 from sandbox.otlp import Sink
 from sandbox.otlp import serve as serve_sink
@@ -177,7 +178,7 @@ def intake(stack: Stack, api: httpx.Client, upload_id: str, count: int) -> dict[
     and over the broker (`generation.request` from Celery's `send_task`, by a `requests`
     worker of 8 processes), each from its first request to its last job
     committed, the pipeline idle before each; and the CPU of the process that took them."""
-    dsn = stack.direct_env["DATABASE_URL"].replace("+psycopg", "")
+    dsn = plain_dsn(stack.direct_env["DATABASE_URL"])
     pids = stack_pids(stack)
     body = {"upload_id": upload_id, "prompt": "pan left", "duration": 5}
     _settled(dsn)
@@ -236,6 +237,8 @@ def latencies(
     inference: tuple[float, float],
 ) -> list[float]:
     simulator = stack.env["WAVESPEED_BASE_URL"]
+    # The jobs of the phase before (the intake's) must not be in the way of these.
+    _settled(plain_dsn(stack.direct_env["DATABASE_URL"]))
     faults: dict[str, Any] = {"inference_seconds": list(inference)}
     if not webhooks:
         faults["webhook_drop"] = 1.0
