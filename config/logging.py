@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 import structlog
+from celery.app import trace
 
 from config.tracing import log_ids
 
@@ -94,6 +95,13 @@ def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _every_task(record: logging.LogRecord) -> bool:
+    """Leaves out Celery's two lines for every task it runs (received, succeeded): hundreds a
+    second at volume, about a twentieth of the worker's CPU to render, and nothing the job's
+    own events do not say. Its other lines (a retry, a failure) stay; DEBUG keeps these too."""
+    return record.msg not in (trace.LOG_RECEIVED, trace.LOG_SUCCESS)
+
+
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     """Route structlog and stdlib logging through one handler; safe to call more than once."""
     shared: list[Any] = [
@@ -133,10 +141,7 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     # botocore and httpx are chatty at INFO and may echo presigned query strings.
     for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Celery logs two lines for every task it runs (received, succeeded), hundreds a second
-    # at volume, and they cost the worker about a twentieth of its CPU; the job's own
-    # events say what happened. Failures still come at WARNING and ERROR; DEBUG brings
-    # them back.
-    per_task_level = logging.WARNING if root.level > logging.DEBUG else logging.NOTSET
     for per_task in ("celery.app.trace", "celery.worker.strategy"):
-        logging.getLogger(per_task).setLevel(per_task_level)
+        logging.getLogger(per_task).removeFilter(_every_task)
+        if root.level > logging.DEBUG:
+            logging.getLogger(per_task).addFilter(_every_task)

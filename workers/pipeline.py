@@ -685,6 +685,8 @@ class Pipeline:
                 charged=True, nsfw=prediction.nsfw,  # made, and billed, all the same
             )  # fmt: skip
             return
+        # Only a processing job with a prediction is polled (`= NULL` would never match).
+        assert job.prediction_id is not None
         if _OUTPUT_READY(
             work.session, job.id, reason="completed upstream", prediction=job.prediction_id,
             output=prediction.outputs[0], flags=prediction.nsfw or None,

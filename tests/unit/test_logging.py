@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import structlog
+from celery.app import trace as celery_trace
 
 from config import Settings
 from config.logging import configure_logging, scrub
@@ -200,16 +201,26 @@ def test_console_lines_are_scrubbed_too(settings: Settings) -> None:
 
 def test_celery_lines_for_every_task_are_left_out_unless_debugging(lines: Any) -> None:
     """Two lines a task (received, succeeded) at hundreds of tasks a second cost the worker
-    CPU and say nothing the job's own events do not; a task's failure is still logged."""
+    CPU and say nothing the job's own events do not; a retry or a failure is still logged."""
     trace = logging.getLogger("celery.app.trace")
-    trace.info("Task generation.poll[1] succeeded in 0.01s: None")
-    logging.getLogger("celery.worker.strategy").info("Task generation.poll[1] received")
+    received = {"id": "1", "name": "generation.poll", "args": "()", "kwargs": "{}", "eta": None}
+    logging.getLogger("celery.worker.strategy").info(celery_trace.LOG_RECEIVED, received)
+    succeeded = {**received, "return_value": "None", "runtime": 0.01}
+    trace.info(celery_trace.LOG_SUCCESS, succeeded)
+    retried = {**received, "exc": "OperationalError()"}
+    trace.info(celery_trace.LOG_RETRY, retried)
     trace.error("Task generation.poll[2] raised unexpected: RuntimeError()")
-    assert [r["event"] for r in lines()] == [
-        "Task generation.poll[2] raised unexpected: RuntimeError()"
+    assert [r["event"].split(":")[0] for r in lines()] == [
+        "Task generation.poll[1] retry",
+        "Task generation.poll[2] raised unexpected",
     ]
     configure_logging("json", "DEBUG")
     try:
-        assert trace.isEnabledFor(logging.INFO)
+        debugging = io.StringIO()
+        handler = logging.getLogger().handlers[0]
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(debugging)
+        trace.info(celery_trace.LOG_SUCCESS, succeeded)
+        assert "Task generation.poll[1] succeeded" in debugging.getvalue()
     finally:
         configure_logging("json", "INFO")

@@ -1,7 +1,12 @@
+import uuid
 from itertools import pairwise
+from typing import cast
 
 import pytest
+from sqlalchemy import Interval, bindparam, func
+from sqlalchemy.orm import Session
 
+from workers.jobs import Transition
 from workers.states import TERMINAL, JobState, can_transition
 
 HAPPY_PATH = [
@@ -44,3 +49,17 @@ def test_retries_go_back_to_the_queue() -> None:
 
 def test_only_a_job_still_in_the_queue_can_expire() -> None:
     assert {s for s in JobState if can_transition(s, JobState.EXPIRED)} == {JobState.QUEUED}
+
+
+@pytest.mark.parametrize("name", ["error_code", "fisrt_check"])
+def test_a_transition_refuses_values_that_are_not_its_parameters(name: str) -> None:
+    """A column's name would become one more value the UPDATE sets, and a misspelt one would
+    be dropped: both are refused before anything is sent."""
+    adopt = Transition(
+        JobState.SUBMITTING,
+        JobState.PROCESSING,
+        due_at=func.now() + bindparam("first_check", type_=Interval()),
+    )
+    assert {"job_id", "reason", "first_check"} <= adopt.params
+    with pytest.raises(TypeError, match=name):
+        adopt(cast(Session, None), uuid.uuid4(), reason="submitted", **{name: "x"})
