@@ -306,14 +306,15 @@ def tenant_rows(
     found = session.scalars(query.limit(limit + 1)).all()
     more = found[limit - 1].name if len(found) > limit else None
     found = found[:limit]
+    ids = [t.id for t in found]
     keys = dict(
         session.execute(
             select(ApiKey.tenant_id, func.count())
-            .where(ApiKey.revoked_at.is_(None), ApiKey.tenant_id.in_([t.id for t in found]))
+            .where(ApiKey.revoked_at.is_(None), ApiKey.tenant_id.in_(ids))
             .group_by(ApiKey.tenant_id)
         ).all()
     )
-    spent = intake.spend_by_tenant(session, _month(now), settings)
+    spent = intake.spend_by_tenant(session, _month(now), settings, ids)
     rows = [TenantRow(t, int(keys.get(t.id, 0)), spent.get(t.id, Decimal(0))) for t in found]
     return rows, more
 

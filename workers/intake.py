@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -184,20 +184,20 @@ def committed_spend(
 ) -> Decimal:
     """What the tenant's jobs of the month cost or may cost: in flight or queued, charged,
     or ended with a charge not known (`workers.charges`)."""
-    return spend_by_tenant(session, since, settings, tenant.id).get(tenant.id, Decimal(0))
+    return spend_by_tenant(session, since, settings, [tenant.id]).get(tenant.id, Decimal(0))
 
 
 def spend_by_tenant(
-    session: Session, since: datetime, settings: Settings, tenant_id: str | None = None
+    session: Session, since: datetime, settings: Settings, tenant_ids: Sequence[str] | None = None
 ) -> dict[str, Decimal]:
-    """`committed_spend` of every tenant with jobs since `since` (or of `tenant_id` only)."""
+    """`committed_spend` of every tenant with jobs since `since` (or of `tenant_ids` only)."""
     query = select(Job.tenant_id, Job.duration, func.count()).where(
         Job.created_at >= since,
         # In flight (not settled yet), charged, or not known to be free.
         Job.charged.is_not(False),
     )
-    if tenant_id is not None:
-        query = query.where(Job.tenant_id == tenant_id)
+    if tenant_ids is not None:
+        query = query.where(Job.tenant_id.in_(tenant_ids))
     rows = session.execute(query.group_by(Job.tenant_id, Job.duration)).all()
     # A duration no longer priced (PRICE_USD narrowed since) counts at the highest price.
     top = max(settings.price_usd.values())

@@ -3,6 +3,7 @@ that writes `jobs` and `job_events`."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -147,14 +148,18 @@ class Transition:
             change = change.where(_JOBS.c.id == old.c.id, old.c.status.in_(sources))
             left = old.c.status
         self.statement = _recorded(change, left, dst)
-        # Its own `bindparam`s: an UPDATE would take any other name that is a column's as one
-        # more value to set, and a misspelt one would be dropped without a word.
-        self.params = frozenset(self.statement.compile(dialect=postgresql.dialect()).params)
+
+    @functools.cached_property
+    def params(self) -> frozenset[str]:
+        """Its own `bindparam`s: an UPDATE would take any other name that is a column's as one
+        more value to set, and a misspelt one would be dropped without a word. Compiled once,
+        and only for a transition that takes some (`transition`'s one-use ones take none)."""
+        return frozenset(self.statement.compile(dialect=postgresql.dialect()).params)
 
     def __call__(self, session: Session, job_id: uuid.UUID, *, reason: str, **params: Any) -> bool:
         """Whether the job moved; `params` are the values of the statement's own
         `bindparam`s."""
-        if unknown := params.keys() - self.params:
+        if params and (unknown := params.keys() - self.params):
             raise TypeError(f"not parameters of this transition: {sorted(unknown)}")
         params = {"job_id": job_id, "reason": reason, **params}
         if _execute(session, self.statement, params).first() is None:
