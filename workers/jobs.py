@@ -22,7 +22,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from workers import metrics
@@ -58,14 +58,20 @@ def _execute(session: Session, statement: Any, params: dict[str, Any] | None = N
     return session.connection().execute(statement, params)
 
 
-def _recorded(change: Any, left: ColumnElement[Any], dst: JobState) -> Any:
+def _recorded(change: Any, left: ColumnElement[Any], dst: JobState, *, answer: bool = False) -> Any:
     """The conditional UPDATE `change` of one job that also adds to its history, when it
     matches, that it went from `left` (read from the row as it was) to `dst` for the bound
     `reason`: one statement, and one round trip, instead of two. It answers a row if it
-    matched."""
-    moved = change.returning(_JOBS.c.id, left.label("from_state")).cte("moved")
+    matched: the job as the change left it with `answer`, else the event's id."""
+    answered = _JOBS.c if answer else [_JOBS.c.id]
+    moved = change.returning(*answered, left.label("from_state")).cte("moved")
     event = select(moved.c.id, moved.c.from_state, literal(dst.value), _REASON)
-    return insert(_EVENTS).from_select(_EVENT_COLUMNS, event).returning(_EVENTS.c.id)
+    recorded = insert(_EVENTS).from_select(_EVENT_COLUMNS, event)
+    if not answer:
+        return recorded.returning(_EVENTS.c.id)
+    # Postgres runs a data-modifying WITH whether or not the query reads it.
+    job = aliased(Job, moved)
+    return select(job).add_cte(recorded.cte("recorded")).execution_options(populate_existing=True)
 
 
 class JobNotFound(LookupError):
@@ -148,6 +154,7 @@ class Transition:
             change = change.where(_JOBS.c.id == old.c.id, old.c.status.in_(sources))
             left = old.c.status
         self.statement = _recorded(change, left, dst)
+        self._change, self._left = change, left
 
     @functools.cached_property
     def params(self) -> frozenset[str]:
@@ -159,10 +166,30 @@ class Transition:
     def __call__(self, session: Session, job_id: uuid.UUID, *, reason: str, **params: Any) -> bool:
         """Whether the job moved; `params` are the values of the statement's own
         `bindparam`s."""
+        params = self._params(job_id, reason, params)
+        return self._counted(_execute(session, self.statement, params).first())
+
+    def moved(
+        self, session: Session, job_id: uuid.UUID, *, reason: str, **params: Any
+    ) -> Job | None:
+        """As calling it, but answers the job as the move left it (None if it did not move):
+        a step that goes on to announce the job reads it in the same round trip."""
+        params = self._params(job_id, reason, params)
+        job = session.execute(self._answering, params).scalar_one_or_none()
+        self._counted(job)
+        return job
+
+    @functools.cached_property
+    def _answering(self) -> Any:
+        return _recorded(self._change, self._left, self.dst, answer=True)
+
+    def _params(self, job_id: uuid.UUID, reason: str, params: dict[str, Any]) -> dict[str, Any]:
         if params and (unknown := params.keys() - self.params):
             raise TypeError(f"not parameters of this transition: {sorted(unknown)}")
-        params = {"job_id": job_id, "reason": reason, **params}
-        if _execute(session, self.statement, params).first() is None:
+        return {"job_id": job_id, "reason": reason, **params}
+
+    def _counted(self, moved: object) -> bool:
+        if moved is None:
             return False
         metrics.TRANSITIONS.labels(self.dst).inc()
         return True
@@ -251,9 +278,13 @@ def _claim_statement(condition: ColumnElement[bool], **values: Any) -> Any:
 
 _POLL_SEQ = bindparam("seq", type_=_JOBS.c.poll_seq.type)
 _PROCESSING = Job.status == JobState.PROCESSING
-# The chain `seq` goes on; a chain with no `seq` takes over from any other.
+# The chain `seq` goes on, and books its next check (`next_check` from now) in the same
+# statement: a poll that finds the prediction still running has nothing more to write. A
+# chain with no `seq` takes over from any other; it cannot know its next check yet.
 _CONTINUE_CHAIN = _claim_statement(
-    _PROCESSING & (Job.poll_seq == _POLL_SEQ), poll_seq=Job.poll_seq + 1
+    _PROCESSING & (Job.poll_seq == _POLL_SEQ),
+    poll_seq=Job.poll_seq + 1,
+    due_at=func.now() + bindparam("next_check", type_=Interval()),
 )
 _TAKE_CHAIN = _claim_statement(_PROCESSING, poll_seq=Job.poll_seq + 1)
 _CLAIM_STORE = _claim_statement(
@@ -262,12 +293,17 @@ _CLAIM_STORE = _claim_statement(
 )
 
 
-def claim_poll(session: Session, job_id: uuid.UUID, seq: int | None) -> tuple[Job, datetime] | None:
+def claim_poll(
+    session: Session, job_id: uuid.UUID, seq: int | None, next_check: float = 0.0
+) -> tuple[Job, datetime] | None:
     """Take the poll chain of a processing job: bump `poll_seq` if the caller's `seq` is
-    current (or `None`, which takes over from any chain). Answers the row and the database's
-    time, or None when the job moved on or another chain owns it."""
-    claim = _TAKE_CHAIN if seq is None else _CONTINUE_CHAIN
-    return _claimed(session, claim, {"job_id": job_id, "seq": seq})
+    current, and book the chain's next check `next_check` seconds from now (its `due_at`);
+    or, with `seq` None, take over from any chain (nothing is booked). Answers the row and
+    the database's time, or None when the job moved on or another chain owns it."""
+    if seq is None:
+        return _claimed(session, _TAKE_CHAIN, {"job_id": job_id})
+    params = {"job_id": job_id, "seq": seq, "next_check": timedelta(seconds=next_check)}
+    return _claimed(session, _CONTINUE_CHAIN, params)
 
 
 def claim_store(

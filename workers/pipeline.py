@@ -468,29 +468,28 @@ class Pipeline:
         first = self.settings.poll_first_delay_seconds.get(duration, 60.0)
         with self.work() as work:
             session = work.session
-            moved = _ADOPT(
+            adopted = _ADOPT.moved(
                 session, job_id, reason=f"{reason}: prediction {prediction.id}", attempt=attempt,
                 prediction=prediction.id, at=now, first_check=timedelta(seconds=first),
                 cost=self.settings.price_usd.get(duration),
             )  # fmt: skip
             # Stopped while the POST was in flight: keep the id of what may be charged, and
             # delete it at WaveSpeed.
-            kept = moved or _settle_stopped(
+            kept = adopted is not None or _settle_stopped(
                 session, job_id, attempt, prediction_id=prediction.id, due_at=func.now()
             )
-            job = jobs.get(session, job_id)
-            if moved:
-                self._event(work, job_id, callbacks.PROCESSING, job)
-                work.send(dispatch.POLL, job_id, first, seq=job.poll_seq)
+            if adopted is not None:
+                self._event(work, job_id, callbacks.PROCESSING, adopted)
+                work.send(dispatch.POLL, job_id, first, seq=adopted.poll_seq)
             elif kept:
                 work.send(dispatch.WITHDRAW, job_id)
-        if not kept:
-            log.error(
-                "submit.orphaned", job_id=str(job_id), attempt=attempt,
-                prediction_id=prediction.id, status=job.status,
-            )  # fmt: skip
-        if moved:
-            metrics.adopted(job.created_at, now, job.cost_usd)
+            else:
+                log.error(
+                    "submit.orphaned", job_id=str(job_id), attempt=attempt,
+                    prediction_id=prediction.id, status=jobs.get(session, job_id).status,
+                )  # fmt: skip
+        if adopted is not None:
+            metrics.adopted(adopted.created_at, now, adopted.cost_usd)
             log.info("submit.done", job_id=str(job_id), prediction_id=prediction.id)
 
     def _submit_failed(self, job_id: uuid.UUID, attempt: int, exc: WaveSpeedError) -> None:
@@ -576,10 +575,14 @@ class Pipeline:
         """Check the prediction once; reschedule itself with a countdown if it is not done.
 
         Never sleeps. `seq` ties a message to one poll chain: a webhook or the reconciler
-        (seq None) takes the chain over and the older message finds itself stale.
+        (seq None) takes the chain over and the older message finds itself stale. The claim
+        books the chain's usual next check, so a prediction still running costs no second
+        write (`_reschedule`).
         """
+        # The claim makes the chain's check number `seq + 1`.
+        next_check = 0.0 if seq is None else poll_delay(self.settings, seq + 1)
         with unit_of_work(self.sessions) as session:
-            claimed = jobs.claim_poll(session, job_id, seq)
+            claimed = jobs.claim_poll(session, job_id, seq, next_check)
         if claimed is None or claimed[0].prediction_id is None:
             return
         job, now = claimed
@@ -610,11 +613,11 @@ class Pipeline:
             self.fail(job.id, JobState.PROCESSING, ErrorCode.PREDICTION_LOST, message,
                        when=_tracks(job), work=work)  # fmt: skip
         elif exc.retryable:
-            self._reschedule(work, job, exc.retry_after, refusals)  # keeps the refusals in a row
+            self._reschedule(work, job, now, exc.retry_after, refusals)  # the refusals in a row
         else:
             base = self.settings.poll_refusal_base_seconds
             wait = backoff(refusals + 1, base, 8 * base, exc.retry_after)
-            self._reschedule(work, job, wait, refusals + 1)
+            self._reschedule(work, job, now, wait, refusals + 1)
 
     def take_webhook(self, prediction_id: str, reported: dict[str, Any] | None) -> bool:
         """WaveSpeed's verified webhook says a prediction finished. Settle its job here and
@@ -666,7 +669,7 @@ class Pipeline:
         elif self._timed_out(job, now):
             self._fail_timed_out(work, job, f"still {prediction.status}")
         else:
-            self._reschedule(work, job, None)
+            self._reschedule(work, job, now, None)
 
     def _completed_upstream(self, work: Work, job: Job, prediction: Prediction) -> None:
         if not prediction.outputs:
@@ -721,12 +724,17 @@ class Pipeline:
                    f"{why} after {timeout:.0f}s", when=_tracks(job), work=work)  # fmt: skip
 
     def _reschedule(
-        self, work: Work, job: Job, retry_after: float | None, failures: int = 0
+        self, work: Work, job: Job, now: datetime, retry_after: float | None, failures: int = 0
     ) -> None:
+        """Send the chain's next check, recording when it is due and the refusals in a row
+        (`failures`), unless the claim (at `now`) left exactly that on the row: then there is
+        nothing to write, and the reconciler still resends the check if its message is lost."""
         settings = self.settings
         retry_after = min(retry_after or 0.0, settings.retry_after_max_seconds)
         delay = max(poll_delay(settings, job.poll_seq), retry_after)
-        if jobs.set_next_poll(work.session, job.id, job.poll_seq, delay, failures):
+        booked = job.due_at == now + timedelta(seconds=delay)
+        written = booked and job.step_failures == failures and job.resends == 0
+        if written or jobs.set_next_poll(work.session, job.id, job.poll_seq, delay, failures):
             work.send(dispatch.POLL, job.id, delay, seq=job.poll_seq)
 
     # -- store ----------------------------------------------------------------------------
@@ -757,12 +765,9 @@ class Pipeline:
                 self._store_failed(job, now, exc)
                 return
         with self.work() as work:
-            moved = jobs.transition(
-                work.session,
-                job_id,
+            completed = jobs.Transition(
                 JobState.STORING,
                 JobState.COMPLETED,
-                reason="stored",
                 s3_bucket=stored.bucket,
                 s3_key=stored.key,
                 bytes=stored.bytes,
@@ -774,12 +779,12 @@ class Pipeline:
                 due_at=None,
                 completed_at=self.clock(),
                 charged=True,
-            )
-            if moved:
-                self._event(work, job_id, callbacks.COMPLETED)
+            ).moved(work.session, job_id, reason="stored")
+            if completed is not None:
+                self._event(work, job_id, callbacks.COMPLETED, completed)
             else:
                 stopped = _stopped(jobs.get(work.session, job_id))
-        if moved:
+        if completed is not None:
             metrics.completed(job.created_at, self.clock())
             log.info("store.done", job_id=str(job_id), key=key, bytes=stored.bytes)
         elif stopped:

@@ -16,14 +16,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.integration.flow import new_job, status
+from tests.integration.flow import new_job, status, submit
 from tests.support import RecordingDispatcher, SimulatorAdmin, wait_for
 from workers import dispatch
 from workers.db import PING_AFTER_SECONDS, make_engine, make_session_factory, unit_of_work
 from workers.intake import GenerationInput, accept, commit_staged, create_job, stage
 from workers.models import Job, OutboxMessage, Tenant
 from workers.outbox import relay
-from workers.pipeline import Pipeline, utcnow
+from workers.pipeline import Pipeline, poll_delay, utcnow
 from workers.runtime import build_callbacks
 from workers.states import JobState
 from workers.work import OUTBOX, Units
@@ -148,9 +148,8 @@ def test_a_job_from_accept_to_its_callback_is_eight_transactions(
     """Accepted, submitted, settled by WaveSpeed's webhook, stored, called back: the path of
     nearly every job, and what each one costs Postgres in commits and statements."""
     simulator.set_faults(inference_seconds=[0, 0])
-    commits: list[int] = []
+    commits = _commits(pipeline)
     engine = pipeline.sessions.kw["bind"]
-    event.listen(engine, "commit", lambda _: commits.append(1))
     statements: list[str] = []
     event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
     received: list[int] = []
@@ -175,7 +174,47 @@ def test_a_job_from_accept_to_its_callback_is_eight_transactions(
     assert status(pipeline, job_id).status == JobState.COMPLETED and received == [204]
     assert len(commits) <= 8, len(commits)
     # Statements too: each costs the worker CPU (a transition and its event are one).
-    assert len(statements) <= 42, len(statements)
+    assert len(statements) <= 40, len(statements)
+
+
+def test_a_poll_that_finds_the_prediction_running_is_one_transaction(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    """The poll's claim books the chain's next check, so a prediction still running costs no
+    second write, and the row still says when the check is due (the reconciler's cue if its
+    message is lost). A chain taken over (no `seq`) cannot know its check in advance: it
+    writes it after."""
+    simulator.set_faults(inference_seconds=[30, 30])
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    ((_, _, _, first),) = dispatcher.take()
+    commits = _commits(pipeline)
+    pipeline.poll(job_id, first["seq"])
+    assert len(commits) == 1
+    ((task, _, countdown, kwargs),) = dispatcher.take()
+    assert (task, kwargs["seq"]) == (dispatch.POLL, first["seq"] + 1)
+    assert countdown == poll_delay(pipeline.settings, first["seq"] + 1)
+    assert _booked_in(pipeline, job_id) == countdown
+    commits.clear()
+    pipeline.poll(job_id)
+    assert len(commits) == 2
+    ((task, _, countdown, _),) = dispatcher.take()
+    assert task == dispatch.POLL and _booked_in(pipeline, job_id) == countdown
+
+
+def _commits(pipeline: Pipeline) -> list[int]:
+    """The commits of the pipeline's engine from now on."""
+    commits: list[int] = []
+    event.listen(pipeline.sessions.kw["bind"], "commit", lambda _: commits.append(1))
+    return commits
+
+
+def _booked_in(pipeline: Pipeline, job_id: uuid.UUID) -> float:
+    """Seconds from the job's last write to its due time."""
+    with pipeline.sessions() as session:
+        job = session.get_one(Job, job_id)
+        assert job.due_at is not None
+        return (job.due_at - job.updated_at).total_seconds()
 
 
 def _answered(received: list[int]) -> httpx.Response:
