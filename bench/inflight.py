@@ -17,6 +17,9 @@ The baseline runs at the same time against its own counting simulator (same infe
 two processes, each calling `wavespeed.Client.run()` (submit, then `GET /result` every second
 until done) for `--baseline-jobs` jobs between them.
 
+Per job: the worker's CPU (and per task run, since how many checks a job takes depends on how
+far behind the host runs), Postgres commits and Redis commands.
+
 `--set KEY=VALUE` passes a setting to every process of the stack (a what-if);
 `--profile-dir DIR` samples the worker host (pool children included) with py-spy during the run
 and prints where its Python CPU went (`bench.pyspy`).
@@ -46,6 +49,7 @@ from bench.counting_simulator import CountingSimulator
 from bench.harness import (
     OUTPUT_RENDER_MODE,
     PRODUCTION_CADENCE,
+    Costs,
     Sampler,
     cpu_by_process,
     emit,
@@ -256,6 +260,7 @@ def measure(
     idle = probe(stack, worker_pid, simulator)
     named = stack_pids(stack, *(s.process for s in (simulator, baseline_sim) if s.process))
     cpu_before = cpu_by_process(named)
+    costs_before = Costs.now(stack, ())
     profile = pyspy.record({"worker": worker_pid}, options.profile_dir)
     with Sampler(lambda: probe(stack, worker_pid, simulator), interval=1.0) as sampler, profile:
         started = time.monotonic()
@@ -269,9 +274,16 @@ def measure(
     result = report(
         options, create_seconds, idle, sampler.values(), final, elapsed, cpu, simulator, base, dsn
     )
+    tasks = tasks_run(stack.env["REDIS_URL"])
+    # Commits and commands a job cost, the checks after the last finish and the lag of
+    # Postgres's statistics included (and the sampler's one query a second).
+    time.sleep(Costs.STATS_LAG_SECONDS)
+    done = max(1, result["jobs_done_upstream"])
     return {
         **result,
-        "tasks": tasks_run(stack.env["REDIS_URL"]),
+        **costs_before.per_unit(Costs.now(stack, ()), done, "job"),
+        "worker_cpu_ms_per_task": round(cpu["worker"] * 1000 / max(1, sum(tasks.values())), 2),
+        "tasks": tasks,
         "reconciler_resent": reconciler_resent(stack.logs / "worker.log"),
     }
 
