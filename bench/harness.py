@@ -19,8 +19,10 @@ import psycopg
 import redis
 from celery import Celery
 
+from config import Settings
 from sandbox.processes import Process
 from sandbox.stack import Stack
+from workers.celery_app import create_celery
 
 # The product's own defaults for the background machinery (config/settings.py), not the
 # sandbox's seconds-scale ones, so a benchmark sees the cadence a deployment would.
@@ -114,6 +116,35 @@ def stack_pids(stack: Stack, *extra: Process) -> dict[str, int | None]:
     named = {s.process.name: s.process.pid for s in stack.services if s.process is not None}
     named.update({p.name: p.pid for p in [*stack.apps, *extra]})
     return named
+
+
+@dataclass(frozen=True)
+class Noop:
+    """Celery's own floor on a stack: no-op tasks a second through its broker and worker, and
+    the worker's CPU (pool children included) for each."""
+
+    tasks_per_s: float
+    cpu_ms_per_task: float
+
+
+def celery_noop(stack: Stack, count: int, worker_pid: int, queue: str = "maintenance") -> Noop:
+    """Send `count` no-op tasks to `queue` at once and time the worker through them."""
+    celery = create_celery(Settings(redis_url=stack.env["REDIS_URL"]))
+    waiting = redis.Redis.from_url(stack.env["REDIS_URL"])
+    cpu = tree_cpu_seconds([worker_pid])
+    started = time.monotonic()
+    for _ in range(count):
+        # `celery.accumulate` is a built-in that returns its argument: as close to no work
+        # as a registered task gets.
+        celery.send_task("celery.accumulate", args=[1], queue=queue)
+    while waiting.llen(queue) > 0:
+        time.sleep(0.01)
+    elapsed = time.monotonic() - started
+    time.sleep(0.5)  # the last ones taken finish
+    cpu = tree_cpu_seconds([worker_pid]) - cpu
+    waiting.close()
+    celery.close()
+    return Noop(count / elapsed, cpu * 1000 / count)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ two processes, each calling `wavespeed.Client.run()` (submit, then `GET /result`
 until done) for `--baseline-jobs` jobs between them.
 
 Per job: the worker's CPU (and per task run, since how many checks a job takes depends on how
-far behind the host runs), Postgres commits and Redis commands.
+far behind the host runs), Postgres commits and Redis commands. After the jobs the same worker
+runs `--noop-tasks` of Celery's no-op task: its CPU per task is the floor a task run is
+compared with (a poll also pays for its countdown, its publish and its commits).
 
 `--set KEY=VALUE` passes a setting to every process of the stack (a what-if);
 `--profile-dir DIR` samples the worker host (pool children included) with py-spy during the run
@@ -51,6 +53,7 @@ from bench.harness import (
     PRODUCTION_CADENCE,
     Costs,
     Sampler,
+    celery_noop,
     cpu_by_process,
     emit,
     mib,
@@ -77,6 +80,8 @@ class Options:
     inference_seconds: float = 120.0
     concurrency: int = 2
     baseline_jobs: int = 2
+    # Celery's own floor, run after the jobs on the same worker: CPU per no-op task.
+    noop_tasks: int = 2000
     timeout: float = 2400.0
     render_mode: str = OUTPUT_RENDER_MODE
     root: Path | None = None
@@ -279,10 +284,15 @@ def measure(
     # Postgres's statistics included (and the sampler's one query a second).
     time.sleep(Costs.STATS_LAG_SECONDS)
     done = max(1, result["jobs_done_upstream"])
+    costs = costs_before.per_unit(Costs.now(stack, ()), done, "job")
+    per_task = cpu["worker"] * 1000 / max(1, sum(tasks.values()))
+    noop = celery_noop(stack, options.noop_tasks, worker_pid)
     return {
         **result,
-        **costs_before.per_unit(Costs.now(stack, ()), done, "job"),
-        "worker_cpu_ms_per_task": round(cpu["worker"] * 1000 / max(1, sum(tasks.values())), 2),
+        **costs,
+        "worker_cpu_ms_per_task": round(per_task, 2),
+        "celery_noop_worker_cpu_ms_per_task": round(noop.cpu_ms_per_task, 2),
+        "ratio_cpu_per_task_to_noop": round(per_task / noop.cpu_ms_per_task, 2),
         "tasks": tasks,
         "reconciler_resent": reconciler_resent(stack.logs / "worker.log"),
     }

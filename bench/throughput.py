@@ -42,13 +42,13 @@ from typing import Any
 
 import httpx
 import psycopg
-import redis
 
 from bench import pyspy
 from bench.harness import (
     OUTPUT_RENDER_MODE,
     PRODUCTION_CADENCE,
     Costs,
+    celery_noop,
     emit,
     percentile,
     poll_schedule,
@@ -70,22 +70,6 @@ COSTED = ("api", "worker", "beat")
 # Requests taken in at once on each intake path: the API's threads, the requests worker's
 # processes.
 INTAKE_CONCURRENCY = 8
-
-
-def noop_rate(stack: Stack, count: int) -> float:
-    """Celery's ceiling here: no-op tasks a second through the same broker and worker."""
-    celery = create_celery(Settings(redis_url=stack.env["REDIS_URL"]))
-    queue = redis.Redis.from_url(stack.env["REDIS_URL"])
-    started = time.monotonic()
-    for _ in range(count):
-        # `celery.accumulate` is a built-in that returns its argument: as close to no work
-        # as a registered task gets.
-        celery.send_task("celery.accumulate", args=[1], queue="maintenance")
-    while queue.llen("maintenance") > 0:
-        time.sleep(0.01)
-    elapsed = time.monotonic() - started
-    queue.close()
-    return count / elapsed
 
 
 def run_jobs(api: httpx.Client, upload_id: str, receiver: Receiver, count: int) -> list[str]:
@@ -298,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                 "/v1/uploads", files={"file": ("p.png", IMAGE.read_bytes(), "image/png")}
             )
             upload_id = upload.raise_for_status().json()["upload_id"]
-            baseline = noop_rate(stack, args.noop)
+            worker = stack_pids(stack)["worker"]
+            assert worker is not None
+            baseline = celery_noop(stack, args.noop, worker)
             measured = throughput(stack, api, upload_id, args.jobs, args.profile, args.profile_wall)
             taken = intake(stack, api, upload_id, args.intake)
             on, off = (
@@ -314,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "throughput",
         **measured,
         **taken,
-        "celery_noop_tasks_per_s": round(baseline, 1),
-        "ratio_jobs_to_noop_tasks": round(measured["jobs_per_s"] / baseline, 4),
+        "celery_noop_tasks_per_s": round(baseline.tasks_per_s, 1),
+        "celery_noop_worker_cpu_ms_per_task": round(baseline.cpu_ms_per_task, 2),
+        "ratio_jobs_to_noop_tasks": round(measured["jobs_per_s"] / baseline.tasks_per_s, 4),
         "latency_inference_seconds": list(args.inference),
         "callback_latency_webhooks_on_p50_s": round(percentile(on, 0.5), 2),
         "callback_latency_webhooks_on_p99_s": round(percentile(on, 0.99), 2),
