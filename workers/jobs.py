@@ -153,8 +153,12 @@ class Transition:
             old = locked.with_for_update().subquery()
             change = change.where(_JOBS.c.id == old.c.id, old.c.status.in_(sources))
             left = old.c.status
-        self.statement = _recorded(change, left, dst)
         self._change, self._left = change, left
+
+    @functools.cached_property
+    def statement(self) -> Any:
+        """The move, answering the event's id if it happened."""
+        return _recorded(self._change, self._left, self.dst)
 
     @functools.cached_property
     def params(self) -> frozenset[str]:
@@ -181,6 +185,7 @@ class Transition:
 
     @functools.cached_property
     def _answering(self) -> Any:
+        """The move, answering the job as it left it."""
         return _recorded(self._change, self._left, self.dst, answer=True)
 
     def _params(self, job_id: uuid.UUID, reason: str, params: dict[str, Any]) -> dict[str, Any]:
