@@ -3,7 +3,7 @@ prefork processes keeps in flight at WaveSpeed at once, what that costs in memor
 Redis) and in WaveSpeed calls, against the official SDK's `Client.run()` on two processes.
 
     python -m bench.inflight [--jobs 10000] [--inference-seconds 120] [--baseline-jobs 2]
-        [--timeout 2400] [--set KEY=VALUE ...] [--profile-dir DIR]
+        [--noop-tasks 2000] [--timeout 2400] [--set KEY=VALUE ...] [--profile-dir DIR]
 
 The stack is the embedded one with a counting simulator (`bench.counting_simulator`, 1080p
 outputs (`--render-mode`), every inference exactly `--inference-seconds`, no concurrency cap)
