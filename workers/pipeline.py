@@ -585,18 +585,23 @@ class Pipeline:
             claimed = jobs.claim_poll(session, job_id, seq, next_check)
         if claimed is None or claimed[0].prediction_id is None:
             return
-        job, now = claimed
+        job, claimed_at = claimed
+        asked = time.monotonic()
         prediction_id = job.prediction_id
         assert prediction_id is not None
         _bind(job)
+        answer: Prediction | WaveSpeedError
         try:
-            prediction = self.wavespeed.result(prediction_id)
+            answer = self.wavespeed.result(prediction_id)
         except WaveSpeedError as exc:
-            with self.work() as work:
-                self._poll_failed(work, job, now, exc)
-            return
+            answer = exc
+        # The database's time when the answer came: the claim's, and what the check took.
+        now = claimed_at + timedelta(seconds=time.monotonic() - asked)
         with self.work() as work:
-            self._on_prediction(work, job, now, prediction)
+            if isinstance(answer, WaveSpeedError):
+                self._poll_failed(work, job, now, answer)
+            else:
+                self._on_prediction(work, job, now, answer)
 
     def _poll_failed(self, work: Work, job: Job, now: datetime, exc: WaveSpeedError) -> None:
         """`/result` answered an error: the timeout still counts, and a prediction WaveSpeed
@@ -726,13 +731,17 @@ class Pipeline:
     def _reschedule(
         self, work: Work, job: Job, now: datetime, retry_after: float | None, failures: int = 0
     ) -> None:
-        """Send the chain's next check, recording when it is due and the refusals in a row
-        (`failures`), unless the claim (at `now`) left exactly that on the row: then there is
-        nothing to write, and the reconciler still resends the check if its message is lost."""
+        """Send the chain's next check, `now` being the database's time, recording when it is
+        due and the refusals in a row (`failures`), unless the claim left that on the row
+        already: then there is nothing to write, and the reconciler still resends the check
+        if its message is lost. A booking counts if it is within a tenth of the reconciler's
+        grace of the real due time: a slow answer (WaveSpeed taking seconds) books again, so
+        the reconciler never takes a late message for a lost one sooner than it would have."""
         settings = self.settings
         retry_after = min(retry_after or 0.0, settings.retry_after_max_seconds)
         delay = max(poll_delay(settings, job.poll_seq), retry_after)
-        booked = job.due_at == now + timedelta(seconds=delay)
+        off = abs(job.due_at - now - timedelta(seconds=delay)) if job.due_at else None
+        booked = off is not None and off.total_seconds() <= settings.poll_overdue_grace_seconds / 10
         written = booked and job.step_failures == failures and job.resends == 0
         if written or jobs.set_next_poll(work.session, job.id, job.poll_seq, delay, failures):
             work.send(dispatch.POLL, job.id, delay, seq=job.poll_seq)

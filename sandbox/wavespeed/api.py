@@ -53,6 +53,8 @@ router = APIRouter(prefix="/api/v3", dependencies=[Depends(require_api_key)])
 @router.get("/predictions/{prediction_id}/result")
 async def get_result(prediction_id: str, sim: SimDep) -> dict[str, Any]:
     """Poll one prediction."""
+    if (latency := sim.faults.profile.result_latency_ms) is not None:
+        await asyncio.sleep(sim.faults.uniform(latency) / 1000)
     if sim.faults.hit("result_429"):
         raise rate_limited("Too many requests, please slow down.", 1)
     if sim.faults.hit("result_500"):

@@ -47,6 +47,8 @@ class FaultProfile(BaseModel):
     submit_timeout_seconds: float = Field(default=65.0, ge=0.0)
     submit_drop_after_create: Probability = 0.0
     submit_latency_ms: Bounds | None = None
+    # A slow `/result` (WaveSpeed busy): the answer comes after this long.
+    result_latency_ms: Bounds | None = None
     result_429: Probability = 0.0
     result_500: Probability = 0.0
     result_404: Probability = 0.0
@@ -72,7 +74,9 @@ class FaultProfile(BaseModel):
     concurrency: int | None = Field(default=None, ge=1)
     seed: int | None = None
 
-    @field_validator("submit_latency_ms", "webhook_delay_ms", "inference_seconds")
+    @field_validator(
+        "submit_latency_ms", "result_latency_ms", "webhook_delay_ms", "inference_seconds"
+    )
     @classmethod
     def ordered_bounds(cls, value: Bounds | None) -> Bounds | None:
         if value is not None and value[0] > value[1]:

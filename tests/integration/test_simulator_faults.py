@@ -94,10 +94,15 @@ def test_dropped_answer_raises_in_httpx_but_the_task_runs_and_is_billed(
     assert sim.wait(prediction["id"])["status"] == "completed"
 
 
-def test_submit_latency_slows_the_answer(sim: SimulatorClient, image_url: str) -> None:
+def test_submit_and_result_latency_slow_the_answers(sim: SimulatorClient, image_url: str) -> None:
     sim.set_faults(submit_latency_ms=[300, 300])
     started = time.monotonic()
     assert sim.submit(image_url).status_code == 200
+    assert time.monotonic() - started >= 0.3
+    prediction_id = sim.submit_ok(image_url)["id"]
+    sim.set_faults(result_latency_ms=[300, 300])
+    started = time.monotonic()
+    assert sim.http.get(f"/api/v3/predictions/{prediction_id}/result").status_code == 200
     assert time.monotonic() - started >= 0.3
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import httpx
 import psycopg
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import event, select, text, update
+from sqlalchemy import event, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.integration.flow import new_job, status, submit
@@ -183,7 +184,7 @@ def test_a_poll_that_finds_the_prediction_running_is_one_transaction(
     """The poll's claim books the chain's next check, so a prediction still running costs no
     second write, and the row still says when the check is due (the reconciler's cue if its
     message is lost). A chain taken over (no `seq`) cannot know its check in advance: it
-    writes it after."""
+    writes it after the answer."""
     simulator.set_faults(inference_seconds=[30, 30])
     job_id = new_job(pipeline, portrait)
     submit(pipeline, job_id)
@@ -195,11 +196,42 @@ def test_a_poll_that_finds_the_prediction_running_is_one_transaction(
     assert (task, kwargs["seq"]) == (dispatch.POLL, first["seq"] + 1)
     assert countdown == poll_delay(pipeline.settings, first["seq"] + 1)
     assert _booked_in(pipeline, job_id) == countdown
+    # The message was lost; the reconciler's takeover, an hour on, books the check again.
+    with unit_of_work(pipeline.sessions) as session:
+        an_hour_ago = func.now() - timedelta(hours=1)
+        session.execute(update(Job).where(Job.id == job_id).values(due_at=an_hour_ago))
     commits.clear()
     pipeline.poll(job_id)
     assert len(commits) == 2
     ((task, _, countdown, _),) = dispatcher.take()
     assert task == dispatch.POLL and _booked_in(pipeline, job_id) == countdown
+
+
+def test_a_poll_books_again_what_the_claim_could_not_know(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, simulator: SimulatorAdmin
+) -> None:
+    """A slow answer: the claim's booking would be due before the message it sends, and the
+    reconciler would take a message on time for a lost one. Resends counted meanwhile: the
+    check ran, so they start again from zero."""
+    grace = pipeline.settings.poll_overdue_grace_seconds
+    slow = grace / 10 * 1000 + 300
+    simulator.set_faults(inference_seconds=[60, 60], result_latency_ms=[slow, slow])
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    ((_, _, _, chain),) = dispatcher.take()
+    commits = _commits(pipeline)
+    pipeline.poll(job_id, chain["seq"])
+    assert len(commits) == 2
+    ((_, _, countdown, chain),) = dispatcher.take()
+    assert _booked_in(pipeline, job_id) == countdown  # from the answer, not from the claim
+    simulator.set_faults(inference_seconds=[60, 60])
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(resends=1))
+    commits.clear()
+    pipeline.poll(job_id, chain["seq"])
+    assert len(commits) == 2
+    with pipeline.sessions() as session:
+        assert session.get_one(Job, job_id).resends == 0
 
 
 def _commits(pipeline: Pipeline) -> list[int]:
