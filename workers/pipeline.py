@@ -736,7 +736,7 @@ class Pipeline:
         already: then there is nothing to write, and the reconciler still resends the check
         if its message is lost. A booking counts if it is within a tenth of the reconciler's
         grace of the real due time: a slow answer (WaveSpeed taking seconds) books again, so
-        the reconciler never takes a late message for a lost one sooner than it would have."""
+        the grace the reconciler gives a late message shrinks by a tenth at most."""
         settings = self.settings
         retry_after = min(retry_after or 0.0, settings.retry_after_max_seconds)
         delay = max(poll_delay(settings, job.poll_seq), retry_after)
