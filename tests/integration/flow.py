@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tests.support import RecordingDispatcher, wait_for
 from workers import dispatch, jobs, tenants
@@ -65,3 +66,11 @@ def poll_until_left_processing(pipeline: Pipeline, job_id: uuid.UUID) -> Job:
         return job if job.status != JobState.PROCESSING else None
 
     return wait_for(step, timeout=60, interval=0.3)
+
+
+def age(pipeline: Pipeline, job_id: object, seconds: float, *columns: str) -> None:
+    """Pretend the job's clocks (updated_at, and the named columns) are `seconds` old."""
+    then = pipeline.clock() - timedelta(seconds=seconds)
+    values = {name: then for name in ("updated_at", *columns)}
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(**values))

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
-from tests.integration.flow import new_job, poll_until_left_processing, status, submit
+from tests.integration.flow import age, new_job, poll_until_left_processing, status, submit
 from tests.support import RecordingDispatcher, SimulatorAdmin
 from workers import dispatch
 from workers.db import unit_of_work
@@ -20,14 +20,6 @@ from workers.reconciler import reconcile
 from workers.states import JobState
 
 pytestmark = pytest.mark.integration
-
-
-def age(pipeline: Pipeline, job_id: object, seconds: float, *columns: str) -> None:
-    """Pretend the job's clocks (updated_at, and the named columns) are `seconds` old."""
-    then = pipeline.clock() - timedelta(seconds=seconds)
-    values = {name: then for name in ("updated_at", *columns)}
-    with unit_of_work(pipeline.sessions) as session:
-        session.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
 def sent(dispatcher: RecordingDispatcher) -> list[tuple[str, object]]:

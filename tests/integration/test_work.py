@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +13,10 @@ import httpx
 import psycopg
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import event, func, select, text, update
+from sqlalchemy import event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.integration.flow import new_job, status, submit
+from tests.integration.flow import age, new_job, status, submit
 from tests.support import RecordingDispatcher, SimulatorAdmin, wait_for
 from workers import dispatch
 from workers.db import PING_AFTER_SECONDS, make_engine, make_session_factory, unit_of_work
@@ -186,9 +185,7 @@ def test_a_poll_that_finds_the_prediction_running_is_one_transaction(
     message is lost). A chain taken over (no `seq`) cannot know its check in advance: it
     writes it after the answer."""
     simulator.set_faults(inference_seconds=[30, 30])
-    job_id = new_job(pipeline, portrait)
-    submit(pipeline, job_id)
-    ((_, _, _, first),) = dispatcher.take()
+    job_id, first = _processing(pipeline, portrait, dispatcher)
     commits = _commits(pipeline)
     pipeline.poll(job_id, first["seq"])
     assert len(commits) == 1
@@ -197,9 +194,7 @@ def test_a_poll_that_finds_the_prediction_running_is_one_transaction(
     assert countdown == poll_delay(pipeline.settings, first["seq"] + 1)
     assert _booked_in(pipeline, job_id) == countdown
     # The message was lost; the reconciler's takeover, an hour on, books the check again.
-    with unit_of_work(pipeline.sessions) as session:
-        an_hour_ago = func.now() - timedelta(hours=1)
-        session.execute(update(Job).where(Job.id == job_id).values(due_at=an_hour_ago))
+    age(pipeline, job_id, 3600, "due_at")
     commits.clear()
     pipeline.poll(job_id)
     assert len(commits) == 2
@@ -216,9 +211,7 @@ def test_a_poll_books_again_what_the_claim_could_not_know(
     grace = pipeline.settings.poll_overdue_grace_seconds
     slow = grace / 10 * 1000 + 300
     simulator.set_faults(inference_seconds=[60, 60], result_latency_ms=[slow, slow])
-    job_id = new_job(pipeline, portrait)
-    submit(pipeline, job_id)
-    ((_, _, _, chain),) = dispatcher.take()
+    job_id, chain = _processing(pipeline, portrait, dispatcher)
     commits = _commits(pipeline)
     pipeline.poll(job_id, chain["seq"])
     assert len(commits) == 2
@@ -232,6 +225,16 @@ def test_a_poll_books_again_what_the_claim_could_not_know(
     assert len(commits) == 2
     with pipeline.sessions() as session:
         assert session.get_one(Job, job_id).resends == 0
+
+
+def _processing(
+    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
+) -> tuple[uuid.UUID, dict[str, Any]]:
+    """A job submitted, and the keywords of its first poll's message."""
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    ((_, _, _, first),) = dispatcher.take()
+    return job_id, first
 
 
 def _commits(pipeline: Pipeline) -> list[int]:
