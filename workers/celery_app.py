@@ -14,7 +14,7 @@ from kombu import Exchange, Queue
 
 from config import Settings, tracing
 from config.logging import configure_logging
-from workers import metrics, migrate
+from workers import broker, metrics, migrate
 from workers.dispatch import NOTIFY, QUEUES, RECONCILE, ROUTES, STORE, SUBMIT
 
 log = structlog.get_logger(__name__)
@@ -32,6 +32,7 @@ def create_celery(settings: Settings) -> Celery:
     celery.conf.update(
         # A broker that is gone is noticed within seconds, not at the kernel's TCP timeout.
         broker_connection_timeout=broker_timeout,
+        broker_transport=broker.transport_for(settings.redis_url),
         task_publish_retry_policy={"max_retries": 2, "interval_step": 0.5, "interval_max": 1},
         # Soft: the task gets an exception and cleans up; hard: its process is killed (and,
         # if that keeps happening, the message is put aside: workers.poison).
