@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import sys
 
-from bench import api, broker, copy, inflight, simulator_rps, throughput, upstream_calls
+from bench import (
+    api,
+    broker,
+    copy,
+    inflight,
+    simulator_rps,
+    steps,
+    throughput,
+    upstream_calls,
+)
 
 # Quickest first; `inflight` (10,000 jobs) takes longest by far (docs/benchmarks.md).
 BENCHMARKS = [
     simulator_rps.main,
     broker.main,
+    steps.main,
     api.main,
     copy.main,
     throughput.main,
