@@ -32,7 +32,8 @@ def create_celery(settings: Settings) -> Celery:
     celery.conf.update(
         # A broker that is gone is noticed within seconds, not at the kernel's TCP timeout.
         broker_connection_timeout=broker_timeout,
-        broker_transport=broker.transport_for(settings.redis_url),
+        # Of the URL Celery will use (CELERY_BROKER_URL, if set, overrides `broker=`).
+        broker_transport=broker.transport_for(celery.conf.broker_url),
         task_publish_retry_policy={"max_retries": 2, "interval_step": 0.5, "interval_max": 1},
         # Soft: the task gets an exception and cleans up; hard: its process is killed (and,
         # if that keeps happening, the message is put aside: workers.poison).

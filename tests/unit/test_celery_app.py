@@ -1,4 +1,5 @@
-"""The Celery configuration: the beat schedule drops ticks that come too late to be useful."""
+"""The Celery configuration: the beat schedule drops ticks that come too late to be useful, and
+only a plain Redis broker takes the shared-client transport (`workers.broker`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import timedelta
 import pytest
 
 from config.settings import settings_from
+from workers import broker
 from workers.celery_app import create_celery
 
 
@@ -27,3 +29,20 @@ def test_every_beat_entry_expires_within_its_interval(interval: str) -> None:
         expires = entry.get("options", {}).get("expires")
         assert expires is not None, f"{name} never expires"
         assert 0 < expires <= seconds(entry["schedule"]), name
+
+
+@pytest.mark.parametrize(
+    ("url", "transport"),
+    [
+        ("redis://cache.internal:6379/0", broker.TRANSPORT),
+        # kombu sets TLS up from the scheme, which naming a transport class would bypass.
+        ("rediss://cache.internal:6380/0", "rediss"),
+        ("sentinel://cache.internal:26379/0", "sentinel"),
+    ],
+)
+def test_only_a_plain_redis_broker_takes_the_shared_client(url: str, transport: str) -> None:
+    app = create_celery(settings_from({"REDIS_URL": url}))
+    connection = app.connection_for_write()
+    assert connection.transport_cls == transport
+    if transport == "rediss":
+        assert connection.ssl  # kombu's default for the scheme: TLS, not plain text
