@@ -297,17 +297,22 @@ _CLAIM_STORE = _claim_statement(
 )
 
 
-def claim_poll(
-    session: Session, job_id: uuid.UUID, seq: int | None, next_check: float = 0.0
+def continue_poll_chain(
+    session: Session, job_id: uuid.UUID, seq: int, next_check: float
 ) -> tuple[Job, datetime] | None:
-    """Take the poll chain of a processing job: bump `poll_seq` if the caller's `seq` is
-    current, and book the chain's next check `next_check` seconds from now (its `due_at`);
-    or, with `seq` None, take over from any chain (nothing is booked). Answers the row and
-    the database's time, or None when the job moved on or another chain owns it."""
-    if seq is None:
-        return _claimed(session, _TAKE_CHAIN, {"job_id": job_id})
+    """Take the poll chain of a processing job if the caller's `seq` is current (bumping
+    `poll_seq`), and book the chain's next check `next_check` seconds from now (its
+    `due_at`). Answers the row and the database's time, or None when the job moved on or
+    another chain owns it."""
     params = {"job_id": job_id, "seq": seq, "next_check": timedelta(seconds=next_check)}
     return _claimed(session, _CONTINUE_CHAIN, params)
+
+
+def take_poll_chain(session: Session, job_id: uuid.UUID) -> tuple[Job, datetime] | None:
+    """Take the poll chain of a processing job over from any other (a webhook, the
+    reconciler's resend), bumping `poll_seq`; nothing is booked. Answers the row and the
+    database's time, or None when the job is not processing."""
+    return _claimed(session, _TAKE_CHAIN, {"job_id": job_id})
 
 
 def claim_store(

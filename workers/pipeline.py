@@ -579,10 +579,13 @@ class Pipeline:
         books the chain's usual next check, so a prediction still running costs no second
         write (`_reschedule`).
         """
-        # The claim makes the chain's check number `seq + 1`.
-        next_check = 0.0 if seq is None else poll_delay(self.settings, seq + 1)
         with unit_of_work(self.sessions) as session:
-            claimed = jobs.claim_poll(session, job_id, seq, next_check)
+            if seq is None:
+                claimed = jobs.take_poll_chain(session, job_id)
+            else:
+                # The claim makes this the chain's check number `seq + 1`, and books the next.
+                next_check = poll_delay(self.settings, seq + 1)
+                claimed = jobs.continue_poll_chain(session, job_id, seq, next_check)
         if claimed is None or claimed[0].prediction_id is None:
             return
         job, claimed_at = claimed
@@ -644,7 +647,7 @@ class Pipeline:
                 log.info("wavespeed.webhook.duplicate", prediction_id=prediction_id)
                 return False
             finished = _finished_report(reported, prediction_id)
-            claimed = None if finished is None else jobs.claim_poll(work.session, job.id, None)
+            claimed = None if finished is None else jobs.take_poll_chain(work.session, job.id)
             if finished is None:
                 work.send(dispatch.POLL, job.id)
             elif claimed is not None and claimed[0].prediction_id == prediction_id:
