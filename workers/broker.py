@@ -22,6 +22,7 @@ TRANSPORT = "workers.broker:Transport"
 
 
 class Channel(kombu_redis.Channel):
+    # The synchronous client, and through it the pool it was built on.
     _shared: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:

@@ -583,7 +583,7 @@ class Pipeline:
             if seq is None:
                 claimed = jobs.take_poll_chain(session, job_id)
             else:
-                # The claim makes this the chain's check number `seq + 1`, and books the next.
+                # This is the chain's check number `seq + 1`; the claim books the next one.
                 next_check = poll_delay(self.settings, seq + 1)
                 claimed = jobs.continue_poll_chain(session, job_id, seq, next_check)
         if claimed is None or claimed[0].prediction_id is None:
