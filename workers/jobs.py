@@ -271,13 +271,17 @@ def state_changes(session: Session, job_id: uuid.UUID, after: int) -> Sequence[J
 
 
 def _claim_statement(condition: ColumnElement[bool], **values: Any) -> Any:
-    """A claim of one job (`_JOB_ID`) that answers its row and the database's time: a Core
-    UPDATE read as the job, like `Transition.moved`."""
-    change = update(_JOBS).where(_JOBS.c.id == _JOB_ID, condition)
-    change = change.values(updated_at=func.now(), **_columns(values))
-    claimed = change.returning(*_JOBS.c, func.now().label("claimed_at")).cte("claimed")
-    job = aliased(Job, claimed)
-    return select(job, claimed.c.claimed_at).execution_options(populate_existing=True)
+    """A claim of one job (`_JOB_ID`) that answers its row and the database's time."""
+    # The ORM's bulk UPDATE on purpose: the same UPDATE as a CTE read back through `aliased`
+    # (as `Transition.moved` is) cost less alone, but made the API's WaveSpeed webhooks 13
+    # times costlier under load, for a reason not yet found (docs/benchmarks.md, 2026-12-07).
+    return (
+        update(Job)
+        .where(Job.id == _JOB_ID, condition)
+        .values(updated_at=func.now(), **values)
+        .returning(Job, func.now())
+        .execution_options(synchronize_session=False, populate_existing=True)
+    )
 
 
 _POLL_SEQ = bindparam("seq", type_=_JOBS.c.poll_seq.type)
