@@ -18,7 +18,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kombu import Connection, Exchange, Producer, Queue
 
@@ -30,21 +32,30 @@ from workers.broker import TRANSPORT
 BASELINE = "redis"
 
 
+def round_trip(channel: Any, queue: Queue, bodies: Sequence[Any]) -> list[Any]:
+    """Publish each of `bodies` to `queue`, then take and acknowledge as many messages: the
+    messages taken, in order."""
+    producer = Producer(channel)
+    for body in bodies:
+        producer.publish(body, exchange=queue.exchange, routing_key=queue.routing_key)
+    taken = []
+    for _ in bodies:
+        message = channel.basic_get(queue.name, no_ack=False)
+        assert message is not None, "a published message was not there to take"
+        channel.basic_ack(message.delivery_tag)
+        taken.append(message)
+    return taken
+
+
 def cpu_us_per_message(url: str, transport: str, messages: int) -> float:
     """Publish `messages`, then take and acknowledge each; CPU microseconds a message."""
     queue = Queue("bench-broker", Exchange("bench-broker"), "bench-broker")
+    bodies = [{"job_id": "0b7e5a52-6f1c-4c44-9a39-2f8f3b6a0c11", "seq": 3}] * messages
     with Connection(url, transport=transport) as connection:
         channel = connection.channel()
         queue(channel).declare()
-        producer = Producer(channel)
-        body = {"job_id": "0b7e5a52-6f1c-4c44-9a39-2f8f3b6a0c11", "seq": 3}
         began = time.process_time()
-        for _ in range(messages):
-            producer.publish(body, exchange=queue.exchange, routing_key=queue.routing_key)
-        for _ in range(messages):
-            message = channel.basic_get(queue.name, no_ack=False)
-            assert message is not None, "a published message was not there to take"
-            channel.basic_ack(message.delivery_tag)
+        round_trip(channel, queue, bodies)
         spent = time.process_time() - began
         queue(channel).delete()
         channel.close()

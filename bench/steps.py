@@ -105,10 +105,11 @@ def run(jobs: int, rounds: int) -> dict[str, Any]:
         tenant_id = stack.env.get("TENANT_ID")
         job_store.create(settings, jobs * rounds, sample_image(320, 320), tenant_id=tenant_id)
         pipeline = build_pipeline(settings, create_celery(settings))
+        broker = redis.Redis.from_url(settings.redis_url)
         try:
-            broker = redis.Redis.from_url(settings.redis_url)
             return summarise(measure(pipeline, broker, rounds, jobs), jobs, rounds)
         finally:
+            broker.close()
             close_pipeline(pipeline)
     finally:
         stack.down()

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 import redis
-from kombu import Connection, Exchange, Producer, Queue
+from kombu import Connection, Exchange, Queue
 
+from bench.broker import round_trip
 from config.settings import settings_from
 from sandbox.stack import Stack
 from workers import broker
@@ -48,18 +49,9 @@ def queue(connection: Connection) -> Iterator[Queue]:
     queue(connection.default_channel).delete()
 
 
-def round_trip(channel: Any, queue: Queue, count: int) -> list[Any]:
+def bodies_back(channel: Any, queue: Queue, count: int) -> list[Any]:
     """Publish `count` messages to `queue`, then take and acknowledge each: their bodies."""
-    producer = Producer(channel)
-    for n in range(count):
-        producer.publish({"n": n}, exchange=queue.exchange, routing_key=queue.routing_key)
-    bodies = []
-    for _ in range(count):
-        message = channel.basic_get(queue.name, no_ack=False)
-        assert message is not None
-        bodies.append(message.decode())
-        channel.basic_ack(message.delivery_tag)
-    return bodies
+    return [m.decode() for m in round_trip(channel, queue, [{"n": n} for n in range(count)])]
 
 
 def settled(channel: Any, queue: Queue) -> bool:
@@ -79,7 +71,7 @@ def test_a_channel_publishes_takes_and_acknowledges_through_one_client(
     event_loops = channel.__dict__.get("client")
     channel.Client = built.client_class()
 
-    assert round_trip(channel, queue, 5) == [{"n": n} for n in range(5)]
+    assert bodies_back(channel, queue, 5) == [{"n": n} for n in range(5)]
     assert settled(channel, queue)
     # The client that declared the queue serves them all (kombu's own channel builds one or
     # more for every command: 25 here).
@@ -88,6 +80,6 @@ def test_a_channel_publishes_takes_and_acknowledges_through_one_client(
 
     # What a fork does (and a lost connection): kombu drops the pool; a client on the new one.
     channel._after_fork()
-    assert round_trip(channel, queue, 2) == [{"n": 0}, {"n": 1}]
+    assert bodies_back(channel, queue, 2) == [{"n": 0}, {"n": 1}]
     assert settled(channel, queue)
     assert built.count == 1
