@@ -150,11 +150,11 @@ def celery_noop(stack: Stack, count: int, worker_pid: int, queue: str = "mainten
 @dataclass(frozen=True)
 class Costs:
     """What a stack has spent so far: CPU seconds of each named process tree, transactions
-    committed in its database, and commands its Redis has run."""
+    committed in its database, and commands its Redis has run (by name)."""
 
     cpu: dict[str, float]
     commits: int
-    commands: int
+    commands: dict[str, int]
 
     # Backends report their commits to `pg_stat_database` when idle, at most about 10 s late.
     STATS_LAG_SECONDS = 11.0
@@ -175,18 +175,29 @@ class Costs:
         return cls(
             cpu={name: tree_cpu_seconds([pid]) for name in names if (pid := pids.get(name))},
             commits=int(row[0]) if row else 0,
-            commands=sum(int(entry["calls"]) for entry in stats.values()),
+            commands={
+                name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()
+            },
         )
 
-    def per_unit(self, later: Costs, units: int, unit: str) -> dict[str, float]:
+    def per_unit(self, later: Costs, units: int, unit: str) -> dict[str, Any]:
         """Each figure's growth from this snapshot to `later`, divided by `units`."""
-        figures = {
+        figures: dict[str, Any] = {
             f"{name}_cpu_ms_per_{unit}": round((later.cpu[name] - spent) * 1000 / units, 2)
             for name, spent in self.cpu.items()
             if name in later.cpu
         }
         figures[f"postgres_commits_per_{unit}"] = round((later.commits - self.commits) / units, 2)
-        figures[f"redis_commands_per_{unit}"] = round((later.commands - self.commands) / units, 1)
+        commands = {
+            name: calls - self.commands.get(name, 0) for name, calls in later.commands.items()
+        }
+        figures[f"redis_commands_per_{unit}"] = round(sum(commands.values()) / units, 1)
+        # Which commands, so a change in the total can be traced to the client that sent it.
+        figures[f"redis_commands_by_name_per_{unit}"] = {
+            name: round(calls / units, 2)
+            for name, calls in sorted(commands.items(), key=lambda item: -item[1])
+            if calls
+        }
         return figures
 
 

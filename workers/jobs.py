@@ -58,14 +58,21 @@ def _execute(session: Session, statement: Any, params: dict[str, Any] | None = N
     return session.connection().execute(statement, params)
 
 
-def _recorded(change: Any, left: ColumnElement[Any], dst: JobState, *, answer: bool = False) -> Any:
+def _recorded(
+    change: Any, left: ColumnElement[Any], dst: JobState, reason: ColumnElement[str] | None,
+    *, answer: bool = False,
+) -> Any:  # fmt: skip
     """The conditional UPDATE `change` of one job that also adds to its history, when it
     matches, that it went from `left` (read from the row as it was) to `dst` for the bound
-    `reason`: one statement, and one round trip, instead of two. It answers a row if it
-    matched: the job as the change left it with `answer`, else the event's id."""
-    answered = _JOBS.c if answer else [_JOBS.c.id]
+    `reason` (or for `reason` read from the row as the change left it): one statement, and
+    one round trip, instead of two. It answers a row if it matched: the job as the change
+    left it with `answer`, else the event's id."""
+    answered = [*_JOBS.c] if answer else [_JOBS.c.id]
+    if reason is not None:
+        answered.append(reason.label("reason"))
     moved = change.returning(*answered, left.label("from_state")).cte("moved")
-    event = select(moved.c.id, moved.c.from_state, literal(dst.value), _REASON)
+    said = _REASON if reason is None else moved.c.reason
+    event = select(moved.c.id, moved.c.from_state, literal(dst.value), said)
     recorded = insert(_EVENTS).from_select(_EVENT_COLUMNS, event)
     if not answer:
         return recorded.returning(_EVENTS.c.id)
@@ -113,8 +120,10 @@ class Transition:
     """A conditional move of one job from `src` to `dst` (while `when` holds), setting
     `values` and adding the event to its history, as one statement built once.
 
-    What differs from call to call is a bound parameter: the job and the reason always,
-    and any `bindparam(name)` in `when` or `values`, given by name when it runs. The steps
+    What differs from call to call is a bound parameter: the job always, the reason unless
+    the transition reads it from the row it moved (`reason`, an expression over the job's
+    columns as the move left them), and any `bindparam(name)` in `when` or `values`, given
+    by name when it runs. The steps
     every job takes keep theirs in a module constant, so a job pays for executing it, not
     for building it and its cache key again (about half of a statement's CPU here);
     `transition` builds one for a single use.
@@ -129,11 +138,13 @@ class Transition:
         dst: JobState,
         *,
         when: ColumnElement[bool] | None = None,
+        reason: ColumnElement[str] | None = None,
         **values: Any,
     ) -> None:
         sources = [src] if isinstance(src, JobState) else list(src)
         assert all(can_transition(s, dst) for s in sources), (sources, dst)
         self.dst = dst
+        self._reason = reason
         # A new step starts with no failures and no resends of its own.
         values = {"step_failures": 0, "resends": 0, **values}
         change = update(_JOBS).values(status=dst, updated_at=func.now(), **_columns(values))
@@ -158,7 +169,7 @@ class Transition:
     @functools.cached_property
     def statement(self) -> Any:
         """The move, answering the event's id if it happened."""
-        return _recorded(self._change, self._left, self.dst)
+        return _recorded(self._change, self._left, self.dst, self._reason)
 
     @functools.cached_property
     def params(self) -> frozenset[str]:
@@ -167,14 +178,16 @@ class Transition:
         and only for a transition that takes some (`transition`'s one-use ones take none)."""
         return frozenset(self.statement.compile(dialect=postgresql.dialect()).params)
 
-    def __call__(self, session: Session, job_id: uuid.UUID, *, reason: str, **params: Any) -> bool:
+    def __call__(
+        self, session: Session, job_id: uuid.UUID, *, reason: str | None = None, **params: Any
+    ) -> bool:
         """Whether the job moved; `params` are the values of the statement's own
-        `bindparam`s."""
+        `bindparam`s. `reason` is given unless the transition reads its own."""
         params = self._params(job_id, reason, params)
         return self._counted(_execute(session, self.statement, params).first())
 
     def moved(
-        self, session: Session, job_id: uuid.UUID, *, reason: str, **params: Any
+        self, session: Session, job_id: uuid.UUID, *, reason: str | None = None, **params: Any
     ) -> Job | None:
         """As calling it, but answers the job as the move left it (None if it did not move):
         a step that goes on to announce the job reads it in the same round trip."""
@@ -186,12 +199,17 @@ class Transition:
     @functools.cached_property
     def _answering(self) -> Any:
         """The move, answering the job as it left it."""
-        return _recorded(self._change, self._left, self.dst, answer=True)
+        return _recorded(self._change, self._left, self.dst, self._reason, answer=True)
 
-    def _params(self, job_id: uuid.UUID, reason: str, params: dict[str, Any]) -> dict[str, Any]:
+    def _params(
+        self, job_id: uuid.UUID, reason: str | None, params: dict[str, Any]
+    ) -> dict[str, Any]:
         if params and (unknown := params.keys() - self.params):
             raise TypeError(f"not parameters of this transition: {sorted(unknown)}")
-        return {"job_id": job_id, "reason": reason, **params}
+        if (reason is None) == (self._reason is None):
+            raise TypeError("a reason is given exactly when the transition has none of its own")
+        given = {} if reason is None else {"reason": reason}
+        return {"job_id": job_id, **given, **params}
 
     def _counted(self, moved: object) -> bool:
         if moved is None:
@@ -235,7 +253,7 @@ def update_fields(
         query = query.where(when)
     query = query.values(updated_at=func.now(), **_columns(values))
     if note:
-        recorded = _recorded(query, literal(state.value), state)
+        recorded = _recorded(query, literal(state.value), state, None)
         return _execute(session, recorded, {"reason": note}).first() is not None
     return _execute(session, query.returning(_JOBS.c.id)).first() is not None
 

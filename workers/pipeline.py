@@ -177,7 +177,7 @@ class Pipeline:
                 job, claimed = self._claim(work.session, job_id)
         if not claimed:
             return
-        attempt = job.submit_attempts + 1
+        attempt = job.submit_attempts
         try:
             inputs = self._inputs(job, attempt)
             if inputs is None:
@@ -215,13 +215,13 @@ class Pipeline:
 
     def _claim(self, session: Session, job_id: uuid.UUID) -> tuple[Job, bool]:
         """`queued -> submitting` if the gate admitted the job (`_CLAIM`); answers the job as
-        it was before, and whether it was claimed. Past the claim's due time (plus the
-        sweep's grace) the reconciler sends `recover`."""
-        job = _bind(jobs.get(session, job_id))
-        claimed = _CLAIM(
-            session, job_id, reason=f"attempt {job.submit_attempts + 1}", in_flight=self._in_flight
-        )
-        return job, claimed
+        the claim left it (its attempt counted), or as it is if it was not claimed, and
+        whether it was. Past the claim's due time (plus the sweep's grace) the reconciler
+        sends `recover`."""
+        job = _CLAIM.moved(session, job_id, in_flight=self._in_flight)
+        if job is not None:
+            return _bind(job), True
+        return _bind(jobs.get(session, job_id)), False
 
     def expire_due(self, limit: int = 500) -> int:
         """End as `expired` the queued jobs whose start deadline passed before they were ever
@@ -1151,6 +1151,8 @@ _CLAIM = jobs.Transition(
     JobState.QUEUED,
     JobState.SUBMITTING,
     when=Job.admitted_at.is_not(None) & ~_past_start_deadline() & ~_past_deadline(),
+    # The attempt the claim counted, read from the row it moved: no read before it.
+    reason=func.concat("attempt ", Job.submit_attempts),
     submit_attempts=Job.submit_attempts + 1,
     last_submit_at=func.clock_timestamp(),
     due_at=func.clock_timestamp() + bindparam("in_flight", type_=Interval()),

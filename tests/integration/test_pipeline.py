@@ -191,7 +191,12 @@ def test_rate_limited_submit_goes_back_to_the_queue(
     simulator.reset_faults()
     wait_for(pipeline.admit, timeout=10)  # admitted again once its backoff is over
     pipeline.submit(job_id)
-    assert status(pipeline, job_id).status == JobState.PROCESSING
+    job = status(pipeline, job_id)
+    assert job.status == JobState.PROCESSING and job.submit_attempts == 2
+    # Each claim's event names the attempt it counted (read from the row it moved).
+    with pipeline.sessions() as session:
+        claims = [e.reason for e in jobs.events(session, job_id) if e.to_state == "submitting"]
+    assert claims == ["attempt 1", "attempt 2"]
 
 
 def test_rejected_submit_fails_at_once(

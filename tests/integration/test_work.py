@@ -174,7 +174,7 @@ def test_a_job_from_accept_to_its_callback_is_eight_transactions(
     assert status(pipeline, job_id).status == JobState.COMPLETED and received == [204]
     assert len(commits) <= 8, len(commits)
     # Statements too: each costs the worker CPU (a transition and its event are one).
-    assert len(statements) <= 40, len(statements)
+    assert len(statements) <= 39, len(statements)
 
 
 def test_a_poll_that_finds_the_prediction_running_is_one_transaction(
