@@ -123,10 +123,9 @@ class Transition:
     What differs from call to call is a bound parameter: the job always, the reason unless
     the transition reads it from the row it moved (`reason`, an expression over the job's
     columns as the move left them), and any `bindparam(name)` in `when` or `values`, given
-    by name when it runs. The steps
-    every job takes keep theirs in a module constant, so a job pays for executing it, not
-    for building it and its cache key again (about half of a statement's CPU here);
-    `transition` builds one for a single use.
+    by name when it runs. The steps every job takes keep theirs in a module constant, so a
+    job pays for executing it, not for building it and its cache key again (about half of
+    a statement's CPU here); `transition` builds one for a single use.
 
     One conditional UPDATE: of two workers racing on the same job exactly one wins, and a
     duplicate or late message finds the row elsewhere and changes nothing.

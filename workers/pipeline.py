@@ -168,12 +168,16 @@ class Pipeline:
                 return
             if not claimed and job.deadline_at is not None and self._overrun(work, job_id):
                 return
-            if not claimed and job.status == JobState.QUEUED and job.admitted_at is None:
+            if not claimed and job.status == JobState.QUEUED:
                 # Not admitted yet: park the job and let the gate pick the fairest jobs, in
                 # this same transaction (the failed claim locked no row, so the gate's lock
                 # still comes first). Claim again whatever it picked: if this gate pass, or
                 # another one since, admitted this job, no other message is coming for it.
-                self._admit(work, park=job.id)
+                # That includes a pass that committed between the claim and the read after
+                # it (each statement sees what had committed when it began): then the job
+                # reads as admitted, and is only claimed again.
+                if job.admitted_at is None:
+                    self._admit(work, park=job.id)
                 job, claimed = self._claim(work.session, job_id)
         if not claimed:
             return

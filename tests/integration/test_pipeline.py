@@ -25,6 +25,7 @@ from tests.integration.flow import (
 )
 from tests.support import RecordingDispatcher, SimulatorAdmin, wait_for
 from workers import callbacks, dispatch, jobs, quarantine, tenants
+from workers import pipeline as pipeline_module
 from workers.admission import ADMISSION_LOCK
 from workers.db import unit_of_work
 from workers.intake import GenerationInput, accept, commit_staged, stage
@@ -428,21 +429,29 @@ def test_a_job_waiting_for_the_gate_gets_its_message_when_a_slot_frees(
     assert status(gated, second).status == JobState.PROCESSING
 
 
+@pytest.mark.parametrize("after", ["its claim", "its claim's statement"])
 def test_a_job_admitted_by_another_gate_pass_while_its_message_waited_is_still_submitted(
-    pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher, monkeypatch: Any
+    pipeline: Pipeline,
+    portrait: bytes,
+    dispatcher: RecordingDispatcher,
+    monkeypatch: Any,
+    after: str,
 ) -> None:
+    """Just after this message's claim found the job not admitted, another worker's gate pass
+    admits it and commits: after the whole claim, or between the claim's statement and the
+    read that follows it. The job was not parked, so that pass sends it no message."""
     job_id = new_job(pipeline, portrait)
-    claim = pipeline._claim
+    owner: Any = pipeline if after == "its claim" else pipeline_module._CLAIM
+    name = "_claim" if after == "its claim" else "moved"
+    step = getattr(owner, name)
 
-    def claim_then_another_worker_admits(session: Session, job: Any) -> Any:
-        found = claim(session, job)
-        # Between this message's failed claim and its parking, another worker's gate pass
-        # admits the job; as it was not parked, that pass sends it no message.
-        monkeypatch.setattr(pipeline, "_claim", claim)
+    def step_then_another_worker_admits(*args: Any, **kwargs: Any) -> Any:
+        found = step(*args, **kwargs)
+        monkeypatch.setattr(owner, name, step)
         assert pipeline.admit() == 1
         return found
 
-    monkeypatch.setattr(pipeline, "_claim", claim_then_another_worker_admits)
+    monkeypatch.setattr(owner, name, step_then_another_worker_admits)
     pipeline.submit(job_id)
     # No message is coming for it, so this one must submit it.
     assert status(pipeline, job_id).status == JobState.PROCESSING
