@@ -30,7 +30,8 @@ Error codes (`UrlRefused.code`): ``invalid_url``, ``scheme_not_allowed``, ``host
 `post` raises no ``bad_status``: it returns whatever answered, 3xx included, for the caller to
 judge. Its body is the first `POST_ANSWER_LIMIT` bytes, as sent. Bodies are never decompressed:
 we ask for ``Accept-Encoding: identity`` and read raw, so a small gzip bomb cannot expand past
-the size bound.
+the size bound. No cookie an answer sets is kept or sent again: one guard serves every tenant
+of its process.
 
 Time: `connect_timeout` bounds each connection attempt and TLS handshake, `read_timeout` each
 socket read or write, and `total_timeout` (or `post(timeout=...)`) the whole call, redirects and
@@ -43,6 +44,7 @@ resolver gives up, and once all of them hang further lookups fail fast.
 from __future__ import annotations
 
 import contextlib
+import http.cookiejar
 import ipaddress
 import re
 import socket
@@ -382,6 +384,19 @@ class _PinnedTransport(httpx.HTTPTransport):
 # -- the guard -----------------------------------------------------------------------------
 
 
+class _NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing. One guard serves every tenant in its process: a
+    cookie one tenant's receiver or image host set would otherwise go with the next call to
+    that host, whoever's it is, and a hostile one could fill the jar for as long as the
+    process lives."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        pass
+
+
 class UrlGuard:
     """Fetches and calls untrusted URLs, only ever connecting to addresses it has just vetted.
 
@@ -408,6 +423,7 @@ class UrlGuard:
         self._client = httpx.Client(
             transport=transport,
             trust_env=False,  # proxies and .netrc from the environment stay out of it
+            cookies=_NoCookies(),
             follow_redirects=False,
             headers={"Accept-Encoding": "identity"},
             timeout=httpx.Timeout(

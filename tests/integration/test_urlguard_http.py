@@ -34,6 +34,7 @@ class Seen:
     path: str
     host: str | None
     body: bytes
+    cookie: str | None = None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -46,6 +47,8 @@ class Handler(BaseHTTPRequestHandler):
         path, query = self._route()
         if path == "/image":
             self._answer(200, IMAGE, content_type="image/png")
+        elif path == "/image-cookie":
+            self._answer(200, IMAGE, content_type="image/png", cookie="host=tenant-a")
         elif path == "/big":
             self._answer(200, b"x" * 5000)
         elif path == "/big-undeclared":
@@ -67,6 +70,8 @@ class Handler(BaseHTTPRequestHandler):
         path, _ = self._route()
         if path == "/hook":
             self._answer(200, b"thanks")
+        elif path == "/hook-cookie":
+            self._answer(200, b"thanks", cookie="receiver=tenant-a")
         elif path == "/hook-redirect":
             self._redirect(307, "/hook")
         elif path == "/hook-chatty":
@@ -82,7 +87,9 @@ class Handler(BaseHTTPRequestHandler):
         return parts.path, parse_qs(parts.query)
 
     def _record(self, body: bytes) -> None:
-        self.server.seen.append(Seen(self.command, self.path, self.headers.get("Host"), body))
+        headers = self.headers
+        seen = Seen(self.command, self.path, headers.get("Host"), body, headers.get("Cookie"))
+        self.server.seen.append(seen)
 
     def _answer(
         self,
@@ -91,9 +98,12 @@ class Handler(BaseHTTPRequestHandler):
         *,
         content_type: str = "text/plain",
         declare_length: bool = True,
+        cookie: str | None = None,
     ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        if cookie:
+            self.send_header("Set-Cookie", f"{cookie}; Path=/")
         if declare_length:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -359,6 +369,20 @@ def test_post_keeps_only_the_start_of_a_long_answer(local_guard: UrlGuard, serve
 
     assert response.is_success
     assert response.content == b"y" * POST_ANSWER_LIMIT
+
+
+def test_no_cookie_an_answer_sets_is_kept_or_sent_again(
+    local_guard: UrlGuard, server: Server
+) -> None:
+    """The guard is shared by every tenant in the process: a cookie one tenant's receiver or
+    image host sets must not ride along on the next call to that host, whoever's it is, nor
+    pile up in the process for as long as it lives."""
+    local_guard.post(server.url("/hook-cookie"), content=b"{}", headers={})
+    local_guard.post(server.url("/hook"), content=b"{}", headers={})
+    local_guard.fetch(server.url("/image-cookie"), max_bytes=len(IMAGE))
+    local_guard.fetch(server.url("/image"), max_bytes=len(IMAGE))
+
+    assert [seen.cookie for seen in server.seen] == [None] * 4
 
 
 def test_post_to_a_refused_host_sends_nothing(
