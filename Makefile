@@ -19,7 +19,7 @@ demo: $(VENV)
 test: $(VENV) .browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy config api workers sandbox clients/python/kling_client
+	$(BIN)/mypy config api workers sandbox bench clients/python/kling_client
 	$(BIN)/pytest -n 2 --dist loadfile
 
 # The console's browser tests drive Debian's Chromium (never a downloaded browser).
@@ -31,7 +31,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 lint: $(VENV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy config api workers sandbox clients/python/kling_client
+	$(BIN)/mypy config api workers sandbox bench clients/python/kling_client
 
 format: $(VENV)
 	$(BIN)/ruff check --fix .

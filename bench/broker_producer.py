@@ -14,7 +14,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import psycopg
@@ -87,7 +87,7 @@ class BrokerProducer:
             try:
                 client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
                 while not self._stop.is_set():
-                    popped = client.blpop([REPLY_QUEUE], timeout=1)
+                    popped = cast(list[bytes] | None, client.blpop([REPLY_QUEUE], timeout=1))
                     if popped:
                         self._record(json.loads(popped[1]))
             except redis.RedisError:

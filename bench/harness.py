@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import psycopg
@@ -137,7 +137,7 @@ def celery_noop(stack: Stack, count: int, worker_pid: int, queue: str = "mainten
         # `celery.accumulate` is a built-in that returns its argument: as close to no work
         # as a registered task gets.
         celery.send_task("celery.accumulate", args=[1], queue=queue)
-    while waiting.llen(queue) > 0:
+    while cast(int, waiting.llen(queue)) > 0:
         time.sleep(0.01)
     elapsed = time.monotonic() - started
     time.sleep(0.5)  # the last ones taken finish
@@ -169,7 +169,7 @@ class Costs:
             ).fetchone()
         client = redis.Redis.from_url(stack.direct_env["REDIS_URL"], socket_timeout=10)
         try:
-            stats = client.info("commandstats")
+            stats = cast(dict[str, Any], client.info("commandstats"))
         finally:
             client.close()
         return cls(
@@ -204,7 +204,7 @@ class Costs:
 def redis_used_memory(url: str) -> int:
     client = redis.Redis.from_url(url, socket_timeout=5)
     try:
-        return int(client.info("memory")["used_memory"])
+        return int(cast(dict[str, Any], client.info("memory"))["used_memory"])
     finally:
         client.close()
 
@@ -214,8 +214,8 @@ def redis_messages(url: str, queues: Iterable[str]) -> dict[str, int]:
     worker holds (ETA tasks included), kept by kombu in the `unacked` hash until acked."""
     client = redis.Redis.from_url(url, socket_timeout=5)
     try:
-        counts = {queue: int(client.llen(queue)) for queue in queues}
-        counts["unacked"] = int(client.hlen("unacked"))
+        counts = {queue: cast(int, client.llen(queue)) for queue in queues}
+        counts["unacked"] = cast(int, client.hlen("unacked"))
         return counts
     finally:
         client.close()
