@@ -49,17 +49,23 @@ def queue(connection: Connection) -> Iterator[Queue]:
     queue(connection.default_channel).delete()
 
 
-def bodies_back(channel: Any, queue: Queue, count: int) -> list[Any]:
-    """Publish `count` messages to `queue`, then take and acknowledge each: their bodies."""
-    return [m.decode() for m in round_trip(channel, queue, [{"n": n} for n in range(count)])]
+def taken_back(channel: Any, queue: Queue, count: int) -> list[Any]:
+    """Publish `count` messages to `queue`, then take and acknowledge each: the messages."""
+    return round_trip(channel, queue, [{"n": n} for n in range(count)])
 
 
-def settled(channel: Any, queue: Queue) -> bool:
-    """Nothing left in the queue, and nothing taken that is still unacknowledged (which the
-    transport would deliver again after its visibility timeout)."""
+def settled(channel: Any, queue: Queue, taken: list[Any]) -> bool:
+    """Nothing left in the queue, and none of the messages `taken` still unacknowledged (which
+    the transport would deliver again after its visibility timeout). Other tests' workers
+    share this Redis and its unacknowledged messages: only these count."""
     client = channel.client
-    unacked = client.hlen(channel.unacked_key) + client.zcard(channel.unacked_index_key)
-    return client.llen(queue.name) == 0 and unacked == 0
+    held = [
+        tag
+        for tag in (message.delivery_tag for message in taken)
+        if client.hexists(channel.unacked_key, tag)
+        or client.zscore(channel.unacked_index_key, tag) is not None
+    ]
+    return client.llen(queue.name) == 0 and not held
 
 
 def test_a_channel_publishes_takes_and_acknowledges_through_one_client(
@@ -71,8 +77,9 @@ def test_a_channel_publishes_takes_and_acknowledges_through_one_client(
     event_loops = channel.__dict__.get("client")
     channel.Client = built.client_class()
 
-    assert bodies_back(channel, queue, 5) == [{"n": n} for n in range(5)]
-    assert settled(channel, queue)
+    taken = taken_back(channel, queue, 5)
+    assert [message.decode() for message in taken] == [{"n": n} for n in range(5)]
+    assert settled(channel, queue, taken)
     # The client that declared the queue serves them all (kombu's own channel builds one or
     # more for every command: 25 here).
     assert built.count == 0
@@ -80,6 +87,7 @@ def test_a_channel_publishes_takes_and_acknowledges_through_one_client(
 
     # What a fork does (and a lost connection): kombu drops the pool; a client on the new one.
     channel._after_fork()
-    assert bodies_back(channel, queue, 2) == [{"n": 0}, {"n": 1}]
-    assert settled(channel, queue)
+    taken = taken_back(channel, queue, 2)
+    assert [message.decode() for message in taken] == [{"n": 0}, {"n": 1}]
+    assert settled(channel, queue, taken)
     assert built.count == 1
