@@ -441,8 +441,9 @@ def test_a_job_admitted_by_another_gate_pass_while_its_message_waited_is_still_s
     admits it and commits: after the whole claim, or between the claim's statement and the
     read that follows it. The job was not parked, so that pass sends it no message."""
     job_id = new_job(pipeline, portrait)
-    owner: Any = pipeline if after == "its claim" else pipeline_module._CLAIM
-    name = "_claim" if after == "its claim" else "moved"
+    owner, name = (
+        (pipeline, "_claim") if after == "its claim" else (pipeline_module._CLAIM, "moved")
+    )
     step = getattr(owner, name)
 
     def step_then_another_worker_admits(*args: Any, **kwargs: Any) -> Any:
