@@ -384,11 +384,11 @@ class _PinnedTransport(httpx.HTTPTransport):
 # -- the guard -----------------------------------------------------------------------------
 
 
-class _NoCookies(http.cookiejar.CookieJar):
-    """A cookie jar that keeps nothing. One guard serves every tenant in its process: a
-    cookie one tenant's receiver or image host set would otherwise go with the next call to
-    that host, whoever's it is, and a hostile one could fill the jar for as long as the
-    process lives."""
+class NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps nothing (httpx has no option for it). One guard serves every
+    tenant in its process: a cookie one tenant's receiver or image host set would otherwise
+    go with the next call to that host, whoever's it is, and a hostile one could fill the
+    jar for as long as the process lives."""
 
     def extract_cookies(self, response: Any, request: Any) -> None:
         pass
@@ -423,7 +423,7 @@ class UrlGuard:
         self._client = httpx.Client(
             transport=transport,
             trust_env=False,  # proxies and .netrc from the environment stay out of it
-            cookies=_NoCookies(),
+            cookies=NoCookies(),
             follow_redirects=False,
             headers={"Accept-Encoding": "identity"},
             timeout=httpx.Timeout(

@@ -17,6 +17,7 @@ import httpx
 from workers import metrics
 from workers.errors import classify
 from workers.retry import parse_retry_after
+from workers.urlguard import NoCookies
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "timeout", "deleted"})
 
@@ -258,6 +259,10 @@ class WaveSpeedClient:
 
 
 def make_http_client(connect_timeout: float, read_timeout: float) -> httpx.Client:
-    """The httpx client a process shares for WaveSpeed calls, with explicit timeouts."""
+    """The httpx client a process shares for WaveSpeed calls and output downloads, with
+    explicit timeouts. It keeps no cookies: the API authenticates with its key, and an output
+    CDN's cookie would otherwise go with every later download (and parsing jars costs a
+    little on every answer)."""
     timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
-    return httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=20))
+    limits = httpx.Limits(max_connections=20)
+    return httpx.Client(timeout=timeout, limits=limits, cookies=NoCookies())

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from workers.urlguard import POST_ANSWER_LIMIT, UrlGuard, UrlPolicy, UrlRefused
+from workers.wavespeed import make_http_client
 
 pytestmark = pytest.mark.integration
 
@@ -383,6 +384,14 @@ def test_no_cookie_an_answer_sets_is_kept_or_sent_again(
     local_guard.fetch(server.url("/image"), max_bytes=len(IMAGE))
 
     assert [seen.cookie for seen in server.seen] == [None] * 4
+
+
+def test_the_wavespeed_and_download_client_keeps_no_cookies_either(server: Server) -> None:
+    """It fetches every job's output: a CDN's cookie must not go with the next download."""
+    with make_http_client(connect_timeout=5, read_timeout=5) as client:
+        client.get(server.url("/image-cookie")).raise_for_status()
+        client.get(server.url("/image")).raise_for_status()
+    assert [seen.cookie for seen in server.seen] == [None, None]
 
 
 def test_post_to_a_refused_host_sends_nothing(
