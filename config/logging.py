@@ -95,17 +95,11 @@ def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# What Celery logs for a message it acknowledges unrun: most jobs' stale check
-# (`workers.celery_app._drop_message`).
-_DISCARDED = "Discarding revoked task: %s[%s]"
-
-
 def _every_task(record: logging.LogRecord) -> bool:
-    """Leaves out Celery's lines for every task it takes (received, succeeded, dropped):
-    hundreds a second at volume, about a twentieth of the worker's CPU to render, and
-    nothing the job's own events do not say. Its other lines (a retry, a failure) stay;
-    DEBUG keeps these too."""
-    return record.msg not in (trace.LOG_RECEIVED, trace.LOG_SUCCESS, _DISCARDED)
+    """Leaves out Celery's two lines for every task it runs (received, succeeded): hundreds a
+    second at volume, about a twentieth of the worker's CPU to render, and nothing the job's
+    own events do not say. Its other lines (a retry, a failure) stay; DEBUG keeps these too."""
+    return record.msg not in (trace.LOG_RECEIVED, trace.LOG_SUCCESS)
 
 
 def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
@@ -147,7 +141,7 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     # botocore and httpx are chatty at INFO and may echo presigned query strings.
     for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpcore", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    for per_task in ("celery.app.trace", "celery.worker.strategy", "celery.worker.request"):
+    for per_task in ("celery.app.trace", "celery.worker.strategy"):
         logging.getLogger(per_task).removeFilter(_every_task)
         if root.level > logging.DEBUG:
             logging.getLogger(per_task).addFilter(_every_task)

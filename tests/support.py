@@ -35,30 +35,13 @@ class RecordingDispatcher:
     """Collects the tasks the pipeline asks for, so a test can run them one by one."""
 
     sent: list[tuple[str, uuid.UUID, float | None, dict[str, Any]]] = field(default_factory=list)
-    # The messages sent with an id of their own (a poll chain's checks), by id.
-    named: dict[str, tuple[str, uuid.UUID, float | None, dict[str, Any]]] = field(
-        default_factory=dict
-    )
-    # The ids of the messages the workers were asked to drop.
-    dropped: list[str] = field(default_factory=list)
     # Producers' own tasks published (`workers.replies`): task, queue, body, message id.
     replies: list[tuple[str, str, dict[str, Any], str]] = field(default_factory=list)
 
     def __call__(
-        self,
-        task: str,
-        job_id: uuid.UUID,
-        *,
-        countdown: float | None = None,
-        message_id: str | None = None,
-        **kwargs: Any,
+        self, task: str, job_id: uuid.UUID, *, countdown: float | None = None, **kwargs: Any
     ) -> None:
         self.sent.append((task, job_id, countdown, kwargs))
-        if message_id is not None:
-            self.named[message_id] = self.sent[-1]
-
-    def drop(self, message_id: str) -> None:
-        self.dropped.append(message_id)
 
     def take(self) -> list[tuple[str, uuid.UUID, float | None, dict[str, Any]]]:
         """The messages so far, which then count as consumed (or, for a test, lost)."""

@@ -10,14 +10,12 @@ from typing import Any
 
 import structlog
 from celery import Celery, signals
-from celery.worker import state as worker_state
-from celery.worker.control import control_command
 from kombu import Exchange, Queue
 
 from config import Settings, tracing
 from config.logging import configure_logging
 from workers import broker, metrics, migrate
-from workers.dispatch import DROP_COMMAND, NOTIFY, QUEUES, RECONCILE, ROUTES, STORE, SUBMIT
+from workers.dispatch import NOTIFY, QUEUES, RECONCILE, ROUTES, STORE, SUBMIT
 
 log = structlog.get_logger(__name__)
 
@@ -118,16 +116,6 @@ def _bind_task_context(task: Any = None, args: Any = None, **_: Any) -> None:
 @signals.task_postrun.connect
 def _clear_task_context(**_: Any) -> None:
     structlog.contextvars.clear_contextvars()
-
-
-@control_command(name=DROP_COMMAND, args=[("message_id", str)], signature="<message_id>")
-def _drop_message(state: Any, message_id: str) -> None:
-    """Remote control: acknowledge the message `message_id` unrun when it comes (a poll
-    chain's check that WaveSpeed's webhook made stale: `Pipeline.take_webhook`). It is
-    Celery's own `revoke`, without the result backend it asks and the lines it logs for
-    every id. The ids live in the worker's memory, a bounded set that forgets them after
-    hours (`celery.worker.state.revoked`); a restarted worker runs the message instead."""
-    worker_state.revoked.add(message_id)
 
 
 @signals.worker_init.connect

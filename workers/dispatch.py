@@ -28,9 +28,6 @@ REQUEST = "generation.request"
 RECONCILE = "maintenance.reconcile"
 BULK = "maintenance.bulk"
 
-# The workers' remote control command that drops a stale message (`CeleryDispatcher.drop`).
-DROP_COMMAND = "drop_message"
-
 QUEUES = ("submit", "poll", "store", "notify", "maintenance", "requests")
 
 ROUTES: dict[str, str] = {
@@ -52,20 +49,8 @@ class Dispatcher(Protocol):
     """Publishes a task for a job. Called only after the change that asked for it committed."""
 
     def __call__(
-        self,
-        task: str,
-        job_id: uuid.UUID,
-        *,
-        countdown: float | None = None,
-        message_id: str | None = None,
-        **kwargs: Any,
+        self, task: str, job_id: uuid.UUID, *, countdown: float | None = None, **kwargs: Any
     ) -> None: ...
-
-    def drop(self, message_id: str) -> None:
-        """Ask every worker to acknowledge the message `message_id` unrun when it comes, if
-        it holds it. Best effort: a worker that misses this runs the message, which finds
-        itself stale."""
-        ...
 
     def waiting(self, queue: str) -> int:
         """Messages ready in `queue` that no worker has taken yet (countdowns held by a
@@ -92,8 +77,6 @@ class Message:
     # The trace the message belongs to: its subject's, which need not be the one current
     # when it is published (the outbox relay and the reconciler work for many jobs at once).
     traceparent: str | None = None
-    # Its task id, when whoever makes it stale must be able to name it (`check_id`).
-    message_id: str | None = None
 
 
 def publish(dispatch: Dispatcher, messages: Sequence[Message]) -> tuple[int, Exception | None]:
@@ -103,9 +86,8 @@ def publish(dispatch: Dispatcher, messages: Sequence[Message]) -> tuple[int, Exc
         try:
             with tracing.within(message.traceparent):
                 dispatch(
-                    message.task, message.subject, countdown=message.countdown,
-                    message_id=message.message_id, **message.kwargs,
-                )  # fmt: skip
+                    message.task, message.subject, countdown=message.countdown, **message.kwargs
+                )
         except PUBLISH_ERRORS as exc:
             log.warning(
                 "dispatch.publish_failed", task=message.task, subject=str(message.subject),
@@ -113,26 +95,6 @@ def publish(dispatch: Dispatcher, messages: Sequence[Message]) -> tuple[int, Exc
             )  # fmt: skip
             return sent, exc
     return len(messages), None
-
-
-def check_id(job_id: uuid.UUID, seq: int) -> str:
-    """The message id of a poll chain's check `seq`. `poll_seq` only grows, so the id is
-    never reused, and whoever takes the chain over from `seq` can name the check it made
-    stale, for the workers to drop (`Dispatcher.drop`)."""
-    return f"{job_id}.poll.{seq}"
-
-
-def drop(dispatch: Dispatcher, message_ids: Sequence[str]) -> None:
-    """Ask the workers to drop stale messages; a broker that is away ends the asking, since a
-    message not dropped only runs and finds itself stale."""
-    for message_id in message_ids:
-        try:
-            dispatch.drop(message_id)
-        except PUBLISH_ERRORS as exc:
-            log.info(
-                "dispatch.drop_failed", message_id=message_id, error=f"{type(exc).__name__}: {exc}"
-            )
-            return
 
 
 class CeleryDispatcher:
@@ -149,13 +111,7 @@ class CeleryDispatcher:
         self._retry = retry
 
     def __call__(
-        self,
-        task: str,
-        job_id: uuid.UUID,
-        *,
-        countdown: float | None = None,
-        message_id: str | None = None,
-        **kwargs: Any,
+        self, task: str, job_id: uuid.UUID, *, countdown: float | None = None, **kwargs: Any
     ) -> None:
         if countdown is not None:
             countdown = min(max(0.0, countdown), self._max_countdown)
@@ -163,13 +119,8 @@ class CeleryDispatcher:
         with tracing.publishing(task, headers):
             self._celery.send_task(
                 task, args=[str(job_id)], kwargs=kwargs, countdown=countdown,
-                queue=ROUTES[task], retry=self._retry, headers=headers, task_id=message_id,
+                queue=ROUTES[task], retry=self._retry, headers=headers,
             )  # fmt: skip
-
-    def drop(self, message_id: str) -> None:
-        # The workers' own remote control command (`workers.celery_app`): Celery's `revoke`
-        # would ask a result backend, which there is none of, and log each id on each worker.
-        self._celery.control.broadcast(DROP_COMMAND, arguments={"message_id": message_id})
 
     def reply(self, task: str, queue: str, body: dict[str, Any], message_id: str) -> None:
         # The producer's own task: it carries our trace, for a producer that traces too.

@@ -484,7 +484,7 @@ class Pipeline:
             )
             if adopted is not None:
                 self._event(work, job_id, callbacks.PROCESSING, adopted)
-                _check(work, job_id, first, adopted.poll_seq)
+                work.send(dispatch.POLL, job_id, first, seq=adopted.poll_seq)
             elif kept:
                 work.send(dispatch.WITHDRAW, job_id)
             else:
@@ -655,8 +655,6 @@ class Pipeline:
             if finished is None:
                 work.send(dispatch.POLL, job.id)
             elif claimed is not None and claimed[0].prediction_id == prediction_id:
-                # The check the chain had booked is stale now: the workers drop it unrun.
-                work.drop(dispatch.check_id(job.id, claimed[0].poll_seq - 1))
                 self._on_prediction(work, *claimed, finished)
         if work.unsent is not None:
             # WaveSpeed's retry brings the webhook again: it finds the job settled, or cues
@@ -753,7 +751,7 @@ class Pipeline:
         booked = off is not None and off.total_seconds() <= settings.poll_overdue_grace_seconds / 10
         written = booked and job.step_failures == failures and job.resends == 0
         if written or jobs.set_next_poll(work.session, job.id, job.poll_seq, delay, failures):
-            _check(work, job.id, delay, job.poll_seq)
+            work.send(dispatch.POLL, job.id, delay, seq=job.poll_seq)
 
     # -- store ----------------------------------------------------------------------------
 
@@ -1058,12 +1056,6 @@ WITHDRAWN = frozenset({ErrorCode.DEADLINE_EXCEEDED, ErrorCode.PROCESSING_TIMEOUT
 STOPPED = frozenset(
     {(JobState.CANCELLED, ErrorCode.CANCELLED), (JobState.FAILED, ErrorCode.DEADLINE_EXCEEDED)}
 )
-
-
-def _check(work: Work, job_id: uuid.UUID, delay: float, seq: int) -> None:
-    """Book the poll chain's check `seq` in `delay` seconds, as a message whoever takes the
-    chain over can name (`dispatch.check_id`)."""
-    work.send(dispatch.POLL, job_id, delay, seq=seq, message_id=dispatch.check_id(job_id, seq))
 
 
 def _stopped(job: Job) -> bool:

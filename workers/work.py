@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config import tracing
 from workers import admission, outbox
 from workers.db import unit_of_work
-from workers.dispatch import Dispatcher, Message, drop, publish
+from workers.dispatch import Dispatcher, Message, publish
 
 log = structlog.get_logger(__name__)
 
@@ -43,8 +43,6 @@ class Work:
     session: Session
     max_countdown: float
     messages: list[Message] = field(default_factory=list)
-    # Messages this unit made stale, for the workers to drop unrun after the commit.
-    dropped: list[str] = field(default_factory=list)
     freed: bool = False
     # After the commit: why some of the messages did not go, if they did not.
     unsent: Exception | None = None
@@ -59,21 +57,15 @@ class Work:
         countdown: float | None = None,
         *,
         trace: str | None = None,
-        message_id: str | None = None,
         **kw: Any,
     ) -> None:
         """Send `task` for `subject` after the commit, in trace `trace` (or the unit's, or
-        the current one), as `message_id` if given. A wait longer than the broker should hold
-        (`max_countdown`: Celery on Redis keeps ETA messages in worker memory) is not sent: the
-        row's due time brings the task when it comes."""
+        the current one). A wait longer than the broker should hold (`max_countdown`: Celery on
+        Redis keeps ETA messages in worker memory) is not sent: the row's due time brings the
+        task when it comes."""
         if countdown is None or self.holds(countdown):
             trace = trace or self.trace or tracing.current_traceparent()
-            self.messages.append(Message(task, subject, countdown, kw, trace, message_id))
-
-    def drop(self, message_id: str) -> None:
-        """This unit makes the message `message_id` stale: once it has committed, the workers
-        are asked to acknowledge it unrun (`Dispatcher.drop`)."""
-        self.dropped.append(message_id)
+            self.messages.append(Message(task, subject, countdown, kw, trace))
 
     def holds(self, countdown: float) -> bool:
         """Whether a wait of `countdown` seconds is sent as a countdown (see `send`)."""
@@ -114,7 +106,6 @@ class Units:
             gate = work.freed and self.admit is not None
             gate = gate and admission.anyone_waiting(session, self.clock())
         _, work.unsent = publish(self.dispatch, work.messages)
-        drop(self.dispatch, work.dropped)
         if gate:
             self._admit()
 

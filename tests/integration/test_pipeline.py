@@ -509,15 +509,12 @@ def test_a_finished_prediction_reported_by_the_webhook_settles_the_job_at_once(
     pipeline: Pipeline, portrait: bytes, dispatcher: RecordingDispatcher
 ) -> None:
     job_id, prediction_id = submitted(pipeline, portrait)
-    (booked,) = [name for name, (_, subject, *_) in dispatcher.named.items() if subject == job_id]
     reported = {"id": prediction_id, "status": "completed", "outputs": ["https://cdn.test/o.mp4"]}
     assert pipeline.take_webhook(prediction_id, reported)
     job = status(pipeline, job_id)
     # The output URL is the reported one, so no `/result` was asked for; and no poll task.
     assert job.status == JobState.STORING and job.output_url == "https://cdn.test/o.mp4"
     assert [t for t, *_ in dispatcher.take()] == [dispatch.STORE]
-    # The check the chain had booked is stale, and the workers are asked to drop it unrun.
-    assert dispatcher.dropped == [booked]
     assert not pipeline.take_webhook(prediction_id, reported)  # WaveSpeed's retry: nothing
 
 
@@ -528,7 +525,6 @@ def test_a_webhook_that_does_not_settle_the_job_asks_for_a_poll_now(
     assert pipeline.take_webhook(prediction_id, None)  # a body that was not a prediction
     assert [(t, j, c) for t, j, c, _ in dispatcher.take()] == [(dispatch.POLL, job_id, None)]
     assert status(pipeline, job_id).status == JobState.PROCESSING
-    assert dispatcher.dropped == []  # the chain's booked check still counts until it is taken
 
 
 def test_a_failure_reported_with_its_code_settles_the_job_without_asking_wavespeed(
@@ -605,7 +601,6 @@ def test_a_report_that_does_not_settle_the_job_falls_back_to_a_real_poll(
     body = {"id": prediction_id, "outputs": ["https://x/o.mp4"]} | reported
     assert pipeline.take_webhook(prediction_id, body)
     assert [(t, j, kw) for t, j, _, kw in dispatcher.take()] == [(dispatch.POLL, job_id, {})]
-    assert dispatcher.dropped == []  # nothing settled: the booked check may still be needed
     pipeline.poll(job_id)
     job = status(pipeline, job_id)
     # WaveSpeed was asked, and says the 30 s inference is still running.

@@ -12,17 +12,14 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from sandbox.processes import free_port
 from tests.integration.flow import age, new_job, status, submit
 from tests.support import RecordingDispatcher, SimulatorAdmin, wait_for
 from workers import dispatch
 from workers.db import PING_AFTER_SECONDS, make_engine, make_session_factory, unit_of_work
-from workers.dispatch import CeleryDispatcher
 from workers.intake import GenerationInput, accept, commit_staged, create_job, stage
 from workers.models import Job, OutboxMessage, Tenant
 from workers.outbox import relay
@@ -54,33 +51,6 @@ def test_messages_go_after_the_commit_and_never_for_a_rollback(
         work.send(dispatch.POLL, subject)
         raise RuntimeError("the change failed")
     assert dispatcher.take() == []
-
-
-def test_a_stale_message_is_dropped_after_the_commit_and_never_for_a_rollback(
-    sessions: sessionmaker[Session], dispatcher: RecordingDispatcher
-) -> None:
-    unit = units(sessions, dispatcher)
-    with pytest.raises(RuntimeError), unit() as work:
-        work.drop("job.poll.1")
-        raise RuntimeError("the change failed")  # the check it would have made stale stands
-    assert dispatcher.dropped == []
-    with unit() as work:
-        work.drop("job.poll.1")
-        assert dispatcher.dropped == []  # nothing before the commit
-    assert dispatcher.dropped == ["job.poll.1"]
-
-
-def test_dropping_a_message_while_the_broker_is_away_fails_nothing(
-    sessions: sessionmaker[Session],
-) -> None:
-    celery = Celery(broker=f"redis://127.0.0.1:{free_port()}/0")
-    celery.conf.broker_connection_timeout = 1
-    away = CeleryDispatcher(celery)
-    with pytest.raises(dispatch.PUBLISH_ERRORS):
-        away.drop("job.poll.1")
-    with units(sessions, away)() as work:
-        work.drop("job.poll.1")
-    assert work.unsent is None  # a stale message not dropped only runs, and finds itself stale
 
 
 def test_a_wait_longer_than_the_broker_should_hold_is_left_to_the_row(
