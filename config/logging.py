@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -89,7 +90,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
     return {
         key: REDACTED if _secret_key(key) else _clean(value) for key, value in event_dict.items()
     }
@@ -111,13 +112,15 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    # The console renderer prints tracebacks itself; JSON needs them turned into a field.
-    # Either way a line is scrubbed once, just before it is rendered: for JSON after its
-    # traceback became text.
-    renderer: list[Any] = (
-        [_redact, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+    # A line is scrubbed once, just before it is rendered, and after its traceback became
+    # text: the console's too, which would otherwise render it after the scrubbing (with
+    # rich's local variables, a key about to be sent among them).
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
         if log_format == "console"
-        else [structlog.processors.format_exc_info, _redact, structlog.processors.JSONRenderer()]
+        else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -131,7 +134,9 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
             foreign_pre_chain=shared,
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                *renderer,
+                structlog.processors.format_exc_info,
+                _redact,
+                renderer,
             ],
         )
     )

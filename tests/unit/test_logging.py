@@ -199,6 +199,27 @@ def test_console_lines_are_scrubbed_too(settings: Settings) -> None:
     assert WAVESPEED_KEY not in text and AWS_SECRET not in text and TENANT_KEY not in text
 
 
+def test_a_console_traceback_is_scrubbed_and_shows_no_local_variables() -> None:
+    """A frame's locals (a key about to be sent, a settings object) and the exception's own
+    message (a callback URL with its token) are what a traceback would leak."""
+    configure_logging("console", "INFO")
+    captured = io.StringIO()
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(captured)
+
+    def call_wavespeed(api_key: str) -> None:
+        raise ConnectionError("POST https://deploy:hunter2@hooks.example.com/hook: refused")
+
+    try:
+        call_wavespeed(WAVESPEED_KEY)
+    except ConnectionError:
+        structlog.get_logger("t").exception("submit.failed")
+    text = captured.getvalue()
+    assert "submit.failed" in text and "ConnectionError" in text and "call_wavespeed" in text
+    assert WAVESPEED_KEY not in text and "hunter2" not in text
+
+
 def test_celery_lines_for_every_task_are_left_out_unless_debugging(lines: Any) -> None:
     """Two lines a task (received, succeeded) at hundreds of tasks a second cost the worker
     CPU and say nothing the job's own events do not; a retry or a failure is still logged."""
