@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -29,6 +29,7 @@ from config import Settings, tracing
 from workers import admission, announce, callbacks, charges, dispatch, jobs, metrics, webhook_in
 from workers.db import unit_of_work
 from workers.errors import ErrorCode, classify
+from workers.jobs import Chain
 from workers.media import InvalidMedia, probe_video
 from workers.models import Job, Tenant
 from workers.outbox import settle as settle_outbox
@@ -610,7 +611,7 @@ class Pipeline:
             else:
                 self._on_prediction(work, job, now, answer)
 
-    def _poll_failed(self, work: Work, job: Job, now: datetime, exc: WaveSpeedError) -> None:
+    def _poll_failed(self, work: Work, job: Chain, now: datetime, exc: WaveSpeedError) -> None:
         """`/result` answered an error: the timeout still counts, and a prediction WaveSpeed
         keeps refusing (404, 400) ends the job after a few tries rather than never."""
         log.warning("poll.failed", job_id=str(job.id), error=str(exc))
@@ -664,7 +665,7 @@ class Pipeline:
             raise work.unsent
         return True
 
-    def _on_prediction(self, work: Work, job: Job, now: datetime, prediction: Prediction) -> None:
+    def _on_prediction(self, work: Work, job: Chain, now: datetime, prediction: Prediction) -> None:
         if prediction.status == "completed":
             self._completed_upstream(work, job, prediction)
         elif prediction.status == "failed":
@@ -683,7 +684,7 @@ class Pipeline:
         else:
             self._reschedule(work, job, now, None)
 
-    def _completed_upstream(self, work: Work, job: Job, prediction: Prediction) -> None:
+    def _completed_upstream(self, work: Work, job: Chain, prediction: Prediction) -> None:
         if not prediction.outputs:
             self.fail(
                 job.id, JobState.PROCESSING, ErrorCode.OUTPUT_INVALID,
@@ -711,7 +712,7 @@ class Pipeline:
             work.send(dispatch.STORE, job.id)
             work.free_slot()
 
-    def _failed_upstream(self, work: Work, job: Job, prediction: Prediction) -> None:
+    def _failed_upstream(self, work: Work, job: Chain, prediction: Prediction) -> None:
         failure = classify(task_code=prediction.code)
         message = f"WaveSpeed task failed ({prediction.code}): {prediction.error}"
         if failure.retryable and job.submit_attempts < self.settings.submit_max_attempts:
@@ -724,19 +725,19 @@ class Pipeline:
                 job.id, JobState.PROCESSING, failure.code, message, when=_tracks(job), work=work
             )
 
-    def _timed_out(self, job: Job, now: datetime) -> bool:
+    def _timed_out(self, job: Chain, now: datetime) -> bool:
         """Whether the prediction has run past the processing timeout, by the database's
         clock (`now` came back with the poll's claim)."""
         started = job.submitted_at or job.created_at
         return (now - started).total_seconds() > self.settings.processing_timeout_seconds
 
-    def _fail_timed_out(self, work: Work, job: Job, why: str) -> None:
+    def _fail_timed_out(self, work: Work, job: Chain, why: str) -> None:
         timeout = self.settings.processing_timeout_seconds
         self.fail(job.id, JobState.PROCESSING, ErrorCode.PROCESSING_TIMEOUT,
                    f"{why} after {timeout:.0f}s", when=_tracks(job), work=work)  # fmt: skip
 
     def _reschedule(
-        self, work: Work, job: Job, now: datetime, retry_after: float | None, failures: int = 0
+        self, work: Work, job: Chain, now: datetime, retry_after: float | None, failures: int = 0
     ) -> None:
         """Send the chain's next check, `now` being the database's time, recording when it is
         due and the refusals in a row (`failures`), unless the claim left that on the row
@@ -1043,7 +1044,11 @@ class Pipeline:
             )  # fmt: skip
 
 
-def _bind(job: Job) -> Job:
+# A job as a step read it: the whole row, or what a poll's claim answers.
+_Seen = TypeVar("_Seen", Job, Chain)
+
+
+def _bind(job: _Seen) -> _Seen:
     """Put the job's tenant and prediction on every log line of the task that loaded it."""
     structlog.contextvars.bind_contextvars(tenant_id=job.tenant_id, prediction_id=job.prediction_id)
     return job
@@ -1112,7 +1117,7 @@ def _past_start_deadline() -> ColumnElement[bool]:
     return deadline.is_not(None) & (Job.submit_attempts == 0) & (deadline <= func.now())
 
 
-def _tracks(job: Job) -> ColumnElement[bool]:
+def _tracks(job: Job | Chain) -> ColumnElement[bool]:
     """The job still waits on the prediction this worker checked. A poll that stalled while
     the job was retried and resubmitted must not settle, requeue (and pay for) the new one."""
     return Job.prediction_id == job.prediction_id
