@@ -949,8 +949,9 @@ class Pipeline:
     def withdraw(self, job_id: uuid.UUID) -> None:
         """Delete the prediction of a job that stopped before it finished (cancel, deadline,
         timeout) at WaveSpeed, so that it stops and its output goes, and settle `charged`
-        from WaveSpeed's last report of it. A try that fails is retried, backing off, by the
-        reconciler (`due_at` of the ended job), up to `withdraw_max_attempts`."""
+        from WaveSpeed's last report of it; and our copy of the output, if a store made one.
+        A try that fails is retried, backing off, by the reconciler (`due_at` of the ended
+        job), up to `withdraw_max_attempts`."""
         with unit_of_work(self.sessions) as session:
             job = _bind(jobs.get(session, job_id))
             looked_at = jobs.db_now(session)  # before any lookup: what it can prove dates from
@@ -963,7 +964,12 @@ class Pipeline:
             assert job.prediction_id is not None
             report = self._last_report(job.prediction_id)
             deleted = self.wavespeed.delete([job.prediction_id])
-        except (WaveSpeedError, HistoryInconclusive) as exc:
+            if job.output_url is not None:
+                # A store that finds its job stopped deletes its copy itself; one killed
+                # between its upload and its commit leaves the copy to this. The job is
+                # over, so no store can complete it after the delete.
+                self.storage.delete(video_key(job_id))
+        except (WaveSpeedError, HistoryInconclusive, StorageError) as exc:
             self._withdraw_failed(job, str(exc), getattr(exc, "retry_after", None))
             return
         learned = charges.of_report(report)

@@ -273,6 +273,21 @@ def test_a_queued_job_past_its_deadline_fails_unsubmitted_and_uncharged(
     assert withdraws(dispatcher) == []
 
 
+def test_a_store_killed_after_its_upload_leaves_no_video_behind_a_cancel(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, dispatcher: RecordingDispatcher
+) -> None:
+    simulator.set_faults(inference_seconds=[0, 0])
+    job_id, _ = submitted(pipeline, portrait)
+    assert poll_until_left_processing(pipeline, job_id).status == JobState.STORING
+    # What a store whose process was killed between its upload and its commit leaves.
+    pipeline.storage.put_stream(video_key(job_id), iter([b"\x00" * 1024]), "video/mp4")
+    pipeline.cancel(job_id)
+    assert withdraws(dispatcher) == [job_id]
+    pipeline.withdraw(job_id)
+    assert pipeline.storage.head(video_key(job_id)) is None
+    assert status(pipeline, job_id).due_at is None  # done: nothing left to withdraw
+
+
 def test_a_store_overtaken_by_a_cancel_leaves_no_video_behind(
     pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
 ) -> None:
