@@ -114,7 +114,8 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     ]
     # A line is scrubbed once, just before it is rendered, and after its traceback became
     # text: the console's too, which would otherwise render it after the scrubbing (with
-    # rich's local variables, a key about to be sent among them).
+    # rich's local variables, a key about to be sent among them). The console then prints
+    # that text as it is; `plain_traceback` says so (some structlog versions warn otherwise).
     renderer: Any = (
         structlog.dev.ConsoleRenderer(
             colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback

@@ -309,7 +309,7 @@ class Chain:
     claims, and the ORM's row of all 55 columns cost that claim half its CPU."""
 
     id: uuid.UUID
-    tenant_id: uuid.UUID
+    tenant_id: str
     prediction_id: str | None
     poll_seq: int
     due_at: datetime | None

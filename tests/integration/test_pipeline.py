@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import timedelta
 from typing import Any
 
@@ -543,7 +543,9 @@ def test_a_poll_that_stalled_past_a_resubmission_changes_nothing(
 ) -> None:
     simulator.set_faults(inference_seconds=[30, 30])
     job_id, first = submitted(pipeline, portrait)
-    stalled = status(pipeline, job_id)  # what a poll holds while it waits on `/result`
+    # What a poll holds while it waits on `/result`: what its claim answered.
+    job = status(pipeline, job_id)
+    stalled = jobs.Chain(**{field.name: getattr(job, field.name) for field in fields(jobs.Chain)})
     failure = {"id": first, "status": "failed", "code": 5000, "error": "internal"}
     # Meanwhile WaveSpeed reports the first prediction failed, retryably; once its backoff
     # is over the job is submitted again.
