@@ -110,6 +110,11 @@ def probe_video(path: Path) -> VideoInfo:
     """Duration, size and codec of an MP4's first video stream."""
     try:
         with av.open(str(path)) as container:
+            # FFmpeg opens an image as a one-frame video: only an MP4 is a clip.
+            if "mp4" not in container.format.name.split(","):
+                raise InvalidMedia(
+                    "video_invalid", f"output is {container.format.name}, not an MP4"
+                )
             if not container.streams.video:
                 raise InvalidMedia("video_invalid", "output has no video stream")
             stream = container.streams.video[0]

@@ -776,7 +776,9 @@ class Pipeline:
                     stored = self._copy_output(str(job.output_url), key, copy)
                 video = probe_video(copy)
             except InvalidMedia as exc:
-                self.fail(job_id, JobState.STORING, ErrorCode.OUTPUT_INVALID, exc.message)
+                # Failed for good (no restore takes it back), so its copy is nobody's.
+                if self.fail(job_id, JobState.STORING, ErrorCode.OUTPUT_INVALID, exc.message):
+                    self._discard(key)
                 return
             except Exception as exc:  # any other failure, time limits included: try again
                 self._store_failed(job, now, exc)

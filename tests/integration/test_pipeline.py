@@ -311,6 +311,22 @@ def test_a_truncated_download_is_retried_and_leaves_no_object(
     assert status(pipeline, job_id).status == JobState.COMPLETED
 
 
+def test_an_output_that_is_not_a_video_fails_the_job_and_leaves_no_object(
+    pipeline: Pipeline, portrait: bytes
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    submit(pipeline, job_id)
+    job = poll_until_left_processing(pipeline, job_id)
+    assert job.input_key
+    not_a_video = pipeline.storage.presign_get(job.input_key, 300)  # the PNG it was made from
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(output_url=not_a_video))
+    pipeline.store(job_id)
+    job = status(pipeline, job_id)
+    assert (job.status, job.error_code) == (JobState.FAILED, "output_invalid")
+    assert pipeline.storage.head(video_key(job_id)) is None  # its copy went with it
+
+
 def store_failed_for_good(pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin) -> Any:
     """A job with a callback URL whose store broke at its deadline (the CDN then healthy)."""
     job_id = new_job(pipeline, portrait, webhook_url="https://hooks.example.com/kling")

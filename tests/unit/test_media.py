@@ -100,3 +100,12 @@ def test_probe_refuses_what_is_not_a_video(tmp_path: Path) -> None:
     path.write_bytes(b"\x00" * 100)
     with pytest.raises(InvalidMedia):
         probe_video(path)
+
+
+def test_probe_refuses_an_image_which_ffmpeg_would_read_as_a_one_frame_video(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "x.mp4"
+    path.write_bytes(image_bytes(640, 480, "PNG"))
+    with pytest.raises(InvalidMedia, match="not an MP4"):
+        probe_video(path)
