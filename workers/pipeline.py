@@ -961,16 +961,18 @@ class Pipeline:
         if not state.terminal or job.due_at is None:
             return
         try:
+            if job.output_url is not None:
+                # A store that finds its job stopped deletes its copy itself; one killed
+                # between its upload and its commit leaves the copy to this. The job is
+                # over, so no store can complete it after the delete. First: a failure
+                # here is retried before WaveSpeed forgets the report that settles
+                # `charged` (its prediction has finished, so waiting costs nothing).
+                self.storage.delete(video_key(job_id))
             if job.prediction_id is None and not self._found_unanswered(job, looked_at):
                 return
             assert job.prediction_id is not None
             report = self._last_report(job.prediction_id)
             deleted = self.wavespeed.delete([job.prediction_id])
-            if job.output_url is not None:
-                # A store that finds its job stopped deletes its copy itself; one killed
-                # between its upload and its commit leaves the copy to this. The job is
-                # over, so no store can complete it after the delete.
-                self.storage.delete(video_key(job_id))
         except (WaveSpeedError, HistoryInconclusive, StorageError) as exc:
             self._withdraw_failed(job, str(exc), getattr(exc, "retry_after", None))
             return

@@ -22,6 +22,7 @@ from workers.pipeline import Pipeline, video_key
 from workers.reconciler import reconcile
 from workers.representation import Generation
 from workers.states import JobState
+from workers.storage import StorageError
 from workers.wavespeed import WaveSpeedClient, WaveSpeedRejected
 
 pytestmark = pytest.mark.integration
@@ -286,6 +287,34 @@ def test_a_store_killed_after_its_upload_leaves_no_video_behind_a_cancel(
     pipeline.withdraw(job_id)
     assert pipeline.storage.head(video_key(job_id)) is None
     assert status(pipeline, job_id).due_at is None  # done: nothing left to withdraw
+
+
+def test_a_withdraw_that_cannot_delete_our_copy_tries_again_before_wavespeed_forgets(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    simulator.set_faults(inference_seconds=[0, 0])
+    job_id, prediction_id = submitted(pipeline, portrait)
+    assert poll_until_left_processing(pipeline, job_id).status == JobState.STORING
+    pipeline.storage.put_stream(video_key(job_id), iter([b"\x00" * 1024]), "video/mp4")
+    pipeline.cancel(job_id)
+    real = pipeline.storage
+
+    class S3Away:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def delete(self, key: str) -> None:
+            raise StorageError(f"delete {key}: S3 is away")
+
+    replace(pipeline, storage=S3Away()).withdraw(job_id)  # type: ignore[arg-type]
+    job = status(pipeline, job_id)
+    assert job.due_at is not None and job.step_failures == 1  # tried again later
+    assert simulator.prediction(prediction_id)["status"] == "completed"  # not yet deleted
+    pipeline.withdraw(job_id)
+    job = status(pipeline, job_id)
+    assert (job.due_at, real.head(video_key(job_id))) == (None, None)
+    assert simulator.prediction(prediction_id)["status"] == "deleted"
+    assert Generation.of(job).charged == "true"  # WaveSpeed's last report was still there
 
 
 def test_a_store_overtaken_by_a_cancel_leaves_no_video_behind(
