@@ -4,6 +4,7 @@ prediction deleted at WaveSpeed, with what it cost on the record) and whole-job 
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -274,15 +275,23 @@ def test_a_queued_job_past_its_deadline_fails_unsubmitted_and_uncharged(
     assert withdraws(dispatcher) == []
 
 
+def cancelled_behind_a_killed_store(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> tuple[uuid.UUID, str]:
+    """A job cancelled while storing, after its store uploaded the video and was killed before
+    its commit: its id and its prediction's."""
+    simulator.set_faults(inference_seconds=[0, 0])
+    job_id, prediction_id = submitted(pipeline, portrait)
+    assert poll_until_left_processing(pipeline, job_id).status == JobState.STORING
+    pipeline.storage.put_stream(video_key(job_id), iter([b"\x00" * 1024]), "video/mp4")
+    pipeline.cancel(job_id)
+    return job_id, prediction_id
+
+
 def test_a_store_killed_after_its_upload_leaves_no_video_behind_a_cancel(
     pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin, dispatcher: RecordingDispatcher
 ) -> None:
-    simulator.set_faults(inference_seconds=[0, 0])
-    job_id, _ = submitted(pipeline, portrait)
-    assert poll_until_left_processing(pipeline, job_id).status == JobState.STORING
-    # What a store whose process was killed between its upload and its commit leaves.
-    pipeline.storage.put_stream(video_key(job_id), iter([b"\x00" * 1024]), "video/mp4")
-    pipeline.cancel(job_id)
+    job_id, _ = cancelled_behind_a_killed_store(pipeline, portrait, simulator)
     assert withdraws(dispatcher) == [job_id]
     pipeline.withdraw(job_id)
     assert pipeline.storage.head(video_key(job_id)) is None
@@ -292,11 +301,7 @@ def test_a_store_killed_after_its_upload_leaves_no_video_behind_a_cancel(
 def test_a_withdraw_that_cannot_delete_our_copy_tries_again_before_wavespeed_forgets(
     pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
 ) -> None:
-    simulator.set_faults(inference_seconds=[0, 0])
-    job_id, prediction_id = submitted(pipeline, portrait)
-    assert poll_until_left_processing(pipeline, job_id).status == JobState.STORING
-    pipeline.storage.put_stream(video_key(job_id), iter([b"\x00" * 1024]), "video/mp4")
-    pipeline.cancel(job_id)
+    job_id, prediction_id = cancelled_behind_a_killed_store(pipeline, portrait, simulator)
     real = pipeline.storage
 
     class S3Away:
