@@ -288,20 +288,6 @@ def state_changes(session: Session, job_id: uuid.UUID, after: int) -> Sequence[J
     ).all()
 
 
-def _claim_statement(condition: ColumnElement[bool], **values: Any) -> Any:
-    """A claim of one job (`_JOB_ID`) that answers its row and the database's time."""
-    # The ORM's bulk UPDATE on purpose: the same UPDATE as a CTE read back through `aliased`
-    # (as `Transition.moved` is) cost less alone, but made the API's WaveSpeed webhooks 13
-    # times costlier under load, for a reason not yet found (docs/benchmarks.md, 2026-12-07).
-    return (
-        update(Job)
-        .where(Job.id == _JOB_ID, condition)
-        .values(updated_at=func.now(), **values)
-        .returning(Job, func.now())
-        .execution_options(synchronize_session=False, populate_existing=True)
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class Chain:
     """A processing job as the poll that took its chain sees it, read back by the claim: the
@@ -339,9 +325,16 @@ _CONTINUE_CHAIN = _chain_claim(
     _JOBS.c.poll_seq == _POLL_SEQ, due_at=func.now() + bindparam("next_check", type_=Interval())
 )
 _TAKE_CHAIN = _chain_claim()
-_CLAIM_STORE = _claim_statement(
-    (Job.status == JobState.STORING) & (Job.due_at <= func.now()),
-    due_at=func.now() + bindparam("lease", type_=Interval()),
+# A store reads most of the job, once a job, so its claim answers the ORM's row. The ORM's
+# bulk UPDATE on purpose: the same UPDATE as a CTE read back through `aliased` (as
+# `Transition.moved` is) cost less alone, but made the API's WaveSpeed webhooks 13 times
+# costlier under load, for a reason not yet found (docs/benchmarks.md, 2026-12-07).
+_CLAIM_STORE = (
+    update(Job)
+    .where(Job.id == _JOB_ID, Job.status == JobState.STORING, Job.due_at <= func.now())
+    .values(updated_at=func.now(), due_at=func.now() + bindparam("lease", type_=Interval()))
+    .returning(Job, func.now())
+    .execution_options(synchronize_session=False, populate_existing=True)
 )
 
 
@@ -375,11 +368,7 @@ def claim_store(
     that comes before a retry is due, finds nothing to do. Answers the row and the
     database's time."""
     lease = timedelta(seconds=lease_seconds)
-    return _claimed(session, _CLAIM_STORE, {"job_id": job_id, "lease": lease})
-
-
-def _claimed(session: Session, claim: Any, params: dict[str, Any]) -> tuple[Job, datetime] | None:
-    row = session.execute(claim, params).first()
+    row = session.execute(_CLAIM_STORE, {"job_id": job_id, "lease": lease}).first()
     return (row[0], row[1]) if row is not None else None
 
 
