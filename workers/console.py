@@ -248,7 +248,9 @@ class FailureGroup:
 def failures(session: Session, now: datetime, hours: int = 24) -> list[FailureGroup]:
     """Jobs that failed in the last `hours`, grouped by error code, most frequent first."""
     since = (now - timedelta(hours=hours)).replace(minute=0, second=0, microsecond=0)
-    hour = func.date_trunc("hour", JobEvent.at)
+    # UTC hours, as `since` is: truncated in the session's time zone, a zone half an hour
+    # off UTC would count a failure in the hour before its own.
+    hour = func.date_trunc("hour", JobEvent.at, "UTC")
     failed_here = and_(
         JobEvent.at >= since,
         JobEvent.to_state == JobState.FAILED,

@@ -3,14 +3,17 @@ and the cross-tenant job list."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from sqlalchemy import text, update
 
 from tests.integration.flow import new_job
 from workers import console, listing, tenants
 from workers.db import unit_of_work
 from workers.errors import ErrorCode
+from workers.models import JobEvent
 from workers.pipeline import Pipeline, utcnow
 from workers.states import JobState
 
@@ -63,3 +66,23 @@ def test_tenants_are_paged_by_name_however_many_there_are(pipeline: Pipeline) ->
             if after is None:
                 break
     assert pages == [["alpha", "bravo"], ["charlie", "delta"], ["echo"]]
+
+
+def test_failures_are_counted_in_their_utc_hour_whatever_the_databases_time_zone(
+    pipeline: Pipeline, portrait: bytes
+) -> None:
+    job_id = new_job(pipeline, portrait)
+    assert pipeline.fail(job_id, JobState.QUEUED, ErrorCode.INVALID_INPUT, "bad input")
+    failed_at = datetime(2026, 3, 2, 10, 15, tzinfo=UTC)
+    with unit_of_work(pipeline.sessions) as session:
+        session.execute(
+            update(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.to_state == JobState.FAILED)
+            .values(at=failed_at)
+        )
+    with pipeline.sessions() as session:
+        # Half an hour off UTC: 10:15 UTC is 15:45 there, whose hour began at 09:30 UTC.
+        session.execute(text("SET TIME ZONE 'Asia/Kolkata'"))
+        groups = console.failures(session, datetime(2026, 3, 2, 12, 0, tzinfo=UTC), hours=3)
+    # The window's hours begin at 09:00, 10:00, 11:00 and 12:00 UTC.
+    assert [(g.code, g.per_hour) for g in groups] == [("invalid_input", [0, 1, 0, 0])]
