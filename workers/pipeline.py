@@ -960,20 +960,24 @@ class Pipeline:
         state = JobState(job.status)
         if not state.terminal or job.due_at is None:
             return
-        try:
-            if job.output_url is not None:
-                # A store that finds its job stopped deletes its copy itself; one killed
-                # between its upload and its commit leaves the copy to this. The job is
-                # over, so no store can complete it after the delete. First: a failure
-                # here is retried before WaveSpeed forgets the report that settles
-                # `charged` (its prediction has finished, so waiting costs nothing).
+        if job.output_url is not None:
+            # A store that finds its job stopped deletes its copy itself; one killed between
+            # its upload and its commit leaves the copy to this. The job is over, so no store
+            # can complete it after the delete. First: a failure here is retried before
+            # WaveSpeed forgets the report that settles `charged` (its prediction has
+            # finished, so waiting costs nothing).
+            try:
                 self.storage.delete(video_key(job_id))
+            except StorageError as exc:
+                self._withdraw_failed(job, str(exc), what="our copy of its output")
+                return
+        try:
             if job.prediction_id is None and not self._found_unanswered(job, looked_at):
                 return
             assert job.prediction_id is not None
             report = self._last_report(job.prediction_id)
             deleted = self.wavespeed.delete([job.prediction_id])
-        except (WaveSpeedError, HistoryInconclusive, StorageError) as exc:
+        except (WaveSpeedError, HistoryInconclusive) as exc:
             self._withdraw_failed(job, str(exc), getattr(exc, "retry_after", None))
             return
         learned = charges.of_report(report)
@@ -1031,10 +1035,16 @@ class Pipeline:
             log.info("withdraw.no_report", prediction_id=prediction_id, error=str(exc))
             return None
 
-    def _withdraw_failed(self, job: Job, why: str, retry_after: float | None = None) -> None:
+    def _withdraw_failed(
+        self, job: Job, why: str, retry_after: float | None = None, what: str | None = None
+    ) -> None:
+        """Record a withdraw's try that failed to delete `what` (by default the job's
+        prediction, or its unanswered submit), and when it is tried again, if ever."""
         settings = self.settings
         tries = job.step_failures + 1
-        what = f"prediction {job.prediction_id}" if job.prediction_id else "the unanswered submit"
+        if what is None and job.prediction_id:
+            what = f"prediction {job.prediction_id}"
+        what = what or "the unanswered submit"
         log.warning("withdraw.failed", job_id=str(job.id), tries=tries, error=why)
         if tries >= settings.withdraw_max_attempts:
             values: dict[str, Any] = {"due_at": None}

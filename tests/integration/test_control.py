@@ -315,6 +315,8 @@ def test_a_withdraw_that_cannot_delete_our_copy_tries_again_before_wavespeed_for
     job = status(pipeline, job_id)
     assert job.due_at is not None and job.step_failures == 1  # tried again later
     assert simulator.prediction(prediction_id)["status"] == "completed"  # not yet deleted
+    # The history names what could not be deleted: our copy, not the prediction.
+    assert history(pipeline, job_id)[-1].startswith("deleting our copy of its output failed (1)")
     pipeline.withdraw(job_id)
     job = status(pipeline, job_id)
     assert (job.due_at, real.head(video_key(job_id))) == (None, None)
