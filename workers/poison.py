@@ -22,6 +22,12 @@ log = structlog.get_logger(__name__)
 
 # Long enough to span any retry schedule; a flushed Redis only forgets counts (fails open).
 COUNT_TTL_SECONDS = 7 * 86400
+# A run that ended uncounts itself, and a count back at zero goes: only the runs that died
+# keep a key, not every task of every job for a week. Below zero (the count was flushed or
+# had expired while the run ran) goes too, or it would excuse a later death.
+_END = """
+if redis.call('DECR', KEYS[1]) <= 0 then redis.call('DEL', KEYS[1]) end
+"""
 
 
 def key(task: str, subject: str) -> str:
@@ -34,6 +40,8 @@ class RunCounter:
     def __init__(self, redis: Any, limit: int) -> None:
         self._redis = redis
         self.limit = limit
+        # EVALSHA, loading the script on the first call and after a restart of Redis.
+        self._end = redis.register_script(_END)
 
     def begin(self, task: str, subject: str) -> int:
         """Count a run that begins; answers the runs begun and not ended, this one included
@@ -54,7 +62,7 @@ class RunCounter:
 
     def end(self, task: str, subject: str) -> None:
         try:
-            self._redis.decr(key(task, subject))
+            self._end(keys=[key(task, subject)])
         except Exception as exc:  # as above
             log.warning("poison.count_unavailable", error=type(exc).__name__)
 
