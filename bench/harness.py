@@ -209,6 +209,14 @@ def redis_used_memory(url: str) -> int:
         client.close()
 
 
+def redis_keys(url: str) -> int:
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        return int(cast(int, client.dbsize()))
+    finally:
+        client.close()
+
+
 def redis_messages(url: str, queues: Iterable[str]) -> dict[str, int]:
     """Messages waiting in each Celery queue (a Redis list each), and `unacked`: those a
     worker holds (ETA tasks included), kept by kombu in the `unacked` hash until acked."""

@@ -60,6 +60,7 @@ from bench.harness import (
     percentile,
     poll_schedule,
     reconciler_resent,
+    redis_keys,
     redis_messages,
     redis_used_memory,
     stack_pids,
@@ -280,6 +281,10 @@ def measure(
         options, create_seconds, idle, sampler.values(), final, elapsed, cpu, simulator, base, dsn
     )
     tasks = tasks_run(stack.env["REDIS_URL"])
+    # What the jobs left behind in Redis once they are done: the queues' keys, and a run
+    # count for each task of each job that kept one (`workers.poison`).
+    url = stack.env["REDIS_URL"]
+    left = {"keys": redis_keys(url), "mib": mib(redis_used_memory(url))}
     # Commits and commands a job cost, the checks after the last finish and the lag of
     # Postgres's statistics included (and the sampler's one query a second).
     time.sleep(Costs.STATS_LAG_SECONDS)
@@ -294,6 +299,7 @@ def measure(
         "celery_noop_worker_cpu_ms_per_task": round(noop.cpu_ms_per_task, 2),
         "ratio_cpu_per_task_to_noop": round(per_task / noop.cpu_ms_per_task, 2),
         "tasks": tasks,
+        "redis_left_after_jobs": left,
         "reconciler_resent": reconciler_resent(stack.logs / "worker.log"),
     }
 
