@@ -16,6 +16,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import redis
 import structlog
 
 log = structlog.get_logger(__name__)
@@ -37,11 +38,11 @@ def key(task: str, subject: str) -> str:
 class RunCounter:
     """Counts runs of (task, subject) that began and have not ended. Takes a redis client."""
 
-    def __init__(self, redis: Any, limit: int) -> None:
-        self._redis = redis
+    def __init__(self, client: Any, limit: int) -> None:
+        self._redis = client
         self.limit = limit
         # EVALSHA, loading the script on the first call and after a restart of Redis.
-        self._end = redis.register_script(_END)
+        self._end = client.register_script(_END)
 
     def begin(self, task: str, subject: str) -> int:
         """Count a run that begins; answers the runs begun and not ended, this one included
@@ -62,7 +63,12 @@ class RunCounter:
 
     def end(self, task: str, subject: str) -> None:
         try:
-            self._end(keys=[key(task, subject)])
+            try:
+                self._end(keys=[key(task, subject)])
+            except redis.ResponseError:
+                # A server that runs no scripts (an ACL, a proxy): uncount all the same, or
+                # every run that ended would count as a death. The zero waits out its TTL.
+                self._redis.decr(key(task, subject))
         except Exception as exc:  # as above
             log.warning("poison.count_unavailable", error=type(exc).__name__)
 

@@ -80,3 +80,25 @@ def test_a_restarted_redis_that_forgot_the_script_still_uncounts(
     client.script_flush()  # what a restart does to the scripts Redis had loaded
     runs.end(TASK, subject)
     assert client.exists(key(TASK, subject)) == 0
+
+
+def test_a_redis_that_runs_no_scripts_still_uncounts_the_runs_that_end(
+    client: redis.Redis, stack: Stack
+) -> None:
+    # A user its ACL keeps from scripting, as some managed servers and proxies do.
+    user = f"noscripts-{uuid.uuid4().hex[:8]}"
+    client.acl_setuser(
+        user, enabled=True, nopass=True, keys=["*"], commands=["+@all", "-@scripting"]
+    )
+    restricted = redis.Redis.from_url(stack.env["REDIS_URL"], username=user)
+    try:
+        runs = RunCounter(restricted, limit=2)
+        subject = str(uuid.uuid4())
+        for _ in range(3):  # runs that end: none is a death
+            runs.begin(TASK, subject)
+            runs.end(TASK, subject)
+        assert not runs.poisoned(runs.begin(TASK, subject))
+        assert kept(client, subject)[0] == 1
+    finally:
+        restricted.close()
+        client.acl_deluser(user)
