@@ -411,5 +411,10 @@ def _span(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _utc(at: datetime | None) -> str:
+    # Rows come back in the database session's time zone, which need not be UTC.
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if at else ""
+
+
 templates.env.filters["span"] = _span
-templates.env.filters["utc"] = lambda at: at.strftime("%Y-%m-%d %H:%M:%S") if at else ""
+templates.env.filters["utc"] = _utc

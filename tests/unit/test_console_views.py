@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 from api.console import charts
+from api.console.routes import templates
 from workers.console import timeline
 from workers.models import JobEvent
 
@@ -38,3 +39,10 @@ def test_charts_escape_their_labels_and_describe_themselves() -> None:
     assert "2 completions and 2 failures between 10:00 and 10:03 UTC" in svg
     assert svg.count("<rect") == 4
     assert 'aria-label="a&lt;b"' in str(charts.bars([0, 3], "a<b"))
+
+
+def test_times_shown_as_utc_are_utc_whatever_zone_the_database_answered_in() -> None:
+    kolkata = timezone(timedelta(hours=5, minutes=30))
+    shown = templates.env.filters["utc"]
+    assert shown(datetime(2026, 3, 2, 15, 45, tzinfo=kolkata)) == "2026-03-02 10:15:00"
+    assert shown(None) == ""
