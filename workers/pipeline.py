@@ -960,6 +960,7 @@ class Pipeline:
         state = JobState(job.status)
         if not state.terminal or job.due_at is None:
             return
+        left = ""  # what the history says of a copy the last try could not delete
         if job.output_url is not None:
             # A store that finds its job stopped deletes its copy itself; one killed between
             # its upload and its commit leaves the copy to this. The job is over, so no store
@@ -969,8 +970,13 @@ class Pipeline:
             try:
                 self.storage.delete(video_key(job_id))
             except StorageError as exc:
-                self._withdraw_failed(job, str(exc), what="our copy of its output")
-                return
+                if job.step_failures + 1 < self.settings.withdraw_max_attempts:
+                    self._withdraw_failed(job, str(exc), what="our copy of its output")
+                    return
+                # The last try still deletes the prediction and settles what it cost; the
+                # copy is left to the bucket's lifecycle rule.
+                log.error("withdraw.copy_left", job_id=str(job_id), error=str(exc))
+                left = f"; gave up deleting our copy of its output: {exc}"
         try:
             if job.prediction_id is None and not self._found_unanswered(job, looked_at):
                 return
@@ -986,7 +992,7 @@ class Pipeline:
             values["charged"] = func.coalesce(Job.charged, learned)
         note = (
             f"WaveSpeed prediction {job.prediction_id} deleted ({deleted} deleted; it was "
-            f"{report or 'not found'})"
+            f"{report or 'not found'}){left}"
         )
         with unit_of_work(self.sessions) as session:
             jobs.update_fields(

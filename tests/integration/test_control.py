@@ -298,20 +298,25 @@ def test_a_store_killed_after_its_upload_leaves_no_video_behind_a_cancel(
     assert status(pipeline, job_id).due_at is None  # done: nothing left to withdraw
 
 
+class DeletesFail:
+    """The storage, but S3 refuses every delete."""
+
+    def __init__(self, real: object) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+    def delete(self, key: str) -> None:
+        raise StorageError(f"delete {key}: S3 is away")
+
+
 def test_a_withdraw_that_cannot_delete_our_copy_tries_again_before_wavespeed_forgets(
     pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
 ) -> None:
     job_id, prediction_id = cancelled_behind_a_killed_store(pipeline, portrait, simulator)
     real = pipeline.storage
-
-    class S3Away:
-        def __getattr__(self, name: str) -> object:
-            return getattr(real, name)
-
-        def delete(self, key: str) -> None:
-            raise StorageError(f"delete {key}: S3 is away")
-
-    replace(pipeline, storage=S3Away()).withdraw(job_id)  # type: ignore[arg-type]
+    replace(pipeline, storage=DeletesFail(real)).withdraw(job_id)  # type: ignore[arg-type]
     job = status(pipeline, job_id)
     assert job.due_at is not None and job.step_failures == 1  # tried again later
     assert simulator.prediction(prediction_id)["status"] == "completed"  # not yet deleted
@@ -322,6 +327,23 @@ def test_a_withdraw_that_cannot_delete_our_copy_tries_again_before_wavespeed_for
     assert (job.due_at, real.head(video_key(job_id))) == (None, None)
     assert simulator.prediction(prediction_id)["status"] == "deleted"
     assert Generation.of(job).charged == "true"  # WaveSpeed's last report was still there
+
+
+def test_the_last_withdraw_try_deletes_the_prediction_even_if_our_copy_cannot_go(
+    pipeline: Pipeline, portrait: bytes, simulator: SimulatorAdmin
+) -> None:
+    job_id, prediction_id = cancelled_behind_a_killed_store(pipeline, portrait, simulator)
+    last_try = replace(
+        pipeline,
+        storage=DeletesFail(pipeline.storage),  # type: ignore[arg-type]
+        settings=pipeline.settings.model_copy(update={"withdraw_max_attempts": 1}),
+    )
+    last_try.withdraw(job_id)
+    job = status(pipeline, job_id)
+    assert job.due_at is None  # nothing left to try
+    assert simulator.prediction(prediction_id)["status"] == "deleted"
+    assert Generation.of(job).charged == "true"  # settled from WaveSpeed's last report
+    assert "gave up deleting our copy of its output" in history(pipeline, job_id)[-1]
 
 
 def test_a_store_overtaken_by_a_cancel_leaves_no_video_behind(
