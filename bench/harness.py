@@ -202,31 +202,22 @@ class Costs:
 
 
 def redis_used_memory(url: str) -> int:
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    try:
+    with redis.Redis.from_url(url, socket_timeout=5) as client:
         return int(cast(dict[str, Any], client.info("memory"))["used_memory"])
-    finally:
-        client.close()
 
 
 def redis_keys(url: str) -> int:
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    try:
+    with redis.Redis.from_url(url, socket_timeout=5) as client:
         return int(cast(int, client.dbsize()))
-    finally:
-        client.close()
 
 
 def redis_messages(url: str, queues: Iterable[str]) -> dict[str, int]:
     """Messages waiting in each Celery queue (a Redis list each), and `unacked`: those a
     worker holds (ETA tasks included), kept by kombu in the `unacked` hash until acked."""
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    try:
+    with redis.Redis.from_url(url, socket_timeout=5) as client:
         counts = {queue: cast(int, client.llen(queue)) for queue in queues}
         counts["unacked"] = cast(int, client.hlen("unacked"))
         return counts
-    finally:
-        client.close()
 
 
 @dataclass

@@ -970,7 +970,7 @@ class Pipeline:
             try:
                 self.storage.delete(video_key(job_id))
             except StorageError as exc:
-                if job.step_failures + 1 < self.settings.withdraw_max_attempts:
+                if not self._last_withdraw_try(job):
                     self._withdraw_failed(job, str(exc), what="our copy of its output")
                     return
                 # The last try still deletes the prediction and settles what it cost; the
@@ -1041,6 +1041,10 @@ class Pipeline:
             log.info("withdraw.no_report", prediction_id=prediction_id, error=str(exc))
             return None
 
+    def _last_withdraw_try(self, job: Job) -> bool:
+        """Whether this try at withdrawing `job` is its last (`withdraw_max_attempts`)."""
+        return job.step_failures + 1 >= self.settings.withdraw_max_attempts
+
     def _withdraw_failed(
         self, job: Job, why: str, retry_after: float | None = None, what: str | None = None
     ) -> None:
@@ -1052,7 +1056,7 @@ class Pipeline:
             what = f"prediction {job.prediction_id}"
         what = what or "the unanswered submit"
         log.warning("withdraw.failed", job_id=str(job.id), tries=tries, error=why)
-        if tries >= settings.withdraw_max_attempts:
+        if self._last_withdraw_try(job):
             values: dict[str, Any] = {"due_at": None}
             note = f"gave up deleting {what} after {tries} tries: {why}"
         else:
